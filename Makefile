@@ -1,0 +1,31 @@
+# Thin wrappers over pip, pytest and the edgekd CLI. `make demo` and `make test` are the README's first two commands.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are pinned to the pair that installs from this machine kind's local cache and works with timm.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.edgekd-installed
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgekd distill
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check edgekd kernels export calib tests bench
+	$(VENV)/bin/ruff format --check edgekd kernels export calib tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Calibration data and INT8 range estimation (installed as edgekd.calib)."""

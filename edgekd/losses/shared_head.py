@@ -1,0 +1,112 @@
+"""``shared_head_loss``: the one entry point for every loss term of SPEC §3, over interchangeable backends.
+
+A backend computes the head terms (``ce``, ``kd``, ``th_ce``, ``th_kd``) from embeddings and class
+matrices; ``l2e`` is cheap and always computed here in PyTorch. Backends register themselves in
+``LOSS_BACKENDS`` with the signature of ``shared_head_loss_reference``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from edgekd.errors import EdgekdError
+from edgekd.losses.reference import shared_head_loss_reference
+from edgekd.losses.terms import HeadSpec, LossWeights, l2_embedding
+
+LossBackend = Callable[..., dict[str, torch.Tensor]]
+LOSS_BACKENDS: dict[str, LossBackend] = {"reference": shared_head_loss_reference}
+
+
+def register_loss_backend(name: str, fn: LossBackend) -> LossBackend:
+    """Add a backend under ``name``; it must return the same terms as the reference."""
+    LOSS_BACKENDS[name] = fn
+    return fn
+
+
+def list_loss_backends() -> list[str]:
+    """Backend names a user may pass, ``auto`` first."""
+    _load_optional_backends()
+    return ["auto", *LOSS_BACKENDS]
+
+
+def _load_optional_backends() -> None:
+    # The chunked and Triton backends live in modules that register themselves on import.
+    for module in ("edgekd.losses.chunked", "edgekd.kernels.shared_head_op"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend for ``name``: ``auto`` is triton on CUDA (when importable), chunked elsewhere."""
+    _load_optional_backends()
+    if name == "auto":
+        if device.type == "cuda" and "triton" in LOSS_BACKENDS:
+            return "triton"
+        return "chunked" if "chunked" in LOSS_BACKENDS else "reference"
+    if name not in LOSS_BACKENDS:
+        raise EdgekdError(f"unknown loss backend {name!r}; choose one of {', '.join(list_loss_backends())}")
+    return name
+
+
+def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> None:
+    if z_s.ndim != 2 or labels.ndim != 1 or labels.shape[0] != z_s.shape[0]:
+        raise EdgekdError(f"shared_head_loss needs z_s (B, D) and labels (B,); got {tuple(z_s.shape)} and "
+                          f"{tuple(labels.shape)}")
+    if (weights.ce or weights.kd) and W_s is None:
+        raise EdgekdError("the ce and kd terms need a student head W_s; set their weights to 0 or pass W_s")
+    if (weights.th_ce or weights.th_kd or weights.kd) and W_t is None:
+        raise EdgekdError("the kd, th_ce and th_kd terms need the teacher head W_t")
+    if (weights.kd or weights.th_kd or weights.l2e) and z_t is None:
+        raise EdgekdError("the kd, th_kd and l2e terms need the teacher embedding z_t")
+    if W_s is not None and W_s.shape[1] != z_s.shape[1]:
+        raise EdgekdError(f"student head width {W_s.shape[1]} != student embedding width {z_s.shape[1]}")
+    if W_t is not None and W_t.shape[1] != z_st.shape[1]:
+        raise EdgekdError(f"teacher head width {W_t.shape[1]} != width {z_st.shape[1]} of the student embedding "
+                          "fed to it; add a projection (D_s != D_t)")
+    if W_s is not None and W_t is not None and W_s.shape[0] != W_t.shape[0]:
+        raise EdgekdError(f"student head has {W_s.shape[0]} classes but the teacher head {W_t.shape[0]}")
+
+
+def shared_head_loss(
+    z_s: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    W_s: torch.Tensor | None = None,
+    b_s: torch.Tensor | None = None,
+    W_t: torch.Tensor | None = None,
+    b_t: torch.Tensor | None = None,
+    z_t: torch.Tensor | None = None,
+    z_st: torch.Tensor | None = None,
+    head: HeadSpec,
+    weights: LossWeights,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss ``Σ weight·term`` and the terms (detached) for one batch.
+
+    Args:
+        z_s: (B, D_s) student embedding; receives gradients.
+        labels: (B,) int64 class ids in ``[0, C)``.
+        W_s: (C, D_s) student head (trainable, may be None when ce and kd are off); b_s: (C,) its bias.
+        W_t: (C, D_t) frozen teacher head; b_t: (C,) its bias. Never receive gradients.
+        z_t: (B, D_t) teacher embedding; no gradient.
+        z_st: (B, D_t) the student embedding in teacher width (after the student-side projection) used by
+            th_ce, th_kd and l2e; defaults to ``z_s`` when the widths match.
+        head: how logits are formed (kind, s, m); shared by both heads.
+        weights: term weights and the temperature T.
+        backend: ``auto``, ``reference``, ``chunked`` or ``triton``.
+
+    Returns:
+        ``(total, terms)``: a scalar with gradients, and each active term's value (detached).
+    """
+    z_st = z_s if z_st is None else z_st
+    _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights)
+    name = resolve_backend(backend, z_s.device)
+    terms = LOSS_BACKENDS[name](z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, head, weights)
+    if weights.l2e:
+        terms["l2e"] = l2_embedding(z_st, z_t)
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return total, {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the shared-head loss and their torch.library custom op (installed as edgekd.kernels)."""
