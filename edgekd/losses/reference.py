@@ -31,6 +31,8 @@ def shared_head_loss_reference(
     weights: LossWeights,
 ) -> dict[str, torch.Tensor]:
     """The head terms (ce, kd, th_ce, th_kd) by direct formula; see ``shared_head_loss`` for the arguments."""
+    # The teacher side is frozen by definition: no gradient reaches W_t, b_t or z_t even if they require one.
+    W_t, b_t, z_t = (t.detach() if t is not None else None for t in (W_t, b_t, z_t))
     terms: dict[str, torch.Tensor] = {}
     teacher_logits = None
     if weights.kd or weights.th_kd:

@@ -1,0 +1,130 @@
+"""Model bundles: a backbone, its head and projection, and their metadata in one ``.safetensors`` file.
+
+Keys are ``backbone.*`` (arcface_torch names for face models), ``head.*`` and ``projection.*``; the
+safetensors metadata entry ``edgekd`` holds JSON with the model name and kwargs, the head spec and class
+count, and whatever the writer adds (method, step, data fingerprint). ``load_bundle`` also accepts a plain
+arcface_torch state_dict (``.pt`` / ``.pth``) when told which model it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgekd.atomic import atomic_path
+from edgekd.errors import CheckpointError
+from edgekd.heads import ClassHead
+from edgekd.losses.terms import HeadSpec
+from edgekd.version import __version__
+
+
+@dataclass
+class Bundle:
+    """What a checkpoint holds. ``cfg`` is the backbone's ``ModelCfg`` (input size, mean, std, embed_dim)."""
+
+    backbone: nn.Module
+    head: ClassHead | None = None
+    projection: nn.Linear | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self):
+        return self.backbone.cfg
+
+
+def bundle_modules(bundle: Bundle) -> list[tuple[str, nn.Module]]:
+    """The (key prefix, module) pairs the bundle holds."""
+    parts = (("backbone", bundle.backbone), ("head", bundle.head), ("projection", bundle.projection))
+    return [(prefix, module) for prefix, module in parts if module is not None]
+
+
+def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
+    """All tensors of the bundle under ``backbone.`` / ``head.`` / ``projection.`` prefixes (contiguous, CPU)."""
+    return {
+        f"{prefix}.{key}": value.detach().to("cpu").contiguous()
+        for prefix, module in bundle_modules(bundle)
+        for key, value in module.state_dict().items()
+    }
+
+
+def load_bundle_tensors(bundle: Bundle, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load prefixed ``tensors`` into the bundle's modules, strictly; a mismatch is a one-line CheckpointError."""
+    for prefix, module in bundle_modules(bundle):
+        part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else "key or shape mismatch"
+            raise CheckpointError(
+                f"{source}: the {prefix} weights do not fit model {bundle.cfg.name!r} ({first}); "
+                "use the same model settings the checkpoint was trained with") from None
+
+
+def bundle_meta(bundle: Bundle) -> dict:
+    """The JSON metadata that lets ``load_bundle`` rebuild the modules."""
+    cfg = bundle.backbone.cfg
+    meta = {**bundle.meta, "model": cfg.name, "model_kwargs": dict(cfg.kwargs), "edgekd_version": __version__}
+    if bundle.head is not None:
+        meta["head"] = {**asdict(bundle.head.spec), "num_classes": bundle.head.num_classes}
+    if bundle.projection is not None:
+        meta["projection"] = {"in": bundle.projection.in_features, "out": bundle.projection.out_features}
+    return meta
+
+
+def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
+    """Write the bundle to ``path`` atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(bundle_state_dict(bundle), str(tmp), metadata={"edgekd": json.dumps(bundle_meta(bundle))})
+    return path
+
+
+def load_bundle(path: str | os.PathLike, model: str | None = None, map_location: str = "cpu") -> Bundle:
+    """Rebuild a bundle written by ``save_bundle``, or wrap a plain arcface_torch state_dict given ``model``.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or does not fit the model it names.
+    """
+    from edgekd.models import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the .safetensors file a training run wrote")
+    if path.suffix != ".safetensors":
+        if model is None:
+            raise CheckpointError(f"{path} is a plain state_dict; say which architecture it is with --model (e.g. mbf)")
+        from edgekd.models.convert import load_arcface_torch_state_dict
+
+        backbone = create_model(model)
+        load_arcface_torch_state_dict(backbone, path)
+        return Bundle(backbone=backbone.eval(), meta={"source": str(path)})
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("edgekd")
+        tensors = load_file(str(path), device=map_location)
+    except Exception as exc:  # safetensors raises several types for a corrupt file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
+    if raw_meta is None:
+        raise CheckpointError(f"{path} has no edgekd metadata; it was not written by edgekd (use --model for raw weights)")
+    meta = json.loads(raw_meta)
+    backbone = create_model(meta["model"], **meta.get("model_kwargs", {}))
+    head = projection = None
+    if "head" in meta:
+        h = dict(meta["head"])
+        head = ClassHead(backbone.embed_dim, h.pop("num_classes"), HeadSpec(**h))
+    if "projection" in meta:
+        projection = nn.Linear(meta["projection"]["in"], meta["projection"]["out"], bias=False)
+    bundle = Bundle(backbone=backbone, head=head, projection=projection, meta=meta)
+    load_bundle_tensors(bundle, tensors, str(path))
+    backbone.eval()
+    return bundle

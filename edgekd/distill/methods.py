@@ -1,0 +1,68 @@
+"""The KD methods as data: which loss terms each one turns on, with what weights (SPEC §3).
+
+Every method trains through the same ``shared_head_loss``; a method is a set of term weights (a preset)
+plus whether it needs a teacher. Presets:
+
+- ``th-kd``/``paper``: the paper's convex split, (1−α)·ce + α·th_ce and (1−α)·kd + α·th_kd with α = 0.5.
+- ``th-kd``/``code``: the official CIFAR code (Alibaba-MIIL/HeadSharingKD): ce 1, kd 1.5, th_kd 0.02, T 4.
+- ``face``: edgekd's defaults for normalized margin heads (ArcFace/CosFace, s = 64). KL terms on s = 64
+  logits are nearly one-hot even at T = 4, so face presets lean on the CE through the shared head and on
+  the embedding term; the study in REPRODUCTION.md is what these numbers must answer to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgekd.errors import EdgekdError
+from edgekd.losses import LossWeights
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A KD method: its presets (name → term weights) and which preset each head family uses by default."""
+
+    name: str
+    summary: str
+    needs_teacher: bool
+    presets: dict[str, dict[str, float]] = field(default_factory=dict)
+    default_face: str = "default"
+    default_classification: str = "default"
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("vanilla", "student trained alone on the labels", False, {"default": {"ce": 1.0}}),
+        MethodSpec("kd", "Hinton KD: ce + T²·KL(teacher ‖ student head)", True,
+                   {"default": {"ce": 1.0, "kd": 1.0, "T": 4.0}}),
+        MethodSpec("l2e", "ce + L2 distance of normalized embeddings (the paper's L2E baseline)", True,
+                   {"default": {"ce": 1.0, "l2e": 10.0}}),
+        MethodSpec("th-kd", "teacher head, frozen, attached to the student embedding", True,
+                   {"paper": {"ce": 0.5, "th_ce": 0.5, "kd": 0.5, "th_kd": 0.5, "T": 4.0},
+                    "code": {"ce": 1.0, "kd": 1.5, "th_kd": 0.02, "T": 4.0},
+                    "face": {"ce": 1.0, "th_ce": 1.0, "T": 4.0}},
+                   default_face="face", default_classification="code"),
+        MethodSpec("sh-kd", "student-aware teacher (stages I0, I1, I2), then TH-KD through its head + l2e", True,
+                   {"face": {"ce": 1.0, "th_ce": 1.0, "l2e": 10.0, "T": 4.0},
+                    "code": {"ce": 1.0, "kd": 1.5, "th_kd": 0.02, "l2e": 1.0, "T": 4.0}},
+                   default_face="face", default_classification="code"),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise EdgekdError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_weights(name: str, preset: str | None, face: bool, overrides: dict[str, float] | None = None) -> LossWeights:
+    """The term weights of ``name`` under ``preset`` (default: by head family), with per-term ``overrides``."""
+    spec = get_method(name)
+    preset = preset or (spec.default_face if face else spec.default_classification)
+    if preset not in spec.presets:
+        raise EdgekdError(f"method {name} has no preset {preset!r}; choose one of {', '.join(spec.presets)}")
+    values = {"ce": 0.0, **spec.presets[preset]}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return LossWeights(**values)

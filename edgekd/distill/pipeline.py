@@ -1,0 +1,154 @@
+"""Run a method end to end: build the trainee, get a teacher (given, cached, or trained here), train, save.
+
+Run folders: ``<out>/teacher`` (when a teacher is trained here), ``<out>/student`` and, for SH-KD,
+``<out>/sh_kd/{i0,i1,i2}``; each holds its checkpoints, ``metrics.jsonl`` and the final ``.safetensors``.
+A stage whose final file exists is skipped, so an interrupted pipeline restarts where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgekd.bundle import Bundle, load_bundle, save_bundle
+from edgekd.errors import EdgekdError
+from edgekd.heads import ClassHead, create_head
+from edgekd.losses import LossWeights
+from edgekd.train.config import TrainConfig
+from edgekd.train.loop import TeacherSignal, fit, resolve_device
+from edgekd.train.teacher_cache import build_teacher_cache
+
+
+def cache_root() -> Path:
+    """Where trained default teachers and teacher-embedding caches live (``$EDGEKD_CACHE_DIR``)."""
+    return Path(os.environ.get("EDGEKD_CACHE_DIR", Path.home() / ".cache" / "edgekd"))
+
+
+def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bundle:
+    """A fresh backbone + head for ``dataset``, seeded by ``cfg.seed``."""
+    from edgekd.models import create_model
+
+    torch.manual_seed(cfg.seed)
+    kwargs = {"input_size": cfg.image_size or dataset.image_size, "in_chans": dataset.channels,
+              **({"embed_dim": embed_dim} if embed_dim else {}), **cfg.model_kwargs}
+    backbone = create_model(cfg.model, **kwargs)
+    head = create_head(cfg.head, backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin)
+    return Bundle(backbone=backbone, head=head)
+
+
+def _finish(trainee: Bundle, result, run_dir: Path, final: Path, meta: dict) -> Path | None:
+    """Save the final bundle unless the run stopped early (``stop_after``)."""
+    if result.stopped:
+        return None
+    trainee.meta.update(meta)
+    return save_bundle(final, trainee)
+
+
+def train_teacher(cfg: TrainConfig, dataset, run_dir: Path, student_head: ClassHead | None = None,
+                  resume: bool = False, init: Bundle | None = None) -> Path | None:
+    """Train a teacher with CE on its own head, or (SH-KD I1) on ``student_head`` frozen; returns its file."""
+    final = run_dir / "teacher.safetensors"
+    if final.is_file():
+        return final
+    embed_dim = student_head.embed_dim if student_head is not None else None
+    trainee = init if init is not None else build_trainee(cfg, dataset, embed_dim=embed_dim)
+    if student_head is not None:
+        if trainee.backbone.embed_dim != student_head.embed_dim:
+            raise EdgekdError(f"the teacher embeds to {trainee.backbone.embed_dim} dims but the student head reads "
+                              f"{student_head.embed_dim}; build the teacher with the student's embed_dim")
+        trainee.head = _frozen_copy(student_head)
+    result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher")
+    return _finish(trainee, result, run_dir, final, {"role": "teacher", "data": dataset.fingerprint,
+                                                     "student_aware": student_head is not None})
+
+
+def _frozen_copy(head: ClassHead) -> ClassHead:
+    copy = ClassHead(head.embed_dim, head.num_classes, head.spec)
+    copy.load_state_dict(head.state_dict())
+    return copy.freeze()
+
+
+def default_teacher(cfg: TrainConfig, dataset, resume: bool = True) -> Path:
+    """The small teacher ``edgekd distill`` trains when none is given, cached by (config, data)."""
+    key = hashlib.sha256(json.dumps({"cfg": cfg.to_dict(), "data": dataset.fingerprint},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    run_dir = cache_root() / "teachers" / key
+    path = train_teacher(cfg, dataset, run_dir, resume=resume)
+    if path is None:
+        raise EdgekdError(f"teacher training in {run_dir} stopped early; rerun to continue it")
+    return path
+
+
+def teacher_signal(teacher: Bundle, student: Bundle, dataset, cfg: TrainConfig, weights: LossWeights,
+                   shared_head: ClassHead | None = None) -> TeacherSignal:
+    """The frozen teacher as the student sees it: the shared head plus cached or live embeddings."""
+    head = shared_head if shared_head is not None else teacher.head
+    if head is None and (weights.kd or weights.th_ce or weights.th_kd):
+        raise EdgekdError("the teacher checkpoint has no head; TH-KD and KD need the teacher's classifier")
+    if head is not None and head.num_classes != dataset.num_classes:
+        raise EdgekdError(f"the teacher head has {head.num_classes} classes but the data has {dataset.num_classes}; "
+                          "use the data the teacher was trained on")
+    if tuple(teacher.cfg.input_size[1:]) != tuple(student.cfg.input_size[1:]):
+        raise EdgekdError(f"teacher input {teacher.cfg.input_size} and student input {student.cfg.input_size} "
+                          "differ; train both at the same --image-size")
+    cache = None
+    if cfg.teacher_cache:
+        device = resolve_device(cfg.device)
+        teacher.backbone.to(device)
+        cache = build_teacher_cache(teacher.backbone, dataset, teacher.cfg.mean, teacher.cfg.std,
+                                    cache_root() / "teacher_outputs", device)
+    return TeacherSignal(backbone=None if cache is not None else teacher.backbone, head=head, cache=cache)
+
+
+def add_projection(student: Bundle, teacher_dim: int, weights: LossWeights) -> None:
+    """Give the student a trainable D_s → D_t projection when widths differ and a teacher-width term is on."""
+    if student.backbone.embed_dim != teacher_dim and (weights.th_ce or weights.th_kd or weights.l2e):
+        student.projection = nn.Linear(student.backbone.embed_dim, teacher_dim, bias=False)
+
+
+def distill_student(cfg: TrainConfig, weights: LossWeights, dataset, teacher: Bundle | None, run_dir: Path,
+                    resume: bool = False, method: str = "", init_head: ClassHead | None = None,
+                    shared_head: ClassHead | None = None) -> Path | None:
+    """Train a student with ``weights`` from ``teacher`` (None for vanilla); returns its final file."""
+    final = run_dir / "student.safetensors"
+    if final.is_file() and not resume:
+        raise EdgekdError(f"{final} exists already; choose a new --out or pass --resume")
+    if final.is_file():
+        return final
+    student = build_trainee(cfg, dataset)
+    if init_head is not None:
+        student.head.load_state_dict(init_head.state_dict())
+    signal = None
+    if teacher is not None:
+        add_projection(student, teacher.backbone.embed_dim, weights)
+        signal = teacher_signal(teacher, student, dataset, cfg, weights, shared_head)
+    result = fit(student, cfg, weights, dataset, run_dir, teacher=signal, resume=resume, desc=method or "student")
+    return _finish(student, result, run_dir, final, {"role": "student", "method": method, "data": dataset.fingerprint,
+                                                     "weights": weights.__dict__})
+
+
+def run_sh_kd(student_cfg: TrainConfig, teacher_cfg: TrainConfig, weights: LossWeights, dataset, out: Path,
+              teacher_init: Bundle | None = None, resume: bool = True) -> Path | None:
+    """SH-KD: I0 temporary student (keeps θ_s) → I1 teacher on frozen θ_s → I2 student distilled through θ_s.
+
+    Each stage checkpoints in its own folder and is skipped once its final file exists; delete a stage's
+    folder to rerun it (and the ones after it).
+    """
+    stages = out / "sh_kd"
+    i0 = distill_student(student_cfg, LossWeights(ce=1.0), dataset, None, stages / "i0", resume=True,
+                         method="sh-kd:i0")
+    if i0 is None:
+        return None
+    theta_s = load_bundle(i0).head
+    i1 = train_teacher(teacher_cfg, dataset, stages / "i1", student_head=theta_s, resume=True, init=teacher_init)
+    if i1 is None:
+        return None
+    teacher = load_bundle(i1)
+    return distill_student(replace(student_cfg, seed=student_cfg.seed + 1), weights, dataset, teacher, stages / "i2",
+                           resume=True, method="sh-kd", init_head=theta_s, shared_head=teacher.head)

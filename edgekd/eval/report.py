@@ -1,0 +1,54 @@
+"""Evaluate bundles (verification pairs or classification top-1) and print comparison tables."""
+
+from __future__ import annotations
+
+import torch
+
+from edgekd.bundle import Bundle
+from edgekd.data.transforms import normalize
+from edgekd.train.loop import resolve_device
+
+REPORT_FARS = (1e-4, 1e-3, 1e-2)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int = 128) -> dict:
+    """10-fold accuracy and TAR@FAR of the backbone's flip-summed embeddings on ``pairs``."""
+    from edgekd.eval.embed import evaluate_pairs
+
+    dev = resolve_device(device)
+    backbone = bundle.backbone.to(dev).eval()
+    result = evaluate_pairs(backbone, pairs, mean=bundle.cfg.mean, std=bundle.cfg.std, batch_size=batch_size,
+                            device=dev)
+    return {"accuracy": result["accuracy"], "accuracy_std": result["std"],
+            "tar_at_far": {str(far): result["tar_at_far"][far] for far in result["tar_at_far"]}}
+
+
+@torch.no_grad()
+def classify_bundle(bundle: Bundle, dataset, device: str = "auto", batch_size: int = 256) -> dict:
+    """Top-1 accuracy of backbone + own head on ``dataset``."""
+    if bundle.head is None:
+        raise ValueError("classification accuracy needs a checkpoint with a head")
+    dev = resolve_device(device)
+    backbone, head = bundle.backbone.to(dev).eval(), bundle.head.to(dev).eval()
+    correct = 0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    for images, labels in loader:
+        x = normalize(images.to(dev), bundle.cfg.mean, bundle.cfg.std)
+        correct += (head(backbone(x)).argmax(1).cpu() == labels).sum().item()
+    return {"top1": correct / len(dataset)}
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain aligned text table; ``columns`` are (key, header) pairs, floats shown with 4 decimals."""
+    def cell(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    body = [[cell(row.get(key, "")) for key, _ in columns] for row in rows]
+    widths = [max(len(header), *(len(r[i]) for r in body)) for i, (_, header) in enumerate(columns)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line([h for _, h in columns]), line(["-" * w for w in widths]), *map(line, body)])

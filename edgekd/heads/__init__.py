@@ -1,0 +1,4 @@
+"""Class heads: a class matrix ``W: (C, D)`` (plus a bias for linear heads) and the ``HeadSpec`` that reads it."""
+
+from edgekd.heads.class_head import ClassHead as ClassHead
+from edgekd.heads.class_head import create_head as create_head

@@ -1,0 +1,1 @@
+"""Training: configs, the compiled training loop, exact-resume checkpoints, optimizers and the teacher cache."""

@@ -1,0 +1,165 @@
+"""``fit``: the training loop shared by teachers, students and every SH-KD stage.
+
+One step: normalize + flip a batch, get the teacher embedding (from the on-disk cache or a frozen
+forward pass), run the (compiled) loss function, check the loss is finite, clip, SGD step. Checkpoints every
+``checkpoint_every`` steps make a killed run lose at most that much work; ``resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgekd.bundle import Bundle
+from edgekd.data.transforms import hflip, normalize
+from edgekd.errors import EdgekdError, TrainingDiverged
+from edgekd.heads import ClassHead
+from edgekd.losses import LossWeights, shared_head_loss
+from edgekd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from edgekd.train.config import TrainConfig
+from edgekd.train.optim import build_optimizer, lr_factor, set_lr
+from edgekd.train.order import OrderSampler, StepOrder
+from edgekd.train.teacher_cache import TeacherCache
+from edgekd.utils.progress import progress
+
+
+@dataclass
+class TeacherSignal:
+    """What the student learns from: a frozen teacher backbone and/or its embedding cache, and the shared head."""
+
+    backbone: nn.Module | None = None
+    head: ClassHead | None = None
+    cache: TeacherCache | None = None
+
+
+@dataclass
+class FitResult:
+    steps: int
+    total_steps: int
+    last: dict
+    stopped: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgekdError(f"device {name!r} asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of the whole run: ``cfg.steps`` if set, else ``epochs`` worth of full batches."""
+    return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def make_loss_fn(trainee: Bundle, teacher: TeacherSignal | None, weights: LossWeights, backend: str):
+    """``loss_fn(x, labels, z_t) -> (total, terms)`` over the trainee's modules; this is what gets compiled."""
+    backbone, head, projection = trainee.backbone, trainee.head, trainee.projection
+    t_head = teacher.head if teacher is not None else None
+    uses_student_head = bool(weights.ce or weights.kd)
+
+    def loss_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
+        z_s = backbone(x)
+        z_st = projection(z_s) if projection is not None else None
+        return shared_head_loss(
+            z_s, labels,
+            W_s=head.weight if uses_student_head else None, b_s=head.bias if uses_student_head else None,
+            W_t=t_head.weight if t_head is not None else None, b_t=t_head.bias if t_head is not None else None,
+            z_t=z_t, z_st=z_st, head=head.spec, weights=weights, backend=backend,
+        )
+
+    return loss_fn
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    # Lines logged after the checkpoint we resume from describe lost work: drop them so the log reads as one run.
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def fit(trainee: Bundle, cfg: TrainConfig, weights: LossWeights, dataset, run_dir: str | Path,
+        teacher: TeacherSignal | None = None, resume: bool = False, desc: str = "train") -> FitResult:
+    """Train ``trainee`` (its parameters that require grad) on ``dataset`` with ``weights``; see module doc."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip)
+    total_steps = total_steps_of(cfg, order.steps_per_epoch)
+    modules = [m for m in (trainee.backbone, trainee.head, trainee.projection) if m is not None]
+    for module in modules:
+        module.to(device).train()
+    if teacher is not None:
+        for module in (teacher.backbone, teacher.head):
+            if module is not None:
+                module.to(device).eval().requires_grad_(False)
+    optimizer = build_optimizer([p for m in modules for p in m.parameters()], cfg.lr, cfg.momentum, cfg.weight_decay)
+
+    start = 0
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and not resume:
+        raise EdgekdError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose a new --out")
+    if checkpoint is not None:
+        start = load_checkpoint(checkpoint, trainee, optimizer)["step"]
+        _trim_metrics(run_dir / "metrics.jsonl", start)
+    if start >= total_steps:
+        return FitResult(start, total_steps, {}, stopped=False)
+
+    loss_fn = make_loss_fn(trainee, teacher, weights, cfg.loss_backend)
+    step_fn = torch.compile(loss_fn) if cfg.compile else loss_fn
+    mean, std = trainee.cfg.mean, trainee.cfg.std
+    stop = total_steps if cfg.stop_after is None else min(total_steps, start + cfg.stop_after)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=OrderSampler(order, start, stop),
+                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    metrics_path = run_dir / "metrics.jsonl"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bar = progress(total=total_steps, initial=start, desc=desc, unit="step")
+    last: dict = {}
+    tic, seen = time.perf_counter(), 0
+    for step, (images, labels) in enumerate(loader, start=start):
+        indices, flips = order.batch(step)
+        x = normalize(images.to(device, non_blocking=True), mean, std)
+        flip_mask = flips.to(device)[:, None, None, None]
+        x = torch.where(flip_mask, hflip(x), x)
+        labels = labels.to(device)
+        z_t = None
+        if teacher is not None and teacher.cache is not None:
+            z_t = teacher.cache.lookup(indices, flips).to(device, non_blocking=True)
+        elif teacher is not None and teacher.backbone is not None:
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                z_t = teacher.backbone(x).float()
+        lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            total, terms = step_fn(x, labels, z_t)
+        loss = float(total)
+        if not math.isfinite(loss):
+            kept = latest_checkpoint(run_dir)
+            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {where}; lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
+        optimizer.step()
+        seen += len(labels)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == stop:
+            rate = seen / max(time.perf_counter() - tic, 1e-9)
+            last = {"step": done, "loss": loss, "lr": lr, "images_per_s": round(rate, 1),
+                    **{k: float(v) for k, v in terms.items()}}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
+            tic, seen = time.perf_counter(), 0
+        bar.update(1)
+        if done % cfg.checkpoint_every == 0 or done == total_steps:
+            save_checkpoint(run_dir, done, trainee, optimizer, {"config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+    bar.close()
+    return FitResult(stop, total_steps, last, stopped=stop < total_steps)

@@ -1,0 +1,1 @@
+"""Small shared services: environment report, progress bars, seeding."""
