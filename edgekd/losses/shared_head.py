@@ -41,7 +41,12 @@ def _load_optional_backends() -> None:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend for ``name``: ``auto`` is triton on CUDA (when importable), chunked elsewhere."""
+    """The concrete backend for ``name``: ``auto`` is triton on CUDA (when importable), chunked elsewhere.
+
+    Resolve once, outside compiled code: the first call may import backend modules, which Dynamo cannot trace.
+    """
+    if name in LOSS_BACKENDS:
+        return name
     _load_optional_backends()
     if name == "auto":
         if device.type == "cuda" and "triton" in LOSS_BACKENDS:

@@ -20,7 +20,7 @@ from edgekd.bundle import Bundle
 from edgekd.data.transforms import hflip, normalize
 from edgekd.errors import EdgekdError, TrainingDiverged
 from edgekd.heads import ClassHead
-from edgekd.losses import LossWeights, shared_head_loss
+from edgekd.losses import LossWeights, resolve_backend, shared_head_loss
 from edgekd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from edgekd.train.config import TrainConfig
 from edgekd.train.optim import build_optimizer, lr_factor, set_lr
@@ -65,6 +65,7 @@ def make_loss_fn(trainee: Bundle, teacher: TeacherSignal | None, weights: LossWe
     backbone, head, projection = trainee.backbone, trainee.head, trainee.projection
     t_head = teacher.head if teacher is not None else None
     uses_student_head = bool(weights.ce or weights.kd)
+    backend = resolve_backend(backend, next(backbone.parameters()).device)
 
     def loss_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
         z_s = backbone(x)
@@ -138,7 +139,7 @@ def fit(trainee: Bundle, cfg: TrainConfig, weights: LossWeights, dataset, run_di
         lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             total, terms = step_fn(x, labels, z_t)
-        loss = float(total)
+        loss = float(total.detach())
         if not math.isfinite(loss):
             kept = latest_checkpoint(run_dir)
             where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"

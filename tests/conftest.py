@@ -1,0 +1,18 @@
+"""Shared fixtures: seeded tests, a private edgekd cache folder, tiny synthetic data and models."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_cache(tmp_path_factory, monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setenv("EDGEKD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgekd-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_faces():
+    """8 identities × 8 images at 32×32: enough for a few training steps."""
+    from edgekd.data.synthetic import SyntheticIdentities
+
+    return SyntheticIdentities(identities=8, images_per_identity=8, image_size=32, seed=0)
