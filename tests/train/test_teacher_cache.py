@@ -1,0 +1,70 @@
+"""The teacher-embedding cache: equals live teacher outputs, is reused, and is invalidated by teacher or data changes."""
+
+from dataclasses import replace
+
+import torch
+
+from edgekd.data.synthetic import SyntheticIdentities
+from edgekd.data.transforms import hflip, normalize
+from edgekd.distill.pipeline import build_trainee
+from edgekd.losses import LossWeights
+from edgekd.train.config import TrainConfig
+from edgekd.train.loop import TeacherSignal, fit
+from edgekd.train.teacher_cache import build_teacher_cache
+
+CFG = TrainConfig(model="r_tiny", batch_size=16, steps=4, compile=False, device="cpu", log_every=1)
+
+
+def _teacher(dataset, seed=0):
+    return build_trainee(replace(CFG, seed=seed), dataset).backbone.eval()
+
+
+def test_cache_equals_live_teacher_for_images_and_flips(tiny_faces, tmp_path):
+    teacher = _teacher(tiny_faces)
+    mean, std = teacher.cfg.mean, teacher.cfg.std
+    cache = build_teacher_cache(teacher, tiny_faces, mean, std, tmp_path, torch.device("cpu"), batch_size=24)
+    indices = torch.tensor([0, 5, 23, 63])
+    images = torch.stack([tiny_faces[i][0] for i in indices.tolist()])
+    x = normalize(images, mean, std)
+    with torch.no_grad():
+        live, live_flip = teacher(x), teacher(hflip(x))
+    torch.testing.assert_close(cache.lookup(indices, torch.zeros(4, dtype=torch.bool)), live, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.lookup(indices, torch.ones(4, dtype=torch.bool)), live_flip, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_reused_and_invalidated(tiny_faces, tmp_path):
+    teacher = _teacher(tiny_faces)
+    mean, std = teacher.cfg.mean, teacher.cfg.std
+    first = build_teacher_cache(teacher, tiny_faces, mean, std, tmp_path, torch.device("cpu"))
+    stamp = first.path.stat().st_mtime_ns
+    again = build_teacher_cache(teacher, tiny_faces, mean, std, tmp_path, torch.device("cpu"))
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.01)  # the teacher changed: a new cache
+    changed_teacher = build_teacher_cache(teacher, tiny_faces, mean, std, tmp_path, torch.device("cpu"))
+    assert changed_teacher.path != first.path
+
+    other_data = SyntheticIdentities(identities=8, images_per_identity=8, image_size=32, seed=1)
+    changed_data = build_teacher_cache(teacher, other_data, mean, std, tmp_path, torch.device("cpu"))
+    assert changed_data.path not in (first.path, changed_teacher.path)
+
+    changed_norm = build_teacher_cache(teacher, tiny_faces, (0.4,) * 3, std, tmp_path, torch.device("cpu"))
+    assert changed_norm.path != changed_teacher.path
+
+
+def test_training_with_cache_equals_training_with_live_teacher(tiny_faces, tmp_path):
+    teacher = build_trainee(replace(CFG, seed=5), tiny_faces)
+    teacher.backbone.eval()
+    head = teacher.head.freeze()
+    cache = build_teacher_cache(teacher.backbone, tiny_faces, teacher.cfg.mean, teacher.cfg.std, tmp_path / "c",
+                                torch.device("cpu"))
+    weights = LossWeights(ce=1, th_ce=1, th_kd=1, l2e=1)
+    results = []
+    for name, signal in (("live", TeacherSignal(backbone=teacher.backbone, head=head)),
+                         ("cached", TeacherSignal(head=head, cache=cache))):
+        student = build_trainee(replace(CFG, model="mbf_tiny", seed=2), tiny_faces)
+        fit(student, replace(CFG, model="mbf_tiny"), weights, tiny_faces, tmp_path / name, teacher=signal)
+        results.append(student.backbone.state_dict())
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
