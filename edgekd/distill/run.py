@@ -27,7 +27,8 @@ def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, dataset, pairs: str 
 
     rows = []
     face = cfg.head != "linear"
-    pair_set = create_pairs(pairs or cfg.data) if face else None
+    size = {"image_size": cfg.image_size} if cfg.image_size else {}
+    pair_set = create_pairs(pairs or cfg.data, **size) if face else None
     test_set = None if face else create_dataset(cfg.data, split="test")
     for role, path in named.items():
         bundle = load_bundle(path)
