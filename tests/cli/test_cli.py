@@ -1,0 +1,148 @@
+"""The command line end to end on tiny settings, and its one-line errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from edgekd.cli import main
+
+DATA = "synthetic:identities=8,images_per_identity=8,pairs=40,pair_identities=6,pair_images=4"
+TINY = ["--data", DATA, "--image-size", "32", "--model", "mbf_tiny", "--batch-size", "16", "--no-compile",
+        "--device", "cpu", "--checkpoint-every", "2"]
+
+
+def run(argv, capsys):
+    """Run the real entry point in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(capsys, argv, *fragments):
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgekd: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_help_lists_every_command(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for name in ("teacher", "distill", "eval", "export", "benchmark-latency"):
+        assert name in out
+    code, out, _ = run(["distill", "--help"], capsys)
+    assert code == 0 and "--method" in out and "th-kd" in out and "--loss-backend" in out
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A tiny TH-KD run through the CLI: trains the default teacher, distills, evaluates."""
+    out = tmp_path_factory.mktemp("distill")
+    main_args = ["distill", *TINY, "--steps", "4", "--teacher-model", "r_tiny", "--teacher-epochs", "1",
+                 "--out", str(out)]
+    try:
+        main(main_args)
+    except SystemExit as exc:  # main only exits on errors
+        raise AssertionError(f"distill exited {exc.code}") from None
+    return out
+
+
+def test_distill_writes_student_and_comparison(distilled):
+    report = json.loads((distilled / "results.json").read_text())
+    assert report["method"] == "th-kd"
+    assert [row["role"] for row in report["results"]] == ["teacher", "student"]
+    for row in report["results"]:
+        assert 0.0 <= row["acc"] <= 1.0 and "tar@0.001" in row
+    assert (distilled / "student" / "student.safetensors").is_file()
+    lines = (distilled / "student" / "metrics.jsonl").read_text().splitlines()
+    assert {"step", "loss", "lr", "images_per_s", "ce", "th_ce"} <= set(json.loads(lines[-1]))
+
+
+def test_eval_reports_accuracy_and_roc(distilled, tmp_path, capsys):
+    code, out, err = run(["eval", str(distilled / "student" / "student.safetensors"), "--pairs",
+                          "synthetic:pairs=40,pair_identities=6,pair_images=4,image_size=32", "--out", str(tmp_path)],
+                         capsys)
+    assert code == 0, err
+    assert "accuracy" in out and "TAR@FAR" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    assert set(report) >= {"model", "roc_plot"}
+
+
+def test_teacher_with_student_head_keeps_it_frozen(distilled, tmp_path, capsys):
+    student = distilled / "student" / "student.safetensors"
+    code, out, err = run(["teacher", *TINY, "--model", "r_tiny", "--steps", "2", "--student-head", str(student),
+                          "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    from edgekd.bundle import load_bundle
+
+    teacher, source = load_bundle(tmp_path / "teacher.safetensors"), load_bundle(student)
+    assert torch.equal(teacher.head.weight, source.head.weight)
+    assert teacher.meta["student_aware"] is True
+
+
+def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, capsys):
+    argv = ["distill", *TINY, "--method", "sh-kd", "--steps", "2", "--teacher-model", "r_tiny", "--teacher-epochs",
+            "0.25", "--no-eval", "--out", str(tmp_path)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    stages = tmp_path / "sh_kd"
+    finals = {"i0": stages / "i0" / "student.safetensors", "i1": stages / "i1" / "teacher.safetensors",
+              "i2": stages / "i2" / "student.safetensors"}
+    assert all(p.is_file() for p in finals.values())
+    stamps = {k: p.stat().st_mtime_ns for k, p in finals.items()}
+    import shutil
+
+    shutil.rmtree(stages / "i2")  # rerun only the last stage
+    code, _, err = run(argv + ["--resume"], capsys)
+    assert code == 0, err
+    assert finals["i0"].stat().st_mtime_ns == stamps["i0"] and finals["i1"].stat().st_mtime_ns == stamps["i1"]
+    assert finals["i2"].is_file()
+    from edgekd.bundle import load_bundle
+
+    i0, i1, i2 = (load_bundle(finals[k]) for k in ("i0", "i1", "i2"))
+    assert torch.equal(i1.head.weight, i0.head.weight)  # the teacher trained on the frozen θ_s
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    one_line_error(capsys, ["distill", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")],
+                   "missing")
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, ["distill", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])
+    one_line_error(capsys, ["distill", *TINY, "--model", "nope", "--out", str(tmp_path / "o3")], "nope")
+    one_line_error(capsys, ["distill", *TINY, "--teacher", str(tmp_path / "t.safetensors"), "--out",
+                            str(tmp_path / "o4")], "does not exist")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    one_line_error(capsys, ["eval", str(tmp_path / "bad.safetensors")], "bad.safetensors")
+    (tmp_path / "cfg.yaml").write_text("learning_rate: 0.1\n")
+    one_line_error(capsys, ["distill", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o5")],
+                   "learning_rate")
+    code, _, err = run(["distill", "--method", "magic"], capsys)
+    assert code == 2 and "magic" in err
+
+
+def test_teacher_for_other_data_is_rejected(distilled, tmp_path, capsys):
+    other = "synthetic:identities=6,images_per_identity=8,pairs=40"
+    teacher = next((distilled.parent).glob("**/teacher.safetensors"), None)
+    if teacher is None:  # the default teacher lives in the edgekd cache
+        import os
+        from pathlib import Path
+
+        teacher = next(Path(os.environ["EDGEKD_CACHE_DIR"]).glob("teachers/*/teacher.safetensors"))
+    args = ["distill", *TINY, "--data", other, "--teacher", str(teacher), "--steps", "2", "--out", str(tmp_path)]
+    one_line_error(capsys, args, "classes")
+
+
+def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
+    line = one_line_error(capsys, ["distill", *TINY, "--method", "vanilla", "--head", "linear", "--lr", "1e9",
+                                   "--clip-grad", "0", "--checkpoint-every", "1", "--steps", "60", "--out",
+                                   str(tmp_path)], "loss became")
+    assert "step_" in line
