@@ -69,9 +69,13 @@ def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> Non
         raise EdgekdError("the kd, th_kd and l2e terms need the teacher embedding z_t")
     if W_s is not None and W_s.shape[1] != z_s.shape[1]:
         raise EdgekdError(f"student head width {W_s.shape[1]} != student embedding width {z_s.shape[1]}")
-    if W_t is not None and W_t.shape[1] != z_st.shape[1]:
+    if (weights.th_ce or weights.th_kd) and W_t.shape[1] != z_st.shape[1]:
         raise EdgekdError(f"teacher head width {W_t.shape[1]} != width {z_st.shape[1]} of the student embedding "
                           "fed to it; add a projection (D_s != D_t)")
+    if (weights.kd or weights.th_kd) and W_t.shape[1] != z_t.shape[1]:
+        raise EdgekdError(f"teacher head width {W_t.shape[1]} != teacher embedding width {z_t.shape[1]}")
+    if weights.l2e and z_st.shape[1] != z_t.shape[1]:
+        raise EdgekdError(f"l2e compares widths {z_st.shape[1]} and {z_t.shape[1]}; add a projection (D_s != D_t)")
     if W_s is not None and W_t is not None and W_s.shape[0] != W_t.shape[0]:
         raise EdgekdError(f"student head has {W_s.shape[0]} classes but the teacher head {W_t.shape[0]}")
 
