@@ -1,0 +1,94 @@
+"""``edgekd data``: pack image folders into insightface RecordIO and ``.bin`` pair files, and check them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgekd.errors import EdgekdError
+
+
+@click.group("data")
+def data() -> None:
+    """Pack image folders into insightface RecordIO / .bin files, and check them."""
+
+
+@data.command("pack")
+@click.argument("image_folder", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG quality for images that are not already RGB JPEGs (those are stored unchanged)")  # fmt: skip
+def pack(image_folder: Path, out: Path, quality: int) -> None:
+    """Write OUT/train.rec + OUT/train.idx (insightface layout) from IMAGE_FOLDER/<identity>/<image>."""
+    from edgekd.data.recordio import pack_image_folder
+
+    info = pack_image_folder(image_folder, out, quality=quality)
+    click.echo(f"packed {info['images']} images of {info['classes']} identities into {info['rec']}")
+
+
+def _read_pairs_file(pairs_file: Path) -> list[tuple[str, str, bool]]:
+    if not pairs_file.is_file():
+        raise EdgekdError(f"pairs file {pairs_file} not found")
+    rows = []
+    for n, line in enumerate(pairs_file.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) != 3 or parts[2] not in ("0", "1"):
+            raise EdgekdError(f"{pairs_file}: line {n} is not 'image_a image_b 0|1': {line.strip()[:60]!r}")
+        rows.append((parts[0], parts[1], parts[2] == "1"))
+    if not rows:
+        raise EdgekdError(f"{pairs_file}: no pairs")
+    return rows
+
+
+@data.command("pack-bin")
+@click.argument("pairs_file", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(path_type=Path), default=None,
+              help="folder the image paths are relative to (default: the pairs file's folder)")  # fmt: skip
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG quality for images that are not already RGB JPEGs")  # fmt: skip
+def pack_bin(pairs_file: Path, out: Path, root: Path | None, quality: int) -> None:
+    """Write a verification .bin from PAIRS_FILE lines 'image_a image_b 0|1' (1 = same identity)."""
+    from edgekd.data.recordio import encode_image_file
+    from edgekd.data.verification_bin import write_bin
+
+    rows = _read_pairs_file(pairs_file)
+    root = root or pairs_file.parent
+    encoded = []
+    for a, b, _ in rows:
+        for name in (a, b):
+            path = root / name
+            if not path.is_file():
+                raise EdgekdError(f"{pairs_file}: image {path} not found")
+            encoded.append(encode_image_file(path, quality))
+    write_bin(out, encoded, [same for _, _, same in rows])
+    click.echo(f"wrote {len(rows)} pairs ({sum(s for *_, s in rows)} genuine) to {out}")
+
+
+@data.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--decode/--no-decode", default=True, show_default=True, help="also decode every image")
+def verify(path: Path, decode: bool) -> None:
+    """Check a RecordIO file/folder or a .bin pair file; list bad records (exit 2 if there are any)."""
+    if path.suffix == ".bin":
+        from edgekd.data.verification_bin import load_bin
+
+        pairs = load_bin(path)
+        click.echo(f"{path}: {len(pairs)} pairs, {pairs.num_genuine} genuine, images {tuple(pairs.images.shape)}")
+        return
+    from edgekd.data.recordio import RecordIODataset
+
+    ds = RecordIODataset(path, skip_bad=True)
+    problems = ds.verify(decode_images=decode)
+    for msg in problems[:20]:
+        click.echo(msg)
+    click.echo(f"{ds.rec_path}: {len(ds)} good images, {len(problems)} bad, {ds.num_classes} classes, "
+               f"fingerprint {ds.fingerprint}")  # fmt: skip
+    if problems:
+        raise EdgekdError(f"{ds.rec_path} has {len(problems)} bad records; train with skip_bad to drop them")
+
+
+command = data

@@ -1,0 +1,1 @@
+"""Evaluation: insightface-style verification metrics (``metrics``), batched embeddings (``embed``), ROC plots."""

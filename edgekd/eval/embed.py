@@ -1,0 +1,141 @@
+"""Batched embeddings (optionally flip-summed) from any forward callable, and verification of a ``PairSet``.
+
+``forward`` is anything that maps a float32 normalized ``(B, C, H, W)`` torch tensor to ``(B, D)`` embeddings: an
+``nn.Module`` in eval mode, a compiled module, or a runtime wrapper around ONNX Runtime / TensorRT (it may return a
+numpy array).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from edgekd.data.pairs import PairSet
+from edgekd.data.transforms import FACE_MEAN, FACE_STD, hflip, normalize
+from edgekd.errors import EdgekdError
+from edgekd.eval.metrics import DEFAULT_FARS, flip_sum_normalize, roc_curve, tar_at_far, verification_10fold
+from edgekd.utils.progress import progress
+
+__all__ = ["embed_images", "evaluate_pairs"]
+
+
+def _default_device(forward: Callable) -> torch.device:
+    """The device of a module's first parameter or buffer; CPU for anything else."""
+    if isinstance(forward, torch.nn.Module):
+        for t in (*forward.parameters(), *forward.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _batch(images: torch.Tensor | Dataset, lo: int, hi: int) -> torch.Tensor:
+    """Images ``lo:hi`` as uint8 ``(B, C, H, W)``; dataset items may be bare images or ``(image, label)``."""
+    if isinstance(images, torch.Tensor):
+        return images[lo:hi]
+    items = [images[i] for i in range(lo, hi)]
+    return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+
+
+def _run(forward: Callable, x: torch.Tensor) -> np.ndarray:
+    out = forward(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    out = out.detach().float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
+    if out.ndim != 2 or out.shape[0] != x.shape[0]:
+        raise EdgekdError(f"the model returned shape {out.shape} for a batch of {x.shape[0]}; expected (B, D)")
+    return out
+
+
+def embed_images(
+    forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
+    images: torch.Tensor | Dataset,
+    batch_size: int = 64,
+    flip: bool = True,
+    mean: float | Sequence[float] = FACE_MEAN,
+    std: float | Sequence[float] = FACE_STD,
+    device: str | torch.device | None = None,
+    desc: str = "embed",
+) -> np.ndarray:
+    """Embed images in batches under ``torch.inference_mode``.
+
+    Args:
+        forward: maps float32 ``(B, C, H, W)`` normalized images to ``(B, D)`` embeddings.
+        images: uint8 ``(N, C, H, W)`` or a Dataset of uint8 ``(C, H, W)`` images (or ``(image, label)`` items).
+        batch_size: images per forward call.
+        flip: return ``f(x) + f(hflip(x))``, the raw sum (not normalized; the caller normalizes).
+        mean: per-channel mean of ``normalize``.
+        std: per-channel std of ``normalize``.
+        device: where inputs go (default: the module's device, else CPU).
+        desc: progress-bar label (the bar is silent when stderr is not a TTY).
+
+    Returns:
+        float32 ``(N, D)``.
+    """
+    n = len(images)
+    if n == 0:
+        raise EdgekdError("no images to embed")
+    if batch_size < 1:
+        raise EdgekdError(f"batch_size={batch_size} must be >= 1")
+    dev = torch.device(device) if device is not None else _default_device(forward)
+    chunks = []
+    with torch.inference_mode(), progress(total=n, desc=desc, unit="img") as bar:
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            x = normalize(_batch(images, lo, hi).to(dev), mean, std)
+            emb = _run(forward, x)
+            if flip:
+                emb = emb + _run(forward, hflip(x))
+            chunks.append(emb)
+            bar.update(hi - lo)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def evaluate_pairs(
+    forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
+    pairs: PairSet,
+    mean: float | Sequence[float] = FACE_MEAN,
+    std: float | Sequence[float] = FACE_STD,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: str | torch.device | None = None,
+    nfolds: int = 10,
+    fars: Sequence[float] = DEFAULT_FARS,
+) -> dict:
+    """Verification metrics of a model on a pair set, the insightface way.
+
+    Embeddings are flip-summed (if ``flip``) and L2-normalized; 10-fold accuracy uses their squared L2 distance,
+    the ROC and TAR@FAR use their cosine similarity.
+
+    Args:
+        forward: the model (see ``embed_images``).
+        pairs: ``2P`` images and ``issame (P,)``.
+        mean: normalization mean.
+        std: normalization std.
+        batch_size: images per forward call.
+        flip: flip-sum test-time augmentation.
+        device: where inputs go.
+        nfolds: folds of the accuracy protocol.
+        fars: target FARs for TAR@FAR.
+
+    Returns:
+        ``name``, ``pairs`` (P), ``accuracy``, ``std``, ``threshold``, ``fold_accuracies``, ``tar_at_far``
+        (``{far: tar}``), and the ROC arrays ``fpr``, ``tpr``, ``thresholds``.
+    """
+    emb = flip_sum_normalize(
+        embed_images(forward, pairs.images, batch_size, flip, mean, std, device, desc=f"embed {pairs.name}")
+    )
+    a, b = emb[0::2], emb[1::2]
+    result = verification_10fold(a, b, pairs.issame, nfolds=nfolds)
+    scores = np.einsum("ij,ij->i", a, b)
+    fpr, tpr, thresholds = roc_curve(scores, pairs.issame)
+    return {
+        "name": pairs.name,
+        "pairs": len(pairs),
+        **result,
+        "tar_at_far": tar_at_far(scores, pairs.issame, fars),
+        "fpr": fpr,
+        "tpr": tpr,
+        "thresholds": thresholds,
+    }

@@ -1,0 +1,214 @@
+"""Evaluation metrics in pure numpy, computed the way insightface reports them.
+
+- ``verification_10fold``: the LFW-style protocol of insightface ``eval/verification.py``: squared L2 distance
+  of flip-summed, L2-normalized embeddings, thresholds ``np.arange(0, 4, 0.01)``, contiguous folds sized like
+  sklearn ``KFold(shuffle=False)``, threshold chosen on the other folds (first maximum), mean and population std of
+  the fold accuracies.
+- ``roc_curve``: sklearn's ``roc_curve`` reproduced exactly (``drop_intermediate`` rule, leading ``(0, 0)`` point
+  with threshold ``inf``), because IJB TAR@FAR is read off that curve.
+- ``tar_at_far``: for each target FAR, the TPR at the ROC point whose FPR is nearest to it; ties go to the larger
+  TPR, as insightface's search over the flipped arrays does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+
+__all__ = [
+    "DEFAULT_FARS",
+    "THRESHOLDS",
+    "flip_sum_normalize",
+    "kfold_slices",
+    "verification_10fold",
+    "roc_curve",
+    "tar_at_far",
+    "top1_accuracy",
+]
+
+DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+def _numpy(x) -> np.ndarray:
+    """A numpy view of an array-like or a (possibly CUDA, possibly grad-tracking) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def flip_sum_normalize(emb: np.ndarray, emb_flip: np.ndarray | None = None) -> np.ndarray:
+    """Add the flipped images' embeddings (if given) and L2-normalize each row; zero rows stay zero.
+
+    Args:
+        emb: raw embeddings ``(N, D)``.
+        emb_flip: raw embeddings of the horizontally flipped images ``(N, D)``, or None.
+
+    Returns:
+        float64 ``(N, D)`` rows of unit norm (as ``sklearn.preprocessing.normalize``).
+    """
+    e = _numpy(emb).astype(np.float64)
+    if emb_flip is not None:
+        f = _numpy(emb_flip)
+        if f.shape != e.shape:
+            raise EdgekdError(f"embedding shapes differ: {e.shape} and flipped {f.shape}")
+        e = e + f
+    if e.ndim != 2:
+        raise EdgekdError(f"embeddings must be (N, D), got shape {e.shape}")
+    norm = np.sqrt(np.einsum("ij,ij->i", e, e))
+    norm[norm == 0] = 1.0
+    return e / norm[:, None]
+
+
+def kfold_slices(n: int, nfolds: int) -> list[slice]:
+    """Contiguous folds as sklearn ``KFold(nfolds, shuffle=False)``: the first ``n % nfolds`` get one extra item."""
+    if nfolds < 2 or n < nfolds:
+        raise EdgekdError(f"{nfolds}-fold evaluation needs nfolds >= 2 and at least {nfolds} pairs, got {n}")
+    sizes = np.full(nfolds, n // nfolds)
+    sizes[: n % nfolds] += 1
+    stops = np.cumsum(sizes)
+    return [slice(int(stop - size), int(stop)) for size, stop in zip(sizes, stops, strict=True)]
+
+
+def _correct_counts(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Correct decisions ``tp + tn`` at each threshold, predicting "same" when ``dist < threshold``; ``(T,)``."""
+    gen = np.sort(dist[issame])
+    imp = np.sort(dist[~issame])
+    tp = np.searchsorted(gen, thresholds, side="left")  # genuine pairs strictly below the threshold
+    tn = len(imp) - np.searchsorted(imp, thresholds, side="left")  # impostors at or above it
+    return tp + tn
+
+
+def verification_10fold(
+    emb_a: np.ndarray, emb_b: np.ndarray, issame: np.ndarray, nfolds: int = 10, thresholds: np.ndarray | None = None
+) -> dict:
+    """insightface verification accuracy (LFW, CFP-FP, AgeDB protocol).
+
+    Args:
+        emb_a: first images' embeddings ``(P, D)``, already flip-summed and L2-normalized.
+        emb_b: second images' embeddings ``(P, D)``, the same.
+        issame: bool ``(P,)``, True for genuine pairs.
+        nfolds: number of contiguous folds.
+        thresholds: squared-L2 thresholds to search (default ``np.arange(0, 4, 0.01)``).
+
+    Returns:
+        ``accuracy`` (mean over folds), ``std`` (population std over folds), ``threshold`` (mean of the
+        per-fold chosen thresholds), ``fold_accuracies`` and ``fold_thresholds`` (lists of ``nfolds``).
+    """
+    a, b = _numpy(emb_a).astype(np.float64), _numpy(emb_b).astype(np.float64)
+    same = _numpy(issame).astype(bool).reshape(-1)
+    if a.shape != b.shape or a.ndim != 2 or len(a) != len(same):
+        raise EdgekdError(f"pair embeddings {a.shape}, {b.shape} and labels ({len(same)},) do not match")
+    if not np.isfinite(a).all() or not np.isfinite(b).all():
+        raise EdgekdError("embeddings contain NaN or inf; the model output is not finite")
+    th = THRESHOLDS if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    dist = np.sum(np.square(a - b), axis=1)
+    folds = kfold_slices(len(dist), nfolds)
+    total = _correct_counts(dist, same, th)
+    accs, chosen = [], []
+    for fold in folds:
+        d_test, s_test = dist[fold], same[fold]
+        test = _correct_counts(d_test, s_test, th)
+        best = int(np.argmax(total - test))  # train folds = all minus this fold; ties -> first threshold
+        chosen.append(float(th[best]))
+        accs.append(float(test[best]) / len(d_test))
+    accs_np = np.array(accs)
+    return {
+        "accuracy": float(accs_np.mean()),
+        "std": float(accs_np.std()),
+        "threshold": float(np.mean(chosen)),
+        "fold_accuracies": accs,
+        "fold_thresholds": chosen,
+    }
+
+
+def _binary_inputs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    s = _numpy(scores).astype(np.float64).reshape(-1)
+    y = _numpy(labels).reshape(-1)
+    if len(s) != len(y):
+        raise EdgekdError(f"{len(s)} scores but {len(y)} labels")
+    if len(s) == 0:
+        raise EdgekdError("no scores to build a ROC curve from")
+    if not np.isfinite(s).all():
+        raise EdgekdError("scores contain NaN or inf; the model output is not finite")
+    if y.dtype != bool:
+        if not np.isin(y, (0, 1)).all():
+            raise EdgekdError("labels must be boolean or 0/1")
+        y = y == 1
+    return s, y
+
+
+def roc_curve(scores, labels, drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve for "higher score means genuine", identical to ``sklearn.metrics.roc_curve(labels, scores)``.
+
+    Args:
+        scores: similarity per pair ``(P,)``.
+        labels: bool or 0/1 ``(P,)``, True for genuine.
+        drop_intermediate: drop points that are collinear with both neighbours on the unit-step curve (sklearn's
+            rule: keep a point where the second difference of false or true positive counts is non-zero).
+
+    Returns:
+        ``fpr``, ``tpr`` and ``thresholds``, each ``(K,)``, by decreasing threshold; the first point is
+        ``(0, 0)`` with threshold ``inf``. A rate is NaN when its class is absent (sklearn warns there).
+    """
+    s, y = _binary_inputs(scores, labels)
+    order = np.argsort(s, kind="mergesort")[::-1]  # descending; stable on the reversed array, like sklearn
+    s, y = s[order], y[order]
+    distinct = np.where(np.diff(s))[0]
+    idx = np.r_[distinct, len(y) - 1]
+    tps = np.cumsum(y, dtype=np.float64)[idx]
+    fps = 1 + idx - tps
+    thresholds = s[idx]
+    if drop_intermediate and len(fps) > 2:
+        keep = np.where(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    tps = np.r_[0.0, tps]
+    fps = np.r_[0.0, fps]
+    thresholds = np.r_[np.inf, thresholds]
+    fpr = fps / fps[-1] if fps[-1] > 0 else np.full(fps.shape, np.nan)
+    tpr = tps / tps[-1] if tps[-1] > 0 else np.full(tps.shape, np.nan)
+    return fpr, tpr, thresholds
+
+
+def tar_at_far(scores, labels, fars: Sequence[float] = DEFAULT_FARS) -> dict[float, float]:
+    """True accept rate at each false accept rate, read off ``roc_curve`` as insightface's IJB scripts do.
+
+    For each target FAR the ROC point with the nearest FPR (absolute difference) is taken; among equally near
+    points the one with the larger TPR wins. No interpolation: with ``N`` impostors FARs below ``1/N`` snap to
+    the nearest reachable point.
+
+    Args:
+        scores: similarity per pair ``(P,)``.
+        labels: bool or 0/1 ``(P,)``, True for genuine.
+        fars: target false accept rates.
+
+    Returns:
+        ``{far: tar}`` with TAR as a fraction in [0, 1].
+    """
+    fpr, tpr, _ = roc_curve(scores, labels)
+    fpr, tpr = fpr[::-1], tpr[::-1]  # the flip puts the larger TPR first among equal FPRs
+    out = {}
+    for far in fars:
+        i = int(np.argmin(np.abs(fpr - far)))  # first minimum of the flipped array
+        out[float(far)] = float(tpr[i])
+    return out
+
+
+def top1_accuracy(logits_or_pred, labels) -> float:
+    """Fraction of correct top-1 predictions.
+
+    Args:
+        logits_or_pred: class scores ``(N, C)`` (argmax taken, first on ties) or predicted classes ``(N,)``.
+        labels: true classes ``(N,)``.
+    """
+    p = _numpy(logits_or_pred)
+    y = _numpy(labels).reshape(-1)
+    pred = p.argmax(axis=1) if p.ndim == 2 else p.reshape(-1)
+    if len(pred) != len(y):
+        raise EdgekdError(f"{len(pred)} predictions but {len(y)} labels")
+    if len(y) == 0:
+        raise EdgekdError("top-1 accuracy of an empty set")
+    return float(np.mean(pred == y))
