@@ -9,9 +9,10 @@ import click
 from edgekd.cli.distill import DEMO
 from edgekd.cli.options import split_config, train_options
 
-BASE = {**{k: v for k, v in DEMO.items() if k in ("data", "image_size", "batch_size", "lr", "weight_decay",
+# The demo's data and head settings, with the demo teacher's architecture and length.
+BASE = {**{k: v for k, v in DEMO.items() if k in ("data", "scale", "margin", "batch_size", "lr", "weight_decay",
                                                    "warmup_steps", "checkpoint_every")},
-        "model": "r_tiny", "epochs": 6.0, "out": "runs/teacher"}
+        "model": DEMO["teacher_model"], "epochs": DEMO["teacher_epochs"], "out": "runs/teacher"}
 
 
 @click.command("teacher")
@@ -24,12 +25,11 @@ BASE = {**{k: v for k, v in DEMO.items() if k in ("data", "image_size", "batch_s
 def command(**kwargs) -> None:
     """Train a teacher with CE on its own head (or on a frozen student head for SH-KD)."""
     from edgekd.bundle import load_bundle
-    from edgekd.data import create_dataset
-    from edgekd.distill.pipeline import train_teacher
+    from edgekd.distill.pipeline import train_teacher, training_dataset
     from edgekd.errors import EdgekdError
 
     cfg, opts = split_config(kwargs, BASE, ("student_head", "init", "out", "resume"))
-    dataset = create_dataset(cfg.data, split="train", **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    dataset = training_dataset(cfg)
     student_head = None
     if opts.get("student_head"):
         student_head = load_bundle(opts["student_head"]).head

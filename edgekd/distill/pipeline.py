@@ -30,6 +30,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("EDGEKD_CACHE_DIR", Path.home() / ".cache" / "edgekd"))
 
 
+def training_dataset(cfg: TrainConfig):
+    """The dataset ``cfg.data`` names, at ``cfg.image_size`` when one is set."""
+    from edgekd.data import create_dataset
+
+    return create_dataset(cfg.data, split="train", image_size=cfg.image_size)
+
+
 def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bundle:
     """A fresh backbone + head for ``dataset``, seeded by ``cfg.seed``."""
     from edgekd.models import create_model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
-from edgekd.distill.pipeline import default_teacher, distill_student, run_sh_kd
+from edgekd.distill.pipeline import default_teacher, distill_student, run_sh_kd, training_dataset
 from edgekd.errors import EdgekdError
 from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, verify_bundle
 from edgekd.losses import LossWeights
@@ -27,9 +27,8 @@ def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, dataset, pairs: str 
 
     rows = []
     face = cfg.head != "linear"
-    size = {"image_size": cfg.image_size} if cfg.image_size else {}
-    pair_set = create_pairs(pairs or cfg.data, **size) if face else None
-    test_set = None if face else create_dataset(cfg.data, split="test")
+    pair_set = create_pairs(pairs or cfg.data, image_size=cfg.image_size) if face else None
+    test_set = None if face else create_dataset(cfg.data, split="test", image_size=cfg.image_size)
     for role, path in named.items():
         bundle = load_bundle(path)
         row = {"role": role, "model": bundle.cfg.name, "params": parameter_count(bundle.backbone)}
@@ -48,10 +47,8 @@ def run_distill(cfg: TrainConfig, method: str, weights: LossWeights, out: Path, 
                 teacher_model: str, teacher_epochs: float, teacher_lr: float | None, pairs: str | None,
                 evaluate: bool, resume: bool, log: Callable[[str], None] = print) -> dict:
     """Train (or reuse) a teacher, distill the student with ``method``, evaluate both; returns the report."""
-    from edgekd.data import create_dataset
-
     started = time.perf_counter()
-    dataset = create_dataset(cfg.data, split="train", **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    dataset = training_dataset(cfg)
     t_cfg = teacher_config(cfg, teacher_model, teacher_epochs, teacher_lr)
     teacher = None
     if method != "vanilla" and method != "sh-kd":
