@@ -31,8 +31,9 @@ def measure(cfg: TrainConfig, dataset, teacher, cached: bool, warmup: int, work:
     student = build_trainee(cfg, dataset)
     head = teacher.head.freeze()
     if cached:
-        cache = build_teacher_cache(teacher.backbone, dataset, teacher.cfg.mean, teacher.cfg.std, work / "cache",
-                                    torch.device(cfg.device))
+        cache = build_teacher_cache(
+            teacher.backbone, dataset, teacher.cfg.mean, teacher.cfg.std, work / "cache", torch.device(cfg.device)
+        )
         signal = TeacherSignal(head=head, cache=cache)
     else:
         signal = TeacherSignal(backbone=teacher.backbone, head=head)
@@ -53,10 +54,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    dataset = SyntheticIdentities(identities=16, images_per_identity=args.batch_size // 4,
-                                  image_size=args.image_size, seed=0)
-    base = TrainConfig(model=args.model, batch_size=args.batch_size, steps=args.steps, log_every=1,
-                       checkpoint_every=10**9, device=args.device, warmup_steps=0, lr=0.01)
+    dataset = SyntheticIdentities(
+        identities=16, images_per_identity=args.batch_size // 4, image_size=args.image_size, seed=0
+    )
+    base = TrainConfig(
+        model=args.model,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        log_every=1,
+        checkpoint_every=10**9,
+        device=args.device,
+        warmup_steps=0,
+        lr=0.01,
+    )
     teacher = build_trainee(replace(base, model=args.teacher, seed=1), dataset)
     teacher.backbone.eval()
     rows = []
@@ -66,15 +76,25 @@ def main() -> None:
                 torch._dynamo.reset()
                 started = time.perf_counter()
                 rate = measure(replace(base, compile=compiled), dataset, teacher, cached, args.warmup, Path(tmp))
-                rows.append({"compile": compiled, "teacher_cache": cached, "images_per_s": rate,
-                             "wall_s": round(time.perf_counter() - started, 1)})
+                rows.append(
+                    {
+                        "compile": compiled,
+                        "teacher_cache": cached,
+                        "images_per_s": rate,
+                        "wall_s": round(time.perf_counter() - started, 1),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.model} student, {args.teacher} teacher, B={args.batch_size}, {args.image_size}x{args.image_size}, "
-          f"device={args.device}, threads={torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"\n{args.model} student, {args.teacher} teacher, B={args.batch_size}, {args.image_size}x{args.image_size}, "
+        f"device={args.device}, threads={torch.get_num_threads()}, torch {torch.__version__}"
+    )
     print("| step | teacher | images/s |\n|---|---|---|")
     for row in rows:
-        print(f"| {'compiled' if row['compile'] else 'eager'} | {'cache' if row['teacher_cache'] else 'live'} | "
-              f"{row['images_per_s']:.1f} |")
+        print(
+            f"| {'compiled' if row['compile'] else 'eager'} | {'cache' if row['teacher_cache'] else 'live'} | "
+            f"{row['images_per_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

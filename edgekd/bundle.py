@@ -62,7 +62,8 @@ def load_bundle_tensors(bundle: Bundle, tensors: dict[str, torch.Tensor], source
             first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else "key or shape mismatch"
             raise CheckpointError(
                 f"{source}: the {prefix} weights do not fit model {bundle.cfg.name!r} ({first}); "
-                "use the same model settings the checkpoint was trained with") from None
+                "use the same model settings the checkpoint was trained with"
+            ) from None
 
 
 def bundle_meta(bundle: Bundle) -> dict:
@@ -115,7 +116,7 @@ def load_bundle(path: str | os.PathLike, model: str | None = None, map_location:
     except Exception as exc:  # safetensors raises several types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
     if raw_meta is None:
-        raise CheckpointError(f"{path} has no edgekd metadata; it was not written by edgekd (use --model for raw weights)")
+        raise CheckpointError(f"{path} has no edgekd metadata; for raw weights pass the architecture with --model")
     meta = json.loads(raw_meta)
     backbone = create_model(meta["model"], **meta.get("model_kwargs", {}))
     head = projection = None

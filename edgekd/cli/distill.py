@@ -36,17 +36,38 @@ DEMO = {
     "out": "runs/distill",
 }
 
-COMMAND_KEYS = ("method", "preset", "teacher", "teacher_model", "teacher_epochs", "teacher_lr", "w_ce", "w_kd",
-                "w_th_ce", "w_th_kd", "w_l2e", "temperature", "loss_backend", "no_teacher_cache", "pairs", "no_eval",
-                "out", "resume")
+COMMAND_KEYS = (
+    "method",
+    "preset",
+    "teacher",
+    "teacher_model",
+    "teacher_epochs",
+    "teacher_lr",
+    "w_ce",
+    "w_kd",
+    "w_th_ce",
+    "w_th_kd",
+    "w_l2e",
+    "temperature",
+    "loss_backend",
+    "no_teacher_cache",
+    "pairs",
+    "no_eval",
+    "out",
+    "resume",
+)
 
 
 @click.command("distill")
 @train_options
 @click.option("--method", type=click.Choice(list(METHODS)), default=None, help="KD method (default th-kd)")
 @click.option("--preset", default=None, help="weight preset of the method: th-kd: face, paper, code")
-@click.option("--teacher", type=click.Path(dir_okay=False), default=None,
-              help="teacher checkpoint (.safetensors); default: train a small teacher on --data first (cached)")
+@click.option(
+    "--teacher",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="teacher checkpoint (.safetensors); default: train a small teacher on --data first (cached)",
+)
 @click.option("--teacher-model", default=None, help="architecture of a teacher trained here (default r_tiny)")
 @click.option("--teacher-epochs", type=float, default=None, help="epochs of a teacher trained here")
 @click.option("--teacher-lr", type=float, default=None, help="learning rate of a teacher trained here")
@@ -56,8 +77,12 @@ COMMAND_KEYS = ("method", "preset", "teacher", "teacher_model", "teacher_epochs"
 @click.option("--w-th-kd", type=float, default=None, help="weight of KL(teacher ‖ teacher head on student)")
 @click.option("--w-l2e", type=float, default=None, help="weight of the normalized-embedding L2 term")
 @click.option("--temperature", type=float, default=None, help="KD temperature T")
-@click.option("--loss-backend", type=click.Choice(list_loss_backends()), default=None,
-              help="shared-head loss backend (auto: triton on CUDA, chunked elsewhere)")
+@click.option(
+    "--loss-backend",
+    type=click.Choice(list_loss_backends()),
+    default=None,
+    help="shared-head loss backend (auto: triton on CUDA, chunked elsewhere)",
+)
 @click.option("--no-teacher-cache", is_flag=True, default=None, help="run the teacher every step instead of caching")
 @click.option("--pairs", default=None, help="verification pairs for the final evaluation (default: from --data)")
 @click.option("--no-eval", is_flag=True, default=None, help="skip the final evaluation")
@@ -71,13 +96,29 @@ def command(**kwargs) -> None:
         cfg = replace(cfg, loss_backend=opts["loss_backend"])
     if opts.get("no_teacher_cache"):
         cfg = replace(cfg, teacher_cache=False)
-    overrides = {"ce": opts.get("w_ce"), "kd": opts.get("w_kd"), "th_ce": opts.get("w_th_ce"),
-                 "th_kd": opts.get("w_th_kd"), "l2e": opts.get("w_l2e"), "T": opts.get("temperature")}
+    overrides = {
+        "ce": opts.get("w_ce"),
+        "kd": opts.get("w_kd"),
+        "th_ce": opts.get("w_th_ce"),
+        "th_kd": opts.get("w_th_kd"),
+        "l2e": opts.get("w_l2e"),
+        "T": opts.get("temperature"),
+    }
     weights = method_weights(opts["method"], opts.get("preset"), face=cfg.head != "linear", overrides=overrides)
-    report = run_distill(cfg, opts["method"], weights, Path(opts["out"]), teacher_path=opts.get("teacher"),
-                         teacher_model=opts["teacher_model"], teacher_epochs=opts["teacher_epochs"],
-                         teacher_lr=opts.get("teacher_lr"), pairs=opts.get("pairs"),
-                         evaluate=not opts.get("no_eval"), resume=bool(opts.get("resume")), log=click.echo)
+    report = run_distill(
+        cfg,
+        opts["method"],
+        weights,
+        Path(opts["out"]),
+        teacher_path=opts.get("teacher"),
+        teacher_model=opts["teacher_model"],
+        teacher_epochs=opts["teacher_epochs"],
+        teacher_lr=opts.get("teacher_lr"),
+        pairs=opts.get("pairs"),
+        evaluate=not opts.get("no_eval"),
+        resume=bool(opts.get("resume")),
+        log=click.echo,
+    )
     if report.get("results"):
         click.echo("\n" + results_table(report))
     click.echo(f"\nstudent: {report['student']}  ({report['seconds']:.0f} s; report in {opts['out']}/results.json)")

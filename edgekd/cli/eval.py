@@ -50,11 +50,17 @@ def command(model_path, arch, pairs, ijb, data, split, batch_size, device, out) 
     dev = resolve_device(device)
     for spec in pairs:
         result = evaluate_pairs(forward, create_pairs(spec), mean=mean, std=std, batch_size=batch_size, device=dev)
-        tars = "  ".join(f"TAR@FAR={far:g}: {result['tar_at_far'][far]:.4f}" for far in result["tar_at_far"]
-                         if far in REPORT_FARS or far == 1e-1)
+        tars = "  ".join(
+            f"TAR@FAR={far:g}: {result['tar_at_far'][far]:.4f}"
+            for far in result["tar_at_far"]
+            if far in REPORT_FARS or far == 1e-1
+        )
         click.echo(f"{spec}: accuracy {result['accuracy']:.4f} ± {result['std']:.4f}  {tars}")
-        report[spec] = {"accuracy": result["accuracy"], "std": result["std"],
-                        "tar_at_far": {str(k): v for k, v in result["tar_at_far"].items()}}
+        report[spec] = {
+            "accuracy": result["accuracy"],
+            "std": result["std"],
+            "tar_at_far": {str(k): v for k, v in result["tar_at_far"].items()},
+        }
         curves[spec] = (result["fpr"], result["tpr"])
     if ijb:
         from edgekd.eval.ijb import evaluate_ijb

@@ -33,10 +33,16 @@ def train_options(func):
     """Decorate a click command with the shared training options."""
     for flag, key, kind, help_text in reversed(_TRAIN_OPTIONS):
         func = click.option(flag, key, type=kind, default=None, help=help_text)(func)
-    func = click.option("--compile/--no-compile", "compile", default=None,
-                        help="torch.compile the training step (default on)")(func)
-    func = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                        help="YAML/TOML/JSON file of option values; command-line options override it")(func)
+    func = click.option(
+        "--compile/--no-compile", "compile", default=None, help="torch.compile the training step (default on)"
+    )(func)
+    func = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="YAML/TOML/JSON file of option values; command-line options override it",
+    )(func)
     func = click.option("--resume", is_flag=True, help="continue from the newest checkpoint in --out")(func)
     return func
 

@@ -10,17 +10,33 @@ from edgekd.cli.distill import DEMO
 from edgekd.cli.options import split_config, train_options
 
 # The demo's data and head settings, with the demo teacher's architecture and length.
-BASE = {**{k: v for k, v in DEMO.items() if k in ("data", "scale", "margin", "batch_size", "lr", "weight_decay",
-                                                   "warmup_steps", "checkpoint_every")},
-        "model": DEMO["teacher_model"], "epochs": DEMO["teacher_epochs"], "out": "runs/teacher"}
+BASE = {
+    **{
+        k: v
+        for k, v in DEMO.items()
+        if k in ("data", "scale", "margin", "batch_size", "lr", "weight_decay", "warmup_steps", "checkpoint_every")
+    },
+    "model": DEMO["teacher_model"],
+    "epochs": DEMO["teacher_epochs"],
+    "out": "runs/teacher",
+}
 
 
 @click.command("teacher")
 @train_options
-@click.option("--student-head", type=click.Path(dir_okay=False), default=None,
-              help="student checkpoint whose head is copied in and frozen (SH-KD stage I1)")
-@click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
-              help="start from this teacher checkpoint (fine-tuning) instead of random weights")
+@click.option(
+    "--student-head",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="student checkpoint whose head is copied in and frozen (SH-KD stage I1)",
+)
+@click.option(
+    "--init",
+    "init",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="start from this teacher checkpoint (fine-tuning) instead of random weights",
+)
 @click.option("--out", default=None, help="run folder (default runs/teacher); the result is OUT/teacher.safetensors")
 def command(**kwargs) -> None:
     """Train a teacher with CE on its own head (or on a frozen student head for SH-KD)."""

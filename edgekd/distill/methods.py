@@ -34,19 +34,38 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("vanilla", "student trained alone on the labels", False, {"default": {"ce": 1.0}}),
-        MethodSpec("kd", "Hinton KD: ce + T²·KL(teacher ‖ student head)", True,
-                   {"default": {"ce": 1.0, "kd": 1.0, "T": 4.0}}),
-        MethodSpec("l2e", "ce + L2 distance of normalized embeddings (the paper's L2E baseline)", True,
-                   {"default": {"ce": 1.0, "l2e": 10.0}}),
-        MethodSpec("th-kd", "teacher head, frozen, attached to the student embedding", True,
-                   {"paper": {"ce": 0.5, "th_ce": 0.5, "kd": 0.5, "th_kd": 0.5, "T": 4.0},
-                    "code": {"ce": 1.0, "kd": 1.5, "th_kd": 0.02, "T": 4.0},
-                    "face": {"ce": 1.0, "th_ce": 1.0, "T": 4.0}},
-                   default_face="face", default_classification="code"),
-        MethodSpec("sh-kd", "student-aware teacher (stages I0, I1, I2), then TH-KD through its head + l2e", True,
-                   {"face": {"ce": 1.0, "th_ce": 1.0, "l2e": 10.0, "T": 4.0},
-                    "code": {"ce": 1.0, "kd": 1.5, "th_kd": 0.02, "l2e": 1.0, "T": 4.0}},
-                   default_face="face", default_classification="code"),
+        MethodSpec(
+            "kd", "Hinton KD: ce + T²·KL(teacher ‖ student head)", True, {"default": {"ce": 1.0, "kd": 1.0, "T": 4.0}}
+        ),
+        MethodSpec(
+            "l2e",
+            "ce + L2 distance of normalized embeddings (the paper's L2E baseline)",
+            True,
+            {"default": {"ce": 1.0, "l2e": 10.0}},
+        ),
+        MethodSpec(
+            "th-kd",
+            "teacher head, frozen, attached to the student embedding",
+            True,
+            {
+                "paper": {"ce": 0.5, "th_ce": 0.5, "kd": 0.5, "th_kd": 0.5, "T": 4.0},
+                "code": {"ce": 1.0, "kd": 1.5, "th_kd": 0.02, "T": 4.0},
+                "face": {"ce": 1.0, "th_ce": 1.0, "T": 4.0},
+            },
+            default_face="face",
+            default_classification="code",
+        ),
+        MethodSpec(
+            "sh-kd",
+            "student-aware teacher (stages I0, I1, I2), then TH-KD through its head + l2e",
+            True,
+            {
+                "face": {"ce": 1.0, "th_ce": 1.0, "l2e": 10.0, "T": 4.0},
+                "code": {"ce": 1.0, "kd": 1.5, "th_kd": 0.02, "l2e": 1.0, "T": 4.0},
+            },
+            default_face="face",
+            default_classification="code",
+        ),
     )
 }
 

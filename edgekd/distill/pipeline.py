@@ -42,8 +42,12 @@ def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bu
     from edgekd.models import create_model
 
     torch.manual_seed(cfg.seed)
-    kwargs = {"input_size": cfg.image_size or dataset.image_size, "in_chans": dataset.channels,
-              **({"embed_dim": embed_dim} if embed_dim else {}), **cfg.model_kwargs}
+    kwargs = {
+        "input_size": cfg.image_size or dataset.image_size,
+        "in_chans": dataset.channels,
+        **({"embed_dim": embed_dim} if embed_dim else {}),
+        **cfg.model_kwargs,
+    }
     backbone = create_model(cfg.model, **kwargs)
     head = create_head(cfg.head, backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin)
     return Bundle(backbone=backbone, head=head)
@@ -57,8 +61,14 @@ def _finish(trainee: Bundle, result, run_dir: Path, final: Path, meta: dict) -> 
     return save_bundle(final, trainee)
 
 
-def train_teacher(cfg: TrainConfig, dataset, run_dir: Path, student_head: ClassHead | None = None,
-                  resume: bool = False, init: Bundle | None = None) -> Path | None:
+def train_teacher(
+    cfg: TrainConfig,
+    dataset,
+    run_dir: Path,
+    student_head: ClassHead | None = None,
+    resume: bool = False,
+    init: Bundle | None = None,
+) -> Path | None:
     """Train a teacher with CE on its own head, or (SH-KD I1) on ``student_head`` frozen; returns its file."""
     final = run_dir / "teacher.safetensors"
     if final.is_file():
@@ -67,12 +77,19 @@ def train_teacher(cfg: TrainConfig, dataset, run_dir: Path, student_head: ClassH
     trainee = init if init is not None else build_trainee(cfg, dataset, embed_dim=embed_dim)
     if student_head is not None:
         if trainee.backbone.embed_dim != student_head.embed_dim:
-            raise EdgekdError(f"the teacher embeds to {trainee.backbone.embed_dim} dims but the student head reads "
-                              f"{student_head.embed_dim}; build the teacher with the student's embed_dim")
+            raise EdgekdError(
+                f"the teacher embeds to {trainee.backbone.embed_dim} dims but the student head reads "
+                f"{student_head.embed_dim}; build the teacher with the student's embed_dim"
+            )
         trainee.head = _frozen_copy(student_head)
     result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher")
-    return _finish(trainee, result, run_dir, final, {"role": "teacher", "data": dataset.fingerprint,
-                                                     "student_aware": student_head is not None})
+    return _finish(
+        trainee,
+        result,
+        run_dir,
+        final,
+        {"role": "teacher", "data": dataset.fingerprint, "student_aware": student_head is not None},
+    )
 
 
 def _frozen_copy(head: ClassHead) -> ClassHead:
@@ -83,8 +100,9 @@ def _frozen_copy(head: ClassHead) -> ClassHead:
 
 def default_teacher(cfg: TrainConfig, dataset, resume: bool = True) -> Path:
     """The small teacher ``edgekd distill`` trains when none is given, cached by (config, data)."""
-    key = hashlib.sha256(json.dumps({"cfg": cfg.to_dict(), "data": dataset.fingerprint},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps({"cfg": cfg.to_dict(), "data": dataset.fingerprint}, sort_keys=True).encode()
+    ).hexdigest()[:16]
     run_dir = cache_root() / "teachers" / key
     path = train_teacher(cfg, dataset, run_dir, resume=resume)
     if path is None:
@@ -92,24 +110,35 @@ def default_teacher(cfg: TrainConfig, dataset, resume: bool = True) -> Path:
     return path
 
 
-def teacher_signal(teacher: Bundle, student: Bundle, dataset, cfg: TrainConfig, weights: LossWeights,
-                   shared_head: ClassHead | None = None) -> TeacherSignal:
+def teacher_signal(
+    teacher: Bundle,
+    student: Bundle,
+    dataset,
+    cfg: TrainConfig,
+    weights: LossWeights,
+    shared_head: ClassHead | None = None,
+) -> TeacherSignal:
     """The frozen teacher as the student sees it: the shared head plus cached or live embeddings."""
     head = shared_head if shared_head is not None else teacher.head
     if head is None and (weights.kd or weights.th_ce or weights.th_kd):
         raise EdgekdError("the teacher checkpoint has no head; TH-KD and KD need the teacher's classifier")
     if head is not None and head.num_classes != dataset.num_classes:
-        raise EdgekdError(f"the teacher head has {head.num_classes} classes but the data has {dataset.num_classes}; "
-                          "use the data the teacher was trained on")
+        raise EdgekdError(
+            f"the teacher head has {head.num_classes} classes but the data has {dataset.num_classes}; "
+            "use the data the teacher was trained on"
+        )
     if tuple(teacher.cfg.input_size[1:]) != tuple(student.cfg.input_size[1:]):
-        raise EdgekdError(f"teacher input {teacher.cfg.input_size} and student input {student.cfg.input_size} "
-                          "differ; train both at the same --image-size")
+        raise EdgekdError(
+            f"teacher input {teacher.cfg.input_size} and student input {student.cfg.input_size} "
+            "differ; train both at the same --image-size"
+        )
     cache = None
     if cfg.teacher_cache:
         device = resolve_device(cfg.device)
         teacher.backbone.to(device)
-        cache = build_teacher_cache(teacher.backbone, dataset, teacher.cfg.mean, teacher.cfg.std,
-                                    cache_root() / "teacher_outputs", device)
+        cache = build_teacher_cache(
+            teacher.backbone, dataset, teacher.cfg.mean, teacher.cfg.std, cache_root() / "teacher_outputs", device
+        )
     return TeacherSignal(backbone=None if cache is not None else teacher.backbone, head=head, cache=cache)
 
 
@@ -119,9 +148,17 @@ def add_projection(student: Bundle, teacher_dim: int, weights: LossWeights) -> N
         student.projection = nn.Linear(student.backbone.embed_dim, teacher_dim, bias=False)
 
 
-def distill_student(cfg: TrainConfig, weights: LossWeights, dataset, teacher: Bundle | None, run_dir: Path,
-                    resume: bool = False, method: str = "", init_head: ClassHead | None = None,
-                    shared_head: ClassHead | None = None) -> Path | None:
+def distill_student(
+    cfg: TrainConfig,
+    weights: LossWeights,
+    dataset,
+    teacher: Bundle | None,
+    run_dir: Path,
+    resume: bool = False,
+    method: str = "",
+    init_head: ClassHead | None = None,
+    shared_head: ClassHead | None = None,
+) -> Path | None:
     """Train a student with ``weights`` from ``teacher`` (None for vanilla); returns its final file."""
     final = run_dir / "student.safetensors"
     if final.is_file() and not resume:
@@ -136,20 +173,31 @@ def distill_student(cfg: TrainConfig, weights: LossWeights, dataset, teacher: Bu
         add_projection(student, teacher.backbone.embed_dim, weights)
         signal = teacher_signal(teacher, student, dataset, cfg, weights, shared_head)
     result = fit(student, cfg, weights, dataset, run_dir, teacher=signal, resume=resume, desc=method or "student")
-    return _finish(student, result, run_dir, final, {"role": "student", "method": method, "data": dataset.fingerprint,
-                                                     "weights": weights.__dict__})
+    return _finish(
+        student,
+        result,
+        run_dir,
+        final,
+        {"role": "student", "method": method, "data": dataset.fingerprint, "weights": weights.__dict__},
+    )
 
 
-def run_sh_kd(student_cfg: TrainConfig, teacher_cfg: TrainConfig, weights: LossWeights, dataset, out: Path,
-              teacher_init: Bundle | None = None, resume: bool = True) -> Path | None:
+def run_sh_kd(
+    student_cfg: TrainConfig,
+    teacher_cfg: TrainConfig,
+    weights: LossWeights,
+    dataset,
+    out: Path,
+    teacher_init: Bundle | None = None,
+    resume: bool = True,
+) -> Path | None:
     """SH-KD: I0 temporary student (keeps θ_s) → I1 teacher on frozen θ_s → I2 student distilled through θ_s.
 
     Each stage checkpoints in its own folder and is skipped once its final file exists; delete a stage's
     folder to rerun it (and the ones after it).
     """
     stages = out / "sh_kd"
-    i0 = distill_student(student_cfg, LossWeights(ce=1.0), dataset, None, stages / "i0", resume=True,
-                         method="sh-kd:i0")
+    i0 = distill_student(student_cfg, LossWeights(ce=1.0), dataset, None, stages / "i0", resume=True, method="sh-kd:i0")
     if i0 is None:
         return None
     theta_s = load_bundle(i0).head
@@ -157,5 +205,14 @@ def run_sh_kd(student_cfg: TrainConfig, teacher_cfg: TrainConfig, weights: LossW
     if i1 is None:
         return None
     teacher = load_bundle(i1)
-    return distill_student(replace(student_cfg, seed=student_cfg.seed + 1), weights, dataset, teacher, stages / "i2",
-                           resume=True, method="sh-kd", init_head=theta_s, shared_head=teacher.head)
+    return distill_student(
+        replace(student_cfg, seed=student_cfg.seed + 1),
+        weights,
+        dataset,
+        teacher,
+        stages / "i2",
+        resume=True,
+        method="sh-kd",
+        init_head=theta_s,
+        shared_head=teacher.head,
+    )

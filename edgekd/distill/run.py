@@ -43,9 +43,20 @@ def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, dataset, pairs: str 
     return rows
 
 
-def run_distill(cfg: TrainConfig, method: str, weights: LossWeights, out: Path, teacher_path: str | None,
-                teacher_model: str, teacher_epochs: float, teacher_lr: float | None, pairs: str | None,
-                evaluate: bool, resume: bool, log: Callable[[str], None] = print) -> dict:
+def run_distill(
+    cfg: TrainConfig,
+    method: str,
+    weights: LossWeights,
+    out: Path,
+    teacher_path: str | None,
+    teacher_model: str,
+    teacher_epochs: float,
+    teacher_lr: float | None,
+    pairs: str | None,
+    evaluate: bool,
+    resume: bool,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train (or reuse) a teacher, distill the student with ``method``, evaluate both; returns the report."""
     started = time.perf_counter()
     dataset = training_dataset(cfg)
@@ -53,7 +64,7 @@ def run_distill(cfg: TrainConfig, method: str, weights: LossWeights, out: Path, 
     teacher = None
     if method != "vanilla" and method != "sh-kd":
         if teacher_path is None:
-            log(f"training the default teacher ({teacher_model}, {teacher_epochs:g} epochs; cached after the first run)")
+            log(f"training the default teacher ({teacher_model}, {teacher_epochs:g} epochs; cached for later runs)")
             teacher_path = default_teacher(t_cfg, dataset)
         teacher = load_bundle(teacher_path)
     log(f"distilling {cfg.model} with {method}: " + ", ".join(f"{k}={v:g}" for k, v in weights.__dict__.items() if v))
@@ -65,8 +76,13 @@ def run_distill(cfg: TrainConfig, method: str, weights: LossWeights, out: Path, 
         student_path = distill_student(cfg, weights, dataset, teacher, out / "student", resume=resume, method=method)
     if student_path is None:
         raise EdgekdError(f"stopped early (--stop-after); rerun with --resume --out {out} to continue")
-    report = {"method": method, "weights": weights.__dict__, "student": str(student_path),
-              "teacher": str(teacher_path) if teacher_path else None, "config": cfg.to_dict()}
+    report = {
+        "method": method,
+        "weights": weights.__dict__,
+        "student": str(student_path),
+        "teacher": str(teacher_path) if teacher_path else None,
+        "config": cfg.to_dict(),
+    }
     if evaluate:
         named = {"teacher": Path(teacher_path)} if teacher_path else {}
         named["student"] = student_path

@@ -23,10 +23,14 @@ def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int =
 
     dev = resolve_device(device)
     backbone = bundle.backbone.to(dev).eval()
-    result = evaluate_pairs(backbone, pairs, mean=bundle.cfg.mean, std=bundle.cfg.std, batch_size=batch_size,
-                            device=dev)
-    return {"accuracy": result["accuracy"], "accuracy_std": result["std"],
-            "tar_at_far": {str(far): result["tar_at_far"][far] for far in result["tar_at_far"]}}
+    result = evaluate_pairs(
+        backbone, pairs, mean=bundle.cfg.mean, std=bundle.cfg.std, batch_size=batch_size, device=dev
+    )
+    return {
+        "accuracy": result["accuracy"],
+        "accuracy_std": result["std"],
+        "tar_at_far": {str(far): result["tar_at_far"][far] for far in result["tar_at_far"]},
+    }
 
 
 @torch.no_grad()
@@ -46,6 +50,7 @@ def classify_bundle(bundle: Bundle, dataset, device: str = "auto", batch_size: i
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A plain aligned text table; ``columns`` are (key, header) pairs, floats shown with 4 decimals."""
+
     def cell(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 

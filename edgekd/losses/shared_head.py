@@ -59,8 +59,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> None:
     if z_s.ndim != 2 or labels.ndim != 1 or labels.shape[0] != z_s.shape[0]:
-        raise EdgekdError(f"shared_head_loss needs z_s (B, D) and labels (B,); got {tuple(z_s.shape)} and "
-                          f"{tuple(labels.shape)}")
+        raise EdgekdError(
+            f"shared_head_loss needs z_s (B, D) and labels (B,); got {tuple(z_s.shape)} and {tuple(labels.shape)}"
+        )
     if (weights.ce or weights.kd) and W_s is None:
         raise EdgekdError("the ce and kd terms need a student head W_s; set their weights to 0 or pass W_s")
     if (weights.th_ce or weights.th_kd or weights.kd) and W_t is None:
@@ -70,8 +71,10 @@ def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> Non
     if W_s is not None and W_s.shape[1] != z_s.shape[1]:
         raise EdgekdError(f"student head width {W_s.shape[1]} != student embedding width {z_s.shape[1]}")
     if (weights.th_ce or weights.th_kd) and W_t.shape[1] != z_st.shape[1]:
-        raise EdgekdError(f"teacher head width {W_t.shape[1]} != width {z_st.shape[1]} of the student embedding "
-                          "fed to it; add a projection (D_s != D_t)")
+        raise EdgekdError(
+            f"teacher head width {W_t.shape[1]} != width {z_st.shape[1]} of the student embedding "
+            "fed to it; add a projection (D_s != D_t)"
+        )
     if (weights.kd or weights.th_kd) and W_t.shape[1] != z_t.shape[1]:
         raise EdgekdError(f"teacher head width {W_t.shape[1]} != teacher embedding width {z_t.shape[1]}")
     if weights.l2e and z_st.shape[1] != z_t.shape[1]:

@@ -15,7 +15,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from edgekd.errors import EdgekdError
 

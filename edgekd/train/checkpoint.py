@@ -47,8 +47,9 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": entries, "param_groups": saved["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, bundle: Bundle, optimizer: torch.optim.Optimizer, extra: dict,
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, bundle: Bundle, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2
+) -> Path:
     """Write the checkpoint after ``step`` completed steps; keep the newest ``keep`` checkpoints."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)

@@ -71,10 +71,17 @@ def make_loss_fn(trainee: Bundle, teacher: TeacherSignal | None, weights: LossWe
         z_s = backbone(x)
         z_st = projection(z_s) if projection is not None else None
         return shared_head_loss(
-            z_s, labels,
-            W_s=head.weight if uses_student_head else None, b_s=head.bias if uses_student_head else None,
-            W_t=t_head.weight if t_head is not None else None, b_t=t_head.bias if t_head is not None else None,
-            z_t=z_t, z_st=z_st, head=head.spec, weights=weights, backend=backend,
+            z_s,
+            labels,
+            W_s=head.weight if uses_student_head else None,
+            b_s=head.bias if uses_student_head else None,
+            W_t=t_head.weight if t_head is not None else None,
+            b_t=t_head.bias if t_head is not None else None,
+            z_t=z_t,
+            z_st=z_st,
+            head=head.spec,
+            weights=weights,
+            backend=backend,
         )
 
     return loss_fn
@@ -87,8 +94,16 @@ def _trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def fit(trainee: Bundle, cfg: TrainConfig, weights: LossWeights, dataset, run_dir: str | Path,
-        teacher: TeacherSignal | None = None, resume: bool = False, desc: str = "train") -> FitResult:
+def fit(
+    trainee: Bundle,
+    cfg: TrainConfig,
+    weights: LossWeights,
+    dataset,
+    run_dir: str | Path,
+    teacher: TeacherSignal | None = None,
+    resume: bool = False,
+    desc: str = "train",
+) -> FitResult:
     """Train ``trainee`` (its parameters that require grad) on ``dataset`` with ``weights``; see module doc."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
@@ -117,8 +132,12 @@ def fit(trainee: Bundle, cfg: TrainConfig, weights: LossWeights, dataset, run_di
     step_fn = torch.compile(loss_fn) if cfg.compile else loss_fn
     mean, std = trainee.cfg.mean, trainee.cfg.std
     stop = total_steps if cfg.stop_after is None else min(total_steps, start + cfg.stop_after)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=OrderSampler(order, start, stop),
-                                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=OrderSampler(order, start, stop),
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     metrics_path = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     bar = progress(total=total_steps, initial=start, desc=desc, unit="step")
@@ -153,8 +172,13 @@ def fit(trainee: Bundle, cfg: TrainConfig, weights: LossWeights, dataset, run_di
         done = step + 1
         if done % cfg.log_every == 0 or done == stop:
             rate = seen / max(time.perf_counter() - tic, 1e-9)
-            last = {"step": done, "loss": loss, "lr": lr, "images_per_s": round(rate, 1),
-                    **{k: float(v) for k, v in terms.items()}}
+            last = {
+                "step": done,
+                "loss": loss,
+                "lr": lr,
+                "images_per_s": round(rate, 1),
+                **{k: float(v) for k, v in terms.items()},
+            }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")

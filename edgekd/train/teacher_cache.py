@@ -33,8 +33,10 @@ def module_fingerprint(module: nn.Module) -> str:
 
 def cache_key(teacher: nn.Module, dataset, mean, std) -> str:
     """The cache identity: teacher weights, data fingerprint and the normalization applied to images."""
-    text = json.dumps({"teacher": module_fingerprint(teacher), "data": dataset.fingerprint,
-                       "mean": list(mean), "std": list(std)}, sort_keys=True)
+    text = json.dumps(
+        {"teacher": module_fingerprint(teacher), "data": dataset.fingerprint, "mean": list(mean), "std": list(std)},
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -52,8 +54,9 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def build_teacher_cache(teacher: nn.Module, dataset, mean, std, cache_dir: Path, device: torch.device,
-                        batch_size: int = 128) -> TeacherCache:
+def build_teacher_cache(
+    teacher: nn.Module, dataset, mean, std, cache_dir: Path, device: torch.device, batch_size: int = 128
+) -> TeacherCache:
     """Return the cache for (teacher, dataset), computing and writing it atomically if it does not exist yet."""
     cache_dir = Path(cache_dir)
     key = cache_key(teacher, dataset, mean, std)
@@ -78,6 +81,14 @@ def build_teacher_cache(teacher: nn.Module, dataset, mean, std, cache_dir: Path,
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, table)
-    write_json(path.with_suffix(".json"), {"key": key, "teacher": module_fingerprint(teacher),
-                                           "data": dataset.fingerprint, "images": n, "dim": int(table.shape[2])})
+    write_json(
+        path.with_suffix(".json"),
+        {
+            "key": key,
+            "teacher": module_fingerprint(teacher),
+            "data": dataset.fingerprint,
+            "images": n,
+            "dim": int(table.shape[2]),
+        },
+    )
     return TeacherCache(path)

@@ -8,8 +8,21 @@ import torch
 from edgekd.cli import main
 
 DATA = "synthetic:identities=8,images_per_identity=8,pairs=40,pair_identities=6,pair_images=4"
-TINY = ["--data", DATA, "--image-size", "32", "--model", "mbf_tiny", "--batch-size", "16", "--no-compile",
-        "--device", "cpu", "--checkpoint-every", "2"]
+TINY = [
+    "--data",
+    DATA,
+    "--image-size",
+    "32",
+    "--model",
+    "mbf_tiny",
+    "--batch-size",
+    "16",
+    "--no-compile",
+    "--device",
+    "cpu",
+    "--checkpoint-every",
+    "2",
+]
 
 
 def run(argv, capsys):
@@ -46,8 +59,18 @@ def test_help_lists_every_command(capsys):
 def distilled(tmp_path_factory):
     """A tiny TH-KD run through the CLI: trains the default teacher, distills, evaluates."""
     out = tmp_path_factory.mktemp("distill")
-    main_args = ["distill", *TINY, "--steps", "4", "--teacher-model", "r_tiny", "--teacher-epochs", "1",
-                 "--out", str(out)]
+    main_args = [
+        "distill",
+        *TINY,
+        "--steps",
+        "4",
+        "--teacher-model",
+        "r_tiny",
+        "--teacher-epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
     try:
         main(main_args)
     except SystemExit as exc:  # main only exits on errors
@@ -67,9 +90,17 @@ def test_distill_writes_student_and_comparison(distilled):
 
 
 def test_eval_reports_accuracy_and_roc(distilled, tmp_path, capsys):
-    code, out, err = run(["eval", str(distilled / "student" / "student.safetensors"), "--pairs",
-                          "synthetic:pairs=40,pair_identities=6,pair_images=4,image_size=32", "--out", str(tmp_path)],
-                         capsys)
+    code, out, err = run(
+        [
+            "eval",
+            str(distilled / "student" / "student.safetensors"),
+            "--pairs",
+            "synthetic:pairs=40,pair_identities=6,pair_images=4,image_size=32",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "accuracy" in out and "TAR@FAR" in out
     report = json.loads((tmp_path / "eval.json").read_text())
@@ -79,8 +110,10 @@ def test_eval_reports_accuracy_and_roc(distilled, tmp_path, capsys):
 
 def test_teacher_with_student_head_keeps_it_frozen(distilled, tmp_path, capsys):
     student = distilled / "student" / "student.safetensors"
-    code, out, err = run(["teacher", *TINY, "--model", "r_tiny", "--steps", "2", "--student-head", str(student),
-                          "--out", str(tmp_path)], capsys)
+    code, out, err = run(
+        ["teacher", *TINY, "--model", "r_tiny", "--steps", "2", "--student-head", str(student), "--out", str(tmp_path)],
+        capsys,
+    )
     assert code == 0, err
     from edgekd.bundle import load_bundle
 
@@ -90,13 +123,29 @@ def test_teacher_with_student_head_keeps_it_frozen(distilled, tmp_path, capsys):
 
 
 def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, capsys):
-    argv = ["distill", *TINY, "--method", "sh-kd", "--steps", "2", "--teacher-model", "r_tiny", "--teacher-epochs",
-            "0.25", "--no-eval", "--out", str(tmp_path)]
+    argv = [
+        "distill",
+        *TINY,
+        "--method",
+        "sh-kd",
+        "--steps",
+        "2",
+        "--teacher-model",
+        "r_tiny",
+        "--teacher-epochs",
+        "0.25",
+        "--no-eval",
+        "--out",
+        str(tmp_path),
+    ]
     code, _, err = run(argv, capsys)
     assert code == 0, err
     stages = tmp_path / "sh_kd"
-    finals = {"i0": stages / "i0" / "student.safetensors", "i1": stages / "i1" / "teacher.safetensors",
-              "i2": stages / "i2" / "student.safetensors"}
+    finals = {
+        "i0": stages / "i0" / "student.safetensors",
+        "i1": stages / "i1" / "teacher.safetensors",
+        "i2": stages / "i2" / "student.safetensors",
+    }
     assert all(p.is_file() for p in finals.values())
     stamps = {k: p.stat().st_mtime_ns for k, p in finals.items()}
     import shutil
@@ -113,18 +162,21 @@ def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
-    one_line_error(capsys, ["distill", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")],
-                   "missing")
+    one_line_error(capsys, ["distill", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")], "missing")
     (tmp_path / "empty").mkdir()
     one_line_error(capsys, ["distill", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])
     one_line_error(capsys, ["distill", *TINY, "--model", "nope", "--out", str(tmp_path / "o3")], "nope")
-    one_line_error(capsys, ["distill", *TINY, "--teacher", str(tmp_path / "t.safetensors"), "--out",
-                            str(tmp_path / "o4")], "does not exist")
+    one_line_error(
+        capsys,
+        ["distill", *TINY, "--teacher", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "o4")],
+        "does not exist",
+    )
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     one_line_error(capsys, ["eval", str(tmp_path / "bad.safetensors")], "bad.safetensors")
     (tmp_path / "cfg.yaml").write_text("learning_rate: 0.1\n")
-    one_line_error(capsys, ["distill", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o5")],
-                   "learning_rate")
+    one_line_error(
+        capsys, ["distill", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o5")], "learning_rate"
+    )
     code, _, err = run(["distill", "--method", "magic"], capsys)
     assert code == 2 and "magic" in err
 
@@ -142,7 +194,26 @@ def test_teacher_for_other_data_is_rejected(distilled, tmp_path, capsys):
 
 
 def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
-    line = one_line_error(capsys, ["distill", *TINY, "--method", "vanilla", "--head", "linear", "--lr", "1e9",
-                                   "--clip-grad", "0", "--checkpoint-every", "1", "--steps", "60", "--out",
-                                   str(tmp_path)], "loss became")
+    line = one_line_error(
+        capsys,
+        [
+            "distill",
+            *TINY,
+            "--method",
+            "vanilla",
+            "--head",
+            "linear",
+            "--lr",
+            "1e9",
+            "--clip-grad",
+            "0",
+            "--checkpoint-every",
+            "1",
+            "--steps",
+            "60",
+            "--out",
+            str(tmp_path),
+        ],
+        "loss became",
+    )
     assert "step_" in line

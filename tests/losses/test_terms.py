@@ -51,14 +51,22 @@ def _np_kd(l_t, l_s, T):
     return T * T * np.mean(np.sum(np.exp(lt) * (lt - ls), axis=1))
 
 
-@pytest.mark.parametrize("spec", [HeadSpec("linear"), HeadSpec("cosine", s=8.0, m=0.0),
-                                  HeadSpec("arcface", s=8.0, m=0.5), HeadSpec("cosface", s=8.0, m=0.4)],
-                         ids=lambda s: s.kind)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        HeadSpec("linear"),
+        HeadSpec("cosine", s=8.0, m=0.0),
+        HeadSpec("arcface", s=8.0, m=0.5),
+        HeadSpec("cosface", s=8.0, m=0.4),
+    ],
+    ids=lambda s: s.kind,
+)
 def test_each_term_matches_numpy_float64(spec):
     z_s, z_t, W_s, W_t, b_s, b_t, labels = _inputs(linear=spec.kind == "linear")
     weights = LossWeights(ce=1, kd=1, th_ce=1, th_kd=1, l2e=1, T=3.0)
-    total, terms = shared_head_loss(z_s, labels, W_s=W_s, b_s=b_s, W_t=W_t, b_t=b_t, z_t=z_t, head=spec,
-                                    weights=weights, backend="reference")
+    total, terms = shared_head_loss(
+        z_s, labels, W_s=W_s, b_s=b_s, W_t=W_t, b_t=b_t, z_t=z_t, head=spec, weights=weights, backend="reference"
+    )
     l_t = _np_logits(z_t, W_t, b_t, spec)
     expected = {
         "ce": _np_ce(_np_logits(z_s, W_s, b_s, spec, labels), labels),
@@ -87,8 +95,9 @@ def test_gradients_match_finite_differences(kind):
     def loss(*args):
         zs, ws = args[0], args[1]
         bs = args[2] if len(args) > 2 else None
-        return shared_head_loss(zs, labels, W_s=ws, b_s=bs, W_t=W_t, b_t=b_t, z_t=z_t, head=spec, weights=weights,
-                                backend="reference")[0]
+        return shared_head_loss(
+            zs, labels, W_s=ws, b_s=bs, W_t=W_t, b_t=b_t, z_t=z_t, head=spec, weights=weights, backend="reference"
+        )[0]
 
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6)
 
@@ -97,8 +106,16 @@ def test_teacher_side_gets_no_gradient():
     z_s, z_t, W_s, W_t, _, _, labels = _inputs()
     for t in (z_s, z_t, W_s, W_t):
         t.requires_grad_(True)
-    total, _ = shared_head_loss(z_s, labels, W_s=W_s, W_t=W_t, z_t=z_t, head=HeadSpec("arcface", s=8.0),
-                                weights=LossWeights(ce=1, kd=1, th_ce=1, th_kd=1, l2e=1), backend="reference")
+    total, _ = shared_head_loss(
+        z_s,
+        labels,
+        W_s=W_s,
+        W_t=W_t,
+        z_t=z_t,
+        head=HeadSpec("arcface", s=8.0),
+        weights=LossWeights(ce=1, kd=1, th_ce=1, th_kd=1, l2e=1),
+        backend="reference",
+    )
     total.backward()
     assert z_t.grad is None and W_t.grad is None
     assert z_s.grad is not None and W_s.grad is not None
@@ -106,8 +123,9 @@ def test_teacher_side_gets_no_gradient():
 
 def test_zero_weight_terms_are_not_computed():
     z_s, z_t, W_s, W_t, _, _, labels = _inputs()
-    _, terms = shared_head_loss(z_s, labels, W_s=W_s, head=HeadSpec("arcface"), weights=LossWeights(ce=1),
-                                backend="reference")
+    _, terms = shared_head_loss(
+        z_s, labels, W_s=W_s, head=HeadSpec("arcface"), weights=LossWeights(ce=1), backend="reference"
+    )
     assert list(terms) == ["ce"]
 
 
@@ -117,8 +135,16 @@ def test_missing_inputs_are_one_line_errors():
     with pytest.raises(EdgekdError, match="need the teacher head"):
         shared_head_loss(z_s, labels, W_s=W_s, head=spec, weights=LossWeights(ce=1, th_ce=1), backend="reference")
     with pytest.raises(EdgekdError, match="projection"):
-        shared_head_loss(z_s, labels, W_s=W_s, W_t=torch.randn(C, D + 1, dtype=torch.float64), z_t=z_t, head=spec,
-                         weights=LossWeights(ce=1, th_ce=1), backend="reference")
+        shared_head_loss(
+            z_s,
+            labels,
+            W_s=W_s,
+            W_t=torch.randn(C, D + 1, dtype=torch.float64),
+            z_t=z_t,
+            head=spec,
+            weights=LossWeights(ce=1, th_ce=1),
+            backend="reference",
+        )
     with pytest.raises(EdgekdError, match="unknown loss backend"):
         shared_head_loss(z_s, labels, W_s=W_s, head=spec, weights=LossWeights(ce=1), backend="magic")
     with pytest.raises(EdgekdError, match="must be a finite number"):

@@ -1,4 +1,4 @@
-"""The teacher-embedding cache: equals live teacher outputs, is reused, and is invalidated by teacher or data changes."""
+"""The teacher-embedding cache: equals live teacher outputs, is reused, is invalidated by teacher or data changes."""
 
 from dataclasses import replace
 
@@ -57,12 +57,15 @@ def test_training_with_cache_equals_training_with_live_teacher(tiny_faces, tmp_p
     teacher = build_trainee(replace(CFG, seed=5), tiny_faces)
     teacher.backbone.eval()
     head = teacher.head.freeze()
-    cache = build_teacher_cache(teacher.backbone, tiny_faces, teacher.cfg.mean, teacher.cfg.std, tmp_path / "c",
-                                torch.device("cpu"))
+    cache = build_teacher_cache(
+        teacher.backbone, tiny_faces, teacher.cfg.mean, teacher.cfg.std, tmp_path / "c", torch.device("cpu")
+    )
     weights = LossWeights(ce=1, th_ce=1, th_kd=1, l2e=1)
     results = []
-    for name, signal in (("live", TeacherSignal(backbone=teacher.backbone, head=head)),
-                         ("cached", TeacherSignal(head=head, cache=cache))):
+    for name, signal in (
+        ("live", TeacherSignal(backbone=teacher.backbone, head=head)),
+        ("cached", TeacherSignal(head=head, cache=cache)),
+    ):
         student = build_trainee(replace(CFG, model="mbf_tiny", seed=2), tiny_faces)
         fit(student, replace(CFG, model="mbf_tiny"), weights, tiny_faces, tmp_path / name, teacher=signal)
         results.append(student.backbone.state_dict())

@@ -16,8 +16,19 @@ from edgekd.train.config import TrainConfig
 from edgekd.train.loop import TeacherSignal, fit, make_loss_fn
 from edgekd.train.optim import build_optimizer
 
-CFG = TrainConfig(model="mbf_tiny", head="arcface", batch_size=16, steps=6, lr=0.05, warmup_steps=2, compile=False,
-                  checkpoint_every=3, log_every=1, device="cpu", seed=3)
+CFG = TrainConfig(
+    model="mbf_tiny",
+    head="arcface",
+    batch_size=16,
+    steps=6,
+    lr=0.05,
+    warmup_steps=2,
+    compile=False,
+    checkpoint_every=3,
+    log_every=1,
+    device="cpu",
+    seed=3,
+)
 THKD = LossWeights(ce=1.0, kd=0.5, th_ce=1.0, th_kd=0.5, l2e=1.0, T=4.0)
 
 
@@ -34,8 +45,12 @@ def _student(dataset, teacher):
 
 
 def _state(bundle: Bundle) -> dict:
-    return {f"{p}.{k}": v.clone() for p, m in (("b", bundle.backbone), ("h", bundle.head), ("p", bundle.projection))
-            if m is not None for k, v in m.state_dict().items()}
+    return {
+        f"{p}.{k}": v.clone()
+        for p, m in (("b", bundle.backbone), ("h", bundle.head), ("p", bundle.projection))
+        if m is not None
+        for k, v in m.state_dict().items()
+    }
 
 
 def _metrics(run_dir):
@@ -100,8 +115,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_faces, tmp_path):
     assert "\n" not in str(info.value)
     kept = latest_checkpoint(tmp_path)
     restored = build_trainee(cfg, tiny_faces)
-    load_checkpoint(kept, restored, build_optimizer(
-        [p for m in (restored.backbone, restored.head) for p in m.parameters()], 0.1, 0.9, 0.0))
+    load_checkpoint(
+        kept,
+        restored,
+        build_optimizer([p for m in (restored.backbone, restored.head) for p in m.parameters()], 0.1, 0.9, 0.0),
+    )
     assert all(torch.isfinite(p).all() for p in restored.backbone.parameters())
 
 
