@@ -97,7 +97,7 @@ def shared_head_loss(
     weights: LossWeights,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss ``Σ weight·term`` and the terms (detached) for one batch.
+    """Total loss ``Σ weight·term`` and the terms for one batch.
 
     Args:
         z_s: (B, D_s) student embedding; receives gradients.
@@ -112,7 +112,9 @@ def shared_head_loss(
         backend: ``auto``, ``reference``, ``chunked`` or ``triton``.
 
     Returns:
-        ``(total, terms)``: a scalar with gradients, and each active term's value (detached).
+        ``(total, terms)``: a scalar with gradients, and each active term's value. The terms are not detached
+        here: under torch.compile (inductor, torch 2.14) returning ``term.detach()`` beside a total that simplifies
+        to the same buffer (one term, weight 1) drops the total's gradient; detach them after the call.
     """
     z_st = z_s if z_st is None else z_st
     _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights)
@@ -121,4 +123,4 @@ def shared_head_loss(
     if weights.l2e:
         terms["l2e"] = l2_embedding(z_st, z_t)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
-    return total, {name: value.detach() for name, value in terms.items()}
+    return total, terms

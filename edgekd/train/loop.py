@@ -159,6 +159,7 @@ def fit(
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             total, terms = step_fn(x, labels, z_t)
         loss = float(total.detach())
+        terms = {name: value.detach() for name, value in terms.items()}
         if not math.isfinite(loss):
             kept = latest_checkpoint(run_dir)
             where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"

@@ -149,3 +149,21 @@ def test_missing_inputs_are_one_line_errors():
         shared_head_loss(z_s, labels, W_s=W_s, head=spec, weights=LossWeights(ce=1), backend="magic")
     with pytest.raises(EdgekdError, match="must be a finite number"):
         LossWeights(ce=float("nan"))
+
+
+def test_compiled_single_term_loss_keeps_its_gradient():
+    # Regression: inductor (torch 2.14) dropped the total's grad_fn when the loss returned ``term.detach()`` beside
+    # a total that simplifies to the same buffer (one term with weight 1), so a compiled vanilla run trained nothing.
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(D, D)
+    W = torch.randn(C, D, requires_grad=True)
+
+    def step(x, labels):
+        return shared_head_loss(lin(x), labels, W_s=W, head=HeadSpec("arcface", s=8.0), weights=LossWeights(ce=1),
+                                backend="reference")
+
+    total, terms = torch.compile(step)(torch.randn(B, D), torch.arange(B) % C)
+    assert total.grad_fn is not None
+    total.backward()
+    assert W.grad is not None and lin.weight.grad is not None
+    assert terms["ce"].item() == pytest.approx(total.item())
