@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/edgekd distill
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgekd kernels export calib tests bench

@@ -1,7 +1,14 @@
 """Shared fixtures: seeded tests, a private edgekd cache folder, tiny synthetic data and models."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (how CI tests them). The variable must be set
+# before any @triton.jit function is defined; this root conftest loads before every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

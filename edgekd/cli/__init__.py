@@ -6,6 +6,7 @@ User errors (``EdgekdError``) are printed as one line and exit with status 2; no
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -65,6 +66,8 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the group and turns ``EdgekdError`` into one line on stderr, exit 2."""
+    # Inductor's C++ build probes for CUDA and warns on CPU-only machines; that warning is noise to a user.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
     except EdgekdError as exc:

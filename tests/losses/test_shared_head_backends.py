@@ -1,0 +1,294 @@
+"""Every shared-head backend against the float64 reference: loss terms and gradients of z_s, z_st, W_s, b_s.
+
+Shapes are multiples of no block size (B=37, D_s=96, D_t=64, C=1013); labels sit on block boundaries; a few rows
+are placed in ArcFace's fallback region (θ + m > π) and a few just outside it. The Triton backend runs here when
+it can (CUDA, or ``TRITON_INTERPRET=1`` as ``make test`` and ``tests/kernels/conftest.py`` set); its own tests are
+in tests/kernels. Also: the entry point's dispatch, a compiled training step without graph breaks, and the chunked
+backend's measured peak memory at C=200k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from edgekd.kernels._launch import interpreting
+from edgekd.kernels._shared_head_autograd import make_loss_backend
+from edgekd.kernels._shared_head_math import NORM_EPS, SIN2_EPS
+
+from edgekd.losses import HeadSpec, LossWeights, list_loss_backends, resolve_backend, shared_head_loss
+from edgekd.losses import terms as terms_module
+from edgekd.losses.chunked import shared_head_chunked
+from edgekd.losses.reference import shared_head_loss_reference
+
+HEADS = {
+    "linear": HeadSpec("linear", 1.0, 0.0),
+    "cosine": HeadSpec("cosine", 64.0, 0.0),
+    "arcface": HeadSpec("arcface", 64.0, 0.5),
+    "cosface": HeadSpec("cosface", 64.0, 0.4),
+}
+ALL_TERMS = LossWeights(ce=1.0, kd=0.7, th_ce=0.3, th_kd=0.2, T=4.0)
+ONE_TERM = {name: LossWeights(**{"ce": 0.0, name: 0.6}, T=2.0) for name in ("ce", "kd", "th_ce", "th_kd")}
+GRADS = ("z_s", "W_s", "b_s", "z_st")
+TRITON_RUNNABLE = torch.cuda.is_available() or interpreting()
+# Relative (to the largest reference value) error bounds per input dtype.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+
+
+def _backend(name: str):
+    if name == "reference":
+        return shared_head_loss_reference
+    if name == "chunked":
+        return make_loss_backend(shared_head_chunked, block_c=128)  # 8 blocks over C=1013, the last partial
+    if not TRITON_RUNNABLE:
+        pytest.skip("triton backend needs CUDA or TRITON_INTERPRET=1 (make test sets it)")
+    from edgekd.kernels.shared_head_op import shared_head_triton
+
+    return make_loss_backend(shared_head_triton, block_c=0)
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def _place_cos(z: torch.Tensor, w: torch.Tensor, cos: float, g: torch.Generator) -> torch.Tensor:
+    """A vector with norm ‖z‖ at cosine ``cos`` to w."""
+    w_hat = w / w.norm()
+    u = torch.randn(w.shape, generator=g, dtype=w.dtype)
+    u = u - (u @ w_hat) * w_hat
+    return z.norm() * (cos * w_hat + math.sqrt(1 - cos * cos) * u / u.norm())
+
+
+def make_case(B=37, D_s=96, D_t=64, C=1013, seed=0, shared_embedding=False):
+    """float64 inputs; rows 0–2 in ArcFace's fallback region, rows 3–4 just outside it (m = 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    D_t = D_s if shared_embedding else D_t
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    case = {
+        "z_s": rand(B, D_s),
+        "W_s": rand(C, D_s, scale=0.1),
+        "b_s": rand(C),
+        "W_t": rand(C, D_t, scale=0.1),
+        "b_t": rand(C),
+        "z_t": rand(B, D_t),
+        "z_st": rand(B, D_t),
+    }
+    labels = torch.randint(0, C, (B,), generator=g)
+    boundaries = torch.tensor([0, 31, 32, 63, 64, 127, 128, 255, 256, C - 1])
+    boundaries = boundaries[boundaries < C][: max(0, B - 5)]
+    labels[5 : 5 + len(boundaries)] = boundaries
+    for i, cos in enumerate((-0.999, -0.97, -0.9, -0.86, -0.5)[: min(B, 5)]):
+        case["z_s"][i] = _place_cos(case["z_s"][i], case["W_s"][labels[i]], cos, g)
+        case["z_st"][i] = _place_cos(case["z_st"][i], case["W_t"][labels[i]], cos, g)
+    if shared_embedding:
+        case["z_st"] = case["z_s"]
+    case["labels"] = labels
+    return case
+
+
+def run(backend: str, case: dict, head: HeadSpec, weights: LossWeights, dtype=torch.float64, device="cpu"):
+    """Weighted total, terms and input gradients of one backend; inputs rounded to ``dtype`` first."""
+    leaves = {k: v.to(device=device, dtype=dtype).requires_grad_(k in GRADS) for k, v in case.items() if k != "labels"}
+    if case["z_st"] is case["z_s"]:
+        leaves["z_st"] = leaves["z_s"]
+    b = {"b_s": leaves["b_s"], "b_t": leaves["b_t"]} if head.kind == "linear" else {"b_s": None, "b_t": None}
+    terms = _backend(backend)(
+        leaves["z_s"], case["labels"].to(device), leaves["W_s"], b["b_s"], leaves["z_st"], leaves["W_t"], b["b_t"],
+        leaves["z_t"], head, weights,
+    )  # fmt: skip
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    total.backward()
+    grads = {k: None if leaves[k].grad is None else leaves[k].grad.double().cpu() for k in GRADS}
+    if case["z_st"] is case["z_s"]:
+        grads["z_st"] = None
+    return {k: v.detach().double().cpu() for k, v in terms.items()}, grads
+
+
+def assert_matches_reference(backend, case, head, weights, dtype=torch.float32, grad_floor=1e-2):
+    """Backend on ``dtype`` inputs vs the float64 reference on the same (rounded) values.
+
+    Gradient errors are bounded by ``TOL[dtype] · max(max |reference|, grad_floor)``.
+    """
+    rounded = {k: v if k == "labels" else v.to(dtype).double() for k, v in case.items()}
+    if case["z_st"] is case["z_s"]:
+        rounded["z_st"] = rounded["z_s"]
+    ref_terms, ref_grads = run("reference", rounded, head, weights)
+    terms, grads = run(backend, case, head, weights, dtype, _device(backend))
+    tol = TOL[dtype]
+    assert terms.keys() == ref_terms.keys()
+    for name, ref in ref_terms.items():
+        assert abs(terms[name].item() - ref.item()) <= tol * max(1.0, abs(ref.item())), (name, terms[name], ref)
+    for name, ref in ref_grads.items():
+        assert (grads[name] is None) == (ref is None), name
+        if ref is not None:
+            err = (grads[name] - ref).abs().max().item()
+            assert err <= tol * max(ref.abs().max().item(), grad_floor), (name, err, ref.abs().max().item())
+
+
+def test_constants_agree_with_terms():
+    assert (NORM_EPS, SIN2_EPS) == (terms_module.NORM_EPS, terms_module.SIN2_EPS)
+    assert [HeadSpec(kind).kind_id for kind in terms_module.HEAD_KINDS] == [0, 1, 2, 3]
+
+
+def test_case_exercises_arcface_fallback():
+    case, m = make_case(), HEADS["arcface"].m
+    for z, W in (("z_s", "W_s"), ("z_st", "W_t")):
+        w_y = case[W][case["labels"]]
+        cos = torch.nn.functional.cosine_similarity(case[z], w_y, dim=1)
+        assert (cos[:3] <= math.cos(math.pi - m)).all() and (cos[3:5] > math.cos(math.pi - m)).all()
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_all_terms_match_reference(backend, kind):
+    assert_matches_reference(backend, make_case(), HEADS[kind], ALL_TERMS)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("term", list(ONE_TERM))
+def test_each_term_alone_matches_reference(backend, term):
+    kind = "linear" if term in ("kd", "th_ce") else "arcface"  # ce/th_kd on the margin head, the others on bias
+    assert_matches_reference(backend, make_case(C=300), HEADS[kind], ONE_TERM[term])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("shape", [dict(C=1), dict(B=1), dict(B=1, C=1)], ids=["C=1", "B=1", "B=1,C=1"])
+def test_edge_shapes(backend, shape):
+    # With C=1 every loss and gradient is exactly zero; what is left is rounding noise scaled by s=64.
+    assert_matches_reference(backend, make_case(**shape), HEADS["arcface"], ALL_TERMS, grad_floor=1.0)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_shared_embedding_sums_both_paths(backend):
+    """Without a projection z_st is z_s: the gradient of z_s is the sum over student-head and teacher-head terms."""
+    assert_matches_reference(backend, make_case(shared_embedding=True), HEADS["cosface"], ALL_TERMS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chunked_low_precision_inputs(dtype):
+    assert_matches_reference("chunked", make_case(), HEADS["arcface"], ALL_TERMS, dtype)
+
+
+def test_chunked_float64_is_exact():
+    case, head = make_case(C=200), HEADS["arcface"]
+    ref_terms, ref_grads = run("reference", case, head, ALL_TERMS)
+    terms, grads = run("chunked", case, head, ALL_TERMS)
+    for name in ref_terms:
+        torch.testing.assert_close(terms[name], ref_terms[name], rtol=1e-12, atol=1e-12)
+    for name in GRADS:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12)
+
+
+def test_entry_point_dispatch_and_l2e():
+    assert {"auto", "reference", "chunked"} <= set(list_loss_backends())
+    assert resolve_backend("auto", torch.device("cpu")) == "chunked"
+    case = {k: v if k == "labels" else v.float() for k, v in make_case(C=50).items()}
+    w = LossWeights(ce=1.0, kd=0.5, th_ce=0.25, th_kd=0.1, l2e=0.3, T=3.0)
+    out = {}
+    for backend in ("reference", "auto"):
+        z_s = case["z_s"].clone().requires_grad_()
+        z_st = case["z_st"] * 1.0
+        total, terms = shared_head_loss(z_s, case["labels"], W_s=case["W_s"], W_t=case["W_t"], z_t=case["z_t"],
+                                        z_st=z_st, head=HEADS["arcface"], weights=w, backend=backend)  # fmt: skip
+        total.backward()
+        out[backend] = (total.detach(), terms, z_s.grad)
+    torch.testing.assert_close(out["auto"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
+    assert out["auto"][1].keys() == out["reference"][1].keys() == {"ce", "kd", "th_ce", "th_kd", "l2e"}
+    torch.testing.assert_close(out["auto"][2], out["reference"][2], rtol=1e-4, atol=1e-6)
+
+
+def compiled_step_matches_eager(backend: str, device: str = "cpu"):
+    """A training step (backbone, projection, loss, backward) under torch.compile(fullgraph=True) vs eager."""
+    torch.manual_seed(0)
+    backbone, proj = torch.nn.Linear(12, 16).to(device), torch.nn.Linear(16, 24).to(device)
+    W_s = torch.nn.Parameter(torch.randn(50, 16, device=device) * 0.1)
+    W_t = torch.randn(50, 24, device=device) * 0.1
+    x, z_t = torch.randn(8, 12, device=device), torch.randn(8, 24, device=device)
+    labels = torch.randint(0, 50, (8,), device=device)
+    head, weights = HEADS["arcface"], LossWeights(ce=1.0, kd=0.5, th_ce=0.3, th_kd=0.2, l2e=0.1, T=4.0)
+    params = [W_s, *backbone.parameters(), *proj.parameters()]
+
+    def step(x, z_t, labels):
+        z_s = backbone(x)
+        total, _ = shared_head_loss(z_s, labels, W_s=W_s, W_t=W_t, z_t=z_t, z_st=proj(z_s), head=head,
+                                    weights=weights, backend=backend)  # fmt: skip
+        return total
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        loss = fn(x, z_t, labels)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    explanation = torch._dynamo.explain(step)(x, z_t, labels)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()
+    eager_loss, eager_grads = grads(step)
+    compiled_loss, compiled_grads = grads(torch.compile(step, fullgraph=True))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_compiled_training_step_has_no_graph_break(backend):
+    _backend(backend)  # skips triton where it cannot run
+    compiled_step_matches_eager(backend, str(_device(backend)))
+
+
+_PEAK_SCRIPT = r"""
+import json, re, sys, torch
+from edgekd.losses import HeadSpec, LossWeights, shared_head_loss
+
+def rss(key):
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+def peak_of(fn):
+    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark VmHWM to the current RSS
+    base = rss("VmRSS")
+    fn()
+    return rss("VmHWM") - base
+
+B, C, D = 256, 200_000, 32
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+z_s = torch.randn(B, D, generator=g).requires_grad_()
+W_s = (torch.randn(C, D, generator=g) * 0.1).requires_grad_()
+W_t, z_t = torch.randn(C, D, generator=g) * 0.1, torch.randn(B, D, generator=g)
+labels = torch.randint(0, C, (B,), generator=g)
+head, w = HeadSpec("arcface"), LossWeights(ce=1.0, kd=1.0, th_ce=1.0, th_kd=1.0, T=4.0)
+
+def step(n=C):
+    total, _ = shared_head_loss(z_s, labels % n, W_s=W_s[:n], W_t=W_t[:n], z_t=z_t, head=head, weights=w,
+                                backend="chunked")
+    total.backward()
+
+step(1000)  # warm-up: imports, op registration, allocator pools
+z_s.grad = W_s.grad = None
+probe = peak_of(lambda: torch.ones(B, C).sum())  # one B×C fp32 tensor, to show the method sees it
+peak = peak_of(step)
+print(json.dumps({"probe": probe, "peak": peak, "bc_bytes": B * C * 4, "dw_bytes": C * D * 4}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS accounting")
+def test_chunked_peak_memory_far_below_one_logit_matrix():
+    """Measured peak resident memory of a chunked forward+backward at B=256, C=200k (D=32, all four terms).
+
+    The child process fixes glibc's mmap threshold, so every tensor above 64 KiB is its own mapping and freeing it
+    returns the pages: the RSS high-water mark then tracks live tensor bytes. A probe allocation of one B×C fp32
+    tensor shows that the method sees such a tensor. The peak includes dW_s (C×D fp32) and the gradient buffers.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"chunked peak {r['peak'] / 2**20:.1f} MiB vs one B×C fp32 {r['bc_bytes'] / 2**20:.1f} MiB")
+    assert r["probe"] >= 0.95 * r["bc_bytes"], r
+    assert r["peak"] <= 0.4 * r["bc_bytes"], r
