@@ -17,6 +17,23 @@ def _seed_and_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EDGEKD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgekd-cache"))
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """Run the real ``edgekd`` entry point in-process; returns (exit code, stdout, stderr)."""
+    from edgekd.cli import main
+
+    def run(argv):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_faces():
     """8 identities × 8 images at 32×32: enough for a few training steps."""

@@ -8,7 +8,7 @@ import click
 
 
 def _open_model(path: str, arch: str | None, device: str):
-    """(forward, mean, std, bundle-or-None) for a .safetensors/.pt checkpoint or an exported ONNX / engine file."""
+    """(forward, mean, std, input size, bundle-or-None) for a checkpoint or an exported ONNX / engine file."""
     from edgekd.bundle import load_bundle
     from edgekd.train.loop import resolve_device
 
@@ -16,10 +16,10 @@ def _open_model(path: str, arch: str | None, device: str):
         from edgekd.export.runtime import open_runtime
 
         runtime = open_runtime(path, device=device)
-        return runtime, runtime.mean, runtime.std, None
+        return runtime, runtime.mean, runtime.std, runtime.input_size, None
     bundle = load_bundle(path, model=arch)
     backbone = bundle.backbone.to(resolve_device(device)).eval()
-    return backbone, bundle.cfg.mean, bundle.cfg.std, bundle
+    return backbone, bundle.cfg.mean, bundle.cfg.std, bundle.cfg.input_size, bundle
 
 
 @click.command("eval")
@@ -34,7 +34,7 @@ def _open_model(path: str, arch: str | None, device: str):
 @click.option("--out", default="runs/eval", help="folder for the JSON report, ROC plot and IJB work files")
 def command(model_path, arch, pairs, ijb, data, split, batch_size, device, out) -> None:
     """Evaluate MODEL (a checkpoint, a plain arcface_torch state_dict with --model, or an ONNX file)."""
-    from edgekd.atomic import write_json
+    from edgekd.atomic import file_sha256, write_json
     from edgekd.data import create_dataset, create_pairs
     from edgekd.errors import EdgekdError
     from edgekd.eval.embed import evaluate_pairs
@@ -43,13 +43,14 @@ def command(model_path, arch, pairs, ijb, data, split, batch_size, device, out) 
 
     if not (pairs or ijb or data):
         pairs = ("synthetic",)
-    forward, mean, std, bundle = _open_model(model_path, arch, device)
+    forward, mean, std, input_size, bundle = _open_model(model_path, arch, device)
     out = Path(out)
     report: dict = {"model": str(model_path)}
     curves = {}
     dev = resolve_device(device)
     for spec in pairs:
-        result = evaluate_pairs(forward, create_pairs(spec), mean=mean, std=std, batch_size=batch_size, device=dev)
+        pair_set = create_pairs(spec, image_size=input_size[1])
+        result = evaluate_pairs(forward, pair_set, mean=mean, std=std, batch_size=batch_size, device=dev)
         tars = "  ".join(
             f"TAR@FAR={far:g}: {result['tar_at_far'][far]:.4f}"
             for far in result["tar_at_far"]
@@ -65,8 +66,20 @@ def command(model_path, arch, pairs, ijb, data, split, batch_size, device, out) 
     if ijb:
         from edgekd.eval.ijb import evaluate_ijb
 
-        result = evaluate_ijb(forward, ijb, out / "ijb", batch_size=batch_size, mean=mean, std=std)
-        click.echo("IJB: " + "  ".join(f"TAR@FAR={far:g}: {tar:.4f}" for far, tar in result["tar_at_far"].items()))
+        result = evaluate_ijb(
+            forward,
+            ijb,
+            out / "ijb",
+            batch_size=batch_size,
+            mean=mean,
+            std=std,
+            image_size=input_size[1],
+            model_key=file_sha256(model_path),
+            device=dev,
+        )
+        click.echo(
+            "IJB: " + "  ".join(f"TAR@FAR={float(far):g}: {tar:.4f}" for far, tar in result["tar_at_far"].items())
+        )
         report["ijb"] = {"tar_at_far": {str(k): v for k, v in result["tar_at_far"].items()}}
     if data:
         if bundle is None or bundle.head is None:

@@ -25,19 +25,8 @@ TINY = [
 ]
 
 
-def run(argv, capsys):
-    """Run the real entry point in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(capsys, argv, *fragments):
-    code, _, err = run(argv, capsys)
+def one_line_error(run_cli, argv, *fragments):
+    code, _, err = run_cli(argv)
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("edgekd: error:"), err
@@ -46,12 +35,12 @@ def one_line_error(capsys, argv, *fragments):
     return lines[0]
 
 
-def test_help_lists_every_command(capsys):
-    code, out, _ = run(["--help"], capsys)
+def test_help_lists_every_command(run_cli):
+    code, out, _ = run_cli(["--help"])
     assert code == 0
     for name in ("teacher", "distill", "eval", "export", "benchmark-latency"):
         assert name in out
-    code, out, _ = run(["distill", "--help"], capsys)
+    code, out, _ = run_cli(["distill", "--help"])
     assert code == 0 and "--method" in out and "th-kd" in out and "--loss-backend" in out
 
 
@@ -89,8 +78,8 @@ def test_distill_writes_student_and_comparison(distilled):
     assert {"step", "loss", "lr", "images_per_s", "ce", "th_ce"} <= set(json.loads(lines[-1]))
 
 
-def test_eval_reports_accuracy_and_roc(distilled, tmp_path, capsys):
-    code, out, err = run(
+def test_eval_reports_accuracy_and_roc(distilled, tmp_path, run_cli):
+    code, out, err = run_cli(
         [
             "eval",
             str(distilled / "student" / "student.safetensors"),
@@ -99,7 +88,6 @@ def test_eval_reports_accuracy_and_roc(distilled, tmp_path, capsys):
             "--out",
             str(tmp_path),
         ],
-        capsys,
     )
     assert code == 0, err
     assert "accuracy" in out and "TAR@FAR" in out
@@ -108,11 +96,10 @@ def test_eval_reports_accuracy_and_roc(distilled, tmp_path, capsys):
     assert set(report) >= {"model", "roc_plot"}
 
 
-def test_teacher_with_student_head_keeps_it_frozen(distilled, tmp_path, capsys):
+def test_teacher_with_student_head_keeps_it_frozen(distilled, tmp_path, run_cli):
     student = distilled / "student" / "student.safetensors"
-    code, out, err = run(
+    code, out, err = run_cli(
         ["teacher", *TINY, "--model", "r_tiny", "--steps", "2", "--student-head", str(student), "--out", str(tmp_path)],
-        capsys,
     )
     assert code == 0, err
     from edgekd.bundle import load_bundle
@@ -122,7 +109,7 @@ def test_teacher_with_student_head_keeps_it_frozen(distilled, tmp_path, capsys):
     assert teacher.meta["student_aware"] is True
 
 
-def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, capsys):
+def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, run_cli):
     argv = [
         "distill",
         *TINY,
@@ -138,7 +125,7 @@ def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, capsys):
         "--out",
         str(tmp_path),
     ]
-    code, _, err = run(argv, capsys)
+    code, _, err = run_cli(argv)
     assert code == 0, err
     stages = tmp_path / "sh_kd"
     finals = {
@@ -151,7 +138,7 @@ def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, capsys):
     import shutil
 
     shutil.rmtree(stages / "i2")  # rerun only the last stage
-    code, _, err = run(argv + ["--resume"], capsys)
+    code, _, err = run_cli(argv + ["--resume"])
     assert code == 0, err
     assert finals["i0"].stat().st_mtime_ns == stamps["i0"] and finals["i1"].stat().st_mtime_ns == stamps["i1"]
     assert finals["i2"].is_file()
@@ -161,27 +148,27 @@ def test_sh_kd_runs_three_stages_and_restarts_from_a_stage(tmp_path, capsys):
     assert torch.equal(i1.head.weight, i0.head.weight)  # the teacher trained on the frozen θ_s
 
 
-def test_bad_input_is_one_line(tmp_path, capsys):
-    one_line_error(capsys, ["distill", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")], "missing")
+def test_bad_input_is_one_line(tmp_path, run_cli):
+    one_line_error(run_cli, ["distill", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o1")], "missing")
     (tmp_path / "empty").mkdir()
-    one_line_error(capsys, ["distill", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])
-    one_line_error(capsys, ["distill", *TINY, "--model", "nope", "--out", str(tmp_path / "o3")], "nope")
+    one_line_error(run_cli, ["distill", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])
+    one_line_error(run_cli, ["distill", *TINY, "--model", "nope", "--out", str(tmp_path / "o3")], "nope")
     one_line_error(
-        capsys,
+        run_cli,
         ["distill", *TINY, "--teacher", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "o4")],
         "does not exist",
     )
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    one_line_error(capsys, ["eval", str(tmp_path / "bad.safetensors")], "bad.safetensors")
+    one_line_error(run_cli, ["eval", str(tmp_path / "bad.safetensors")], "bad.safetensors")
     (tmp_path / "cfg.yaml").write_text("learning_rate: 0.1\n")
     one_line_error(
-        capsys, ["distill", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o5")], "learning_rate"
+        run_cli, ["distill", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "o5")], "learning_rate"
     )
-    code, _, err = run(["distill", "--method", "magic"], capsys)
+    code, _, err = run_cli(["distill", "--method", "magic"])
     assert code == 2 and "magic" in err
 
 
-def test_teacher_for_other_data_is_rejected(distilled, tmp_path, capsys):
+def test_teacher_for_other_data_is_rejected(distilled, tmp_path, run_cli):
     other = "synthetic:identities=6,images_per_identity=8,pairs=40"
     teacher = next((distilled.parent).glob("**/teacher.safetensors"), None)
     if teacher is None:  # the default teacher lives in the edgekd cache
@@ -190,12 +177,12 @@ def test_teacher_for_other_data_is_rejected(distilled, tmp_path, capsys):
 
         teacher = next(Path(os.environ["EDGEKD_CACHE_DIR"]).glob("teachers/*/teacher.safetensors"))
     args = ["distill", *TINY, "--data", other, "--teacher", str(teacher), "--steps", "2", "--out", str(tmp_path)]
-    one_line_error(capsys, args, "classes")
+    one_line_error(run_cli, args, "classes")
 
 
-def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
+def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, run_cli):
     line = one_line_error(
-        capsys,
+        run_cli,
         [
             "distill",
             *TINY,
