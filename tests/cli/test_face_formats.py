@@ -77,7 +77,9 @@ def test_pack_train_and_evaluate_on_bin_and_ijb(faces, tmp_path, run_cli):
     # 20 pairs: pair i is images (i, i + 1) of the same identity when both fall in one identity's 6 images
     order = [j for i in range(20) for j in (i, i + 1 if i % 2 == 0 else i + 6)]
     images = np.stack([faces[j % len(faces)][0].numpy() for j in order])
-    issame = [faces[a % len(faces)][1] == faces[b % len(faces)][1] for a, b in zip(order[::2], order[1::2])]
+    issame = [
+        faces[a % len(faces)][1] == faces[b % len(faces)][1] for a, b in zip(order[::2], order[1::2], strict=True)
+    ]
     write_bin(tmp_path / "pairs.bin", images, issame, image_format="png")
     code, out, err = run_cli(
         [
