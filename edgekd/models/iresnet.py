@@ -170,3 +170,10 @@ def r100(**kwargs) -> IResNet:
 def r_tiny(**kwargs) -> IResNet:
     """Tiny iResNet (widths 16–128, one block per stage, 128-d; about 1.1 M params) for tests and demo teachers."""
     return _create_iresnet("r_tiny", dict(layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), embed_dim=128), **kwargs)
+
+
+@register_model
+def r_small(**kwargs) -> IResNet:
+    """Small iResNet (widths 32–256, two blocks per stage, 512-d) for CPU demos: at 32×32 it costs about as much
+    as MobileFaceNet but holds more parameters in dense convolutions, so it trains as a stronger teacher."""
+    return _create_iresnet("r_small", dict(layers=(2, 2, 2, 2), widths=(32, 64, 128, 256), embed_dim=512), **kwargs)
