@@ -87,6 +87,12 @@ def make_loss_fn(trainee: Bundle, teacher: TeacherSignal | None, weights: LossWe
     return loss_fn
 
 
+def _normalize_and_flip(images: torch.Tensor, mean, std, flip_mask: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` → normalized float, mirrored where ``flip_mask`` ``(B, 1, 1, 1)`` is set."""
+    x = normalize(images, mean, std)
+    return torch.where(flip_mask, hflip(x), x)
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     # Lines logged after the checkpoint we resume from describe lost work: drop them so the log reads as one run.
     if path.is_file():
@@ -145,16 +151,18 @@ def fit(
     tic, seen = time.perf_counter(), 0
     for step, (images, labels) in enumerate(loader, start=start):
         indices, flips = order.batch(step)
-        x = normalize(images.to(device, non_blocking=True), mean, std)
+        images = images.to(device, non_blocking=True)
         flip_mask = flips.to(device)[:, None, None, None]
-        x = torch.where(flip_mask, hflip(x), x)
+        x = _normalize_and_flip(images, mean, std, flip_mask)
         labels = labels.to(device)
         z_t = None
         if teacher is not None and teacher.cache is not None:
             z_t = teacher.cache.lookup(indices, flips).to(device, non_blocking=True)
         elif teacher is not None and teacher.backbone is not None:
+            # The teacher sees the batch with its own normalization (timm teachers and face students differ).
+            x_t = _normalize_and_flip(images, teacher.backbone.cfg.mean, teacher.backbone.cfg.std, flip_mask)
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                z_t = teacher.backbone(x).float()
+                z_t = teacher.backbone(x_t).float()
         lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             total, terms = step_fn(x, labels, z_t)

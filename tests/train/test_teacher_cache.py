@@ -71,3 +71,26 @@ def test_training_with_cache_equals_training_with_live_teacher(tiny_faces, tmp_p
         results.append(student.backbone.state_dict())
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_live_teacher_sees_its_own_normalization(tiny_faces, tmp_path):
+    # A teacher with other mean/std than the student (a timm teacher and a face student, say) must get the same
+    # embeddings live as through the cache, which always normalizes with the teacher's own statistics.
+    teacher = build_trainee(replace(CFG, seed=5), tiny_faces)
+    teacher.backbone.eval()
+    object.__setattr__(teacher.backbone, "cfg", replace(teacher.backbone.cfg, mean=(0.3, 0.4, 0.5), std=(0.2,) * 3))
+    head = teacher.head.freeze()
+    cache = build_teacher_cache(
+        teacher.backbone, tiny_faces, teacher.cfg.mean, teacher.cfg.std, tmp_path / "c", torch.device("cpu")
+    )
+    weights = LossWeights(ce=1, th_ce=1, l2e=1)
+    results = []
+    for name, signal in (
+        ("live", TeacherSignal(backbone=teacher.backbone, head=head)),
+        ("cached", TeacherSignal(head=head, cache=cache)),
+    ):
+        student = build_trainee(replace(CFG, model="mbf_tiny", seed=2), tiny_faces)
+        fit(student, replace(CFG, model="mbf_tiny", steps=2), weights, tiny_faces, tmp_path / name, teacher=signal)
+        results.append(student.backbone.state_dict())
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
