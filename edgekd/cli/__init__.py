@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "export": "edgekd.cli.export",
     "benchmark-latency": "edgekd.cli.benchmark_latency",
     "data": "edgekd.cli.data",
+    "study": "edgekd.cli.study",
 }
 
 SUMMARIES = {
@@ -32,6 +33,7 @@ SUMMARIES = {
     "export": "Export a student to ONNX (FP32/FP16/INT8) or a TensorRT engine, behind parity gates.",
     "benchmark-latency": "Latency and throughput of torch, ONNX Runtime and TensorRT over a batch sweep.",
     "data": "Pack image folders into insightface RecordIO / .bin files.",
+    "study": "Reproduction study: every method over seeds on Fashion-MNIST and synthetic faces -> REPRODUCTION.md.",
 }
 
 
