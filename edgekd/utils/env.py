@@ -1,0 +1,112 @@
+"""The environment a result was measured in: package versions, device, threads. Every JSON edgekd writes embeds it.
+
+Versions are read from installed package metadata, so optional packages (TensorRT, Triton, ONNX Runtime) are never
+imported just to be reported; only torch is imported, because the device and thread count come from it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+from edgekd.version import __version__
+
+__all__ = ["environment", "package_versions", "cpu_name", "gpu_info", "thread_info"]
+
+# distribution names; the first one installed under each key wins (onnxruntime ships as -gpu on Linux x86).
+PACKAGES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "torchvision": ("torchvision",),
+    "numpy": ("numpy",),
+    "onnx": ("onnx",),
+    "onnxscript": ("onnxscript",),
+    "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"),
+    "torch_tensorrt": ("torch-tensorrt", "torch_tensorrt"),
+    "triton": ("triton",),
+    "timm": ("timm",),
+}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of edgekd's required and optional packages (None when not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version(), "edgekd": __version__}
+    for key, dists in PACKAGES.items():
+        versions[key] = None
+        for dist in dists:
+            try:
+                versions[key] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """Name, compute capability, memory and CUDA version of the current CUDA device, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {
+        "index": index,
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "device_count": torch.cuda.device_count(),
+    }
+
+
+def thread_info() -> dict[str, int | None]:
+    """torch intra-op threads, the CPUs this process may run on, and the machine's logical CPU count."""
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "usable_cpus": usable,
+        "logical_cpus": os.cpu_count(),
+        "omp_num_threads": int(os.environ["OMP_NUM_THREADS"])
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit()
+        else None,
+    }
+
+
+def environment(**extra: Any) -> dict[str, Any]:
+    """Versions, device and threads, plus any ``extra`` keys (e.g. the ORT thread count a benchmark used).
+
+    Returns:
+        A JSON-serializable dict with keys ``versions``, ``platform``, ``cpu``, ``gpu`` (None without CUDA),
+        ``threads`` and the extras.
+    """
+    env = {
+        "versions": package_versions(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "gpu": gpu_info(),
+        "threads": thread_info(),
+    }
+    env.update(extra)
+    return env

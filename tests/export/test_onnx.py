@@ -1,0 +1,127 @@
+"""FP32 ONNX export: one file with a dynamic batch axis, BatchNorm folded, metadata, gates, batch invariance."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from edgekd.export.onnx import INPUT_NAME, OUTPUT_NAME, read_metadata
+from edgekd.export.pipeline import ExportOptions, export_checkpoint
+from edgekd.export.runtime import OrtRuntime
+
+
+@pytest.mark.parametrize(("name", "size"), [("mbf", 112), ("r_tiny", 32)])
+def test_export_fp32_batches_from_one_file(tmp_path, make_checkpoint, name, size):
+    ckpt = make_checkpoint(tmp_path / f"{name}.safetensors", name, input_size=size)
+    out = tmp_path / f"{name}.onnx"
+    result = export_checkpoint(ckpt, out, ExportOptions(gate_batches=(1, 3, 32), gate_images=16))
+
+    assert result.onnx == out and out.is_file() and result.gate.passed
+    assert not list(tmp_path.glob(".*tmp")), "temporary files left behind"
+    assert {r.batch for r in result.gate.rows} == {1, 3, 32}
+    assert min(r.min_cos for r in result.gate.rows) >= 0.99999
+    assert {r.source for r in result.gate.rows} == {"synthetic", "noise"}
+
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert not list(tmp_path.glob("*.data")), "weights must be inside the one file"
+    for value, dim in ((model.graph.input[0], INPUT_NAME), (model.graph.output[0], OUTPUT_NAME)):
+        assert value.name == dim
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    ops = Counter(n.op_type for n in model.graph.node)
+    if name == "mbf":
+        assert ops["BatchNormalization"] == 0
+    else:  # iResNet: only the pre-activation BNs in front of zero-padded convs remain; bn2 is folded into the fc
+        assert ops["BatchNormalization"] == 4
+        producers = {o: n.op_type for n in model.graph.node for o in n.output}
+        reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+        assert producers[reshape.input[0]] != "BatchNormalization"
+
+    meta = read_metadata(model)
+    assert meta["input_size"] == [3, size, size] and meta["embed_dim"] in (128, 512)
+    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.5, 0.5, 0.5] and meta["channel_order"] == "RGB"
+    assert meta["precision"] == "fp32" and meta["edgekd_version"] and len(meta["source_sha256"]) == 16
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["gate"]["passed"] and sidecar["environment"]["versions"]["onnxruntime"]
+
+    # each sample's embedding is the same whether it runs alone or inside a batch of 3 or 32
+    runtime = OrtRuntime(out)
+    x = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(1))
+    alone = np.concatenate([runtime(x[i : i + 1]).numpy() for i in range(32)])
+    in_threes = np.concatenate([runtime(x[i : i + 3]).numpy() for i in range(0, 32, 3)])
+    in_32 = runtime(x).numpy()
+    scale = np.abs(alone).max()
+    np.testing.assert_allclose(in_threes, alone, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(in_32, alone, rtol=0, atol=1e-6 * scale)
+
+
+def test_fold_batchnorm_into_gemm_is_exact():
+    """BN -> flatten -> Gemm folds into the Gemm with the outputs unchanged."""
+    from edgekd.export.onnx import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        torch.nn.PReLU(4),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 5),
+    )
+    with torch.no_grad():
+        bn = net[2]
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.onnx.export(net, (x,), dynamo=True, optimize=False, verbose=False)
+    model = program.model_proto
+    before = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = ref.get_inputs()[0].name
+    expected = ref.run(None, {name: x.numpy()})[0]
+    model, folded = fold_batchnorm(model)
+    assert before == 1 and folded == 1
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {name: x.numpy()}
+    )[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decompose_prelu_is_exact_and_skips_large_slopes():
+    import onnxruntime as ort
+    from edgekd.export.onnx import decompose_prelu, export_onnx
+
+    from edgekd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mbf_tiny", input_size=32).eval()
+    prelus = [m for m in model.modules() if isinstance(m, torch.nn.PReLU)]
+    with torch.no_grad():
+        for m in prelus:
+            m.weight.uniform_(-0.5, 1.0)
+        prelus[0].weight[0] = 1.5  # a slope > 1: that node must be left as PRelu
+    proto = export_onnx(model, model.cfg)
+    rewritten, count = decompose_prelu(proto)
+    ops = Counter(n.op_type for n in rewritten.graph.node)
+    assert count == len(prelus) - 1 and ops["PRelu"] == 1
+    x = torch.randn(4, 3, 32, 32).numpy()
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[
+            0
+        ]
+
+    np.testing.assert_allclose(run(rewritten), run(proto), rtol=1e-5, atol=1e-6)
+    runtime = OrtRuntime(proto.SerializeToString())  # the load-time rewrite of edgekd's ORT runtime
+    assert runtime.prelu_decomposed == count
+    assert OrtRuntime(proto.SerializeToString(), decompose_prelu=False).prelu_decomposed == 0
