@@ -189,12 +189,11 @@ def run_sh_kd(
     dataset,
     out: Path,
     teacher_init: Bundle | None = None,
-    resume: bool = True,
 ) -> Path | None:
     """SH-KD: I0 temporary student (keeps θ_s) → I1 teacher on frozen θ_s → I2 student distilled through θ_s.
 
-    Each stage checkpoints in its own folder and is skipped once its final file exists; delete a stage's
-    folder to rerun it (and the ones after it).
+    Each stage checkpoints in its own folder, resumes from its newest checkpoint, and is skipped once its final
+    file exists; to rerun from a stage, delete its folder and the folders of the stages after it.
     """
     stages = out / "sh_kd"
     i0 = distill_student(student_cfg, LossWeights(ce=1.0), dataset, None, stages / "i0", resume=True, method="sh-kd:i0")

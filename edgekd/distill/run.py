@@ -62,7 +62,7 @@ def run_distill(
     dataset = training_dataset(cfg)
     t_cfg = teacher_config(cfg, teacher_model, teacher_epochs, teacher_lr)
     teacher = None
-    if method != "vanilla" and method != "sh-kd":
+    if method not in ("vanilla", "sh-kd"):
         if teacher_path is None:
             log(f"training the default teacher ({teacher_model}, {teacher_epochs:g} epochs; cached for later runs)")
             teacher_path = default_teacher(t_cfg, dataset)
@@ -70,7 +70,7 @@ def run_distill(
     log(f"distilling {cfg.model} with {method}: " + ", ".join(f"{k}={v:g}" for k, v in weights.__dict__.items() if v))
     if method == "sh-kd":
         init = load_bundle(teacher_path) if teacher_path else None
-        student_path = run_sh_kd(cfg, t_cfg, weights, dataset, out, teacher_init=init, resume=resume)
+        student_path = run_sh_kd(cfg, t_cfg, weights, dataset, out, teacher_init=init)
         teacher_path = out / "sh_kd" / "i1" / "teacher.safetensors"
     else:
         student_path = distill_student(cfg, weights, dataset, teacher, out / "student", resume=resume, method=method)

@@ -176,7 +176,7 @@ class StudyRunner:
             run = folder
         elif row.method == "sh-kd":
             self._share_sh_stages(cell, folder)
-            path = run_sh_kd(s_cfg, t_cfg, cell.weights(), dataset, folder, resume=True)
+            path = run_sh_kd(s_cfg, t_cfg, cell.weights(), dataset, folder)
             run = folder / "sh_kd" / "i2"
         else:
             teacher = load_bundle(self.teacher_file(plan, seed))
