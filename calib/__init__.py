@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+
 from edgekd.calib.cache import CalibrationCache, cache_key, model_sha256
 from edgekd.calib.dataset import CalibrationSet, build_calibration_set
 from edgekd.calib.observers import METHODS, compute_ranges, resolve_settings

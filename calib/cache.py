@@ -16,6 +16,7 @@ from typing import Any
 
 from edgekd.atomic import write_json
 from edgekd.errors import EdgekdError
+from edgekd.utils.cache import cache_root, json_digest
 
 __all__ = ["CACHE_FORMAT", "default_cache_dir", "cache_key", "model_sha256", "CalibrationCache"]
 
@@ -23,11 +24,8 @@ CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    """``$EDGEKD_CACHE_DIR/calib``, else ``$XDG_CACHE_HOME/edgekd/calib``, else ``~/.cache/edgekd/calib``."""
-    if os.environ.get("EDGEKD_CACHE_DIR"):
-        return Path(os.environ["EDGEKD_CACHE_DIR"]) / "calib"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "edgekd" / "calib"
+    """``calib/`` under edgekd's cache root (see ``edgekd.utils.cache.cache_root``)."""
+    return cache_root() / "calib"
 
 
 def model_sha256(model, length: int = 32) -> str:
@@ -44,7 +42,7 @@ def cache_key(model_hash: str, data_fingerprint: str, method: str, settings: dic
         "method": method,
         "settings": settings,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return json_digest(parts, length=24)
 
 
 class CalibrationCache:

@@ -7,9 +7,6 @@ A stage whose final file exists is skipped, so an interrupted pipeline restarts 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,11 +20,7 @@ from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
 from edgekd.train.loop import TeacherSignal, fit, resolve_device
 from edgekd.train.teacher_cache import build_teacher_cache
-
-
-def cache_root() -> Path:
-    """Where trained default teachers and teacher-embedding caches live (``$EDGEKD_CACHE_DIR``)."""
-    return Path(os.environ.get("EDGEKD_CACHE_DIR", Path.home() / ".cache" / "edgekd"))
+from edgekd.utils.cache import cache_root, json_digest
 
 
 def training_dataset(cfg: TrainConfig):
@@ -100,9 +93,7 @@ def _frozen_copy(head: ClassHead) -> ClassHead:
 
 def default_teacher(cfg: TrainConfig, dataset, resume: bool = True) -> Path:
     """The small teacher ``edgekd distill`` trains when none is given, cached by (config, data)."""
-    key = hashlib.sha256(
-        json.dumps({"cfg": cfg.to_dict(), "data": dataset.fingerprint}, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    key = json_digest({"cfg": cfg.to_dict(), "data": dataset.fingerprint})
     run_dir = cache_root() / "teachers" / key
     path = train_teacher(cfg, dataset, run_dir, resume=resume)
     if path is None:

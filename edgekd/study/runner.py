@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from edgekd.losses import LossWeights
 from edgekd.study.evaluate import StudyData, evaluate
 from edgekd.study.grid import DatasetPlan, Profile, Row, Trainee, Variant
 from edgekd.train.config import TrainConfig
+from edgekd.utils.cache import json_digest
 
 __all__ = ["Cell", "StudyRunner", "run_study"]
 
@@ -72,17 +72,14 @@ class Cell:
     def key(self) -> str:
         """Hash of everything that decides this cell's numbers; a stored result with another key is not reused."""
         plan = {k: v for k, v in dataclasses.asdict(self.plan).items() if k != "rows"}
-        text = json.dumps(
+        return json_digest(
             {
                 "plan": plan,
                 "weights": dataclasses.asdict(self.weights()),
                 "seed": self.seed,
                 "row": [self.row.method, self.row.preset],
-            },
-            sort_keys=True,
-            default=str,
+            }
         )
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------- the runner

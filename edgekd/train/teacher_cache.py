@@ -9,7 +9,6 @@ the input transform, so a changed teacher or changed data gets a new cache inste
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import nn
 
 from edgekd.atomic import atomic_path, write_json
 from edgekd.data.transforms import hflip, normalize
+from edgekd.utils.cache import json_digest
 from edgekd.utils.progress import progress
 
 
@@ -33,11 +33,10 @@ def module_fingerprint(module: nn.Module) -> str:
 
 def cache_key(teacher: nn.Module, dataset, mean, std) -> str:
     """The cache identity: teacher weights, data fingerprint and the normalization applied to images."""
-    text = json.dumps(
+    return json_digest(
         {"teacher": module_fingerprint(teacher), "data": dataset.fingerprint, "mean": list(mean), "std": list(std)},
-        sort_keys=True,
+        length=20,
     )
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 class TeacherCache:
