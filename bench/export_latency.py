@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from edgekd.atomic import write_json
+from edgekd.bundle import Bundle, load_bundle, save_bundle
 from edgekd.calib import build_calibration_set, calibrate
 from edgekd.export.gates import cosine_rows, run_batched
 from edgekd.export.int8 import QUANT_OP_TYPES, Int8Options, quantize_qdq
@@ -38,9 +41,6 @@ from edgekd.export.latency import LatencyConfig, stats_ms, time_cpu
 from edgekd.export.onnx import save_onnx
 from edgekd.export.pipeline import ExportOptions, export_checkpoint, gate_inputs
 from edgekd.export.runtime import OrtRuntime, TorchRuntime
-
-from edgekd.atomic import write_json
-from edgekd.bundle import Bundle, load_bundle, save_bundle
 from edgekd.models import create_model
 from edgekd.utils.env import cpu_name, environment
 
@@ -109,8 +109,8 @@ def measure(backbone, paths, cfg, threads: int, batches, rounds: int, timing: La
     runtimes = {
         ("torch eager", "fp32"): TorchRuntime(backbone),
         ("torch.compile", "fp32"): TorchRuntime(backbone, compile=True),
-        ("ORT CPU", "fp32, PReLU rewritten at load"): OrtRuntime(paths["fp32"], threads=threads),
-        ("ORT CPU", "fp32, PRelu nodes as written"): OrtRuntime(paths["fp32"], threads=threads, decompose_prelu=False),
+        ("ORT CPU", "fp32, rewritten at load"): OrtRuntime(paths["fp32"], threads=threads),
+        ("ORT CPU", "fp32, graph as written"): OrtRuntime(paths["fp32"], threads=threads, cpu_rewrites=False),
         ("ORT CPU", "int8 S8S8 (TensorRT Q/DQ)"): OrtRuntime(paths["int8-s8s8"], threads=threads),
         ("ORT CPU", "int8 U8S8 (x86 Q/DQ)"): OrtRuntime(paths["int8-u8s8"], threads=threads),
     }

@@ -63,7 +63,7 @@ class LatencyConfig:
     device: str = "cpu"
     cuda_graph: bool = True
     seed: int = 0
-    decompose_prelu: bool = True  # ONNX Runtime CPU: the load-time PReLU rewrite of OrtRuntime
+    ort_cpu_rewrites: bool = True  # ONNX Runtime CPU: OrtRuntime's load-time graph rewrites
 
 
 def stats_ms(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float]:
@@ -191,7 +191,7 @@ def _open(spec: ModelSpec, backend: str, cfg: LatencyConfig, cuda_graph: bool):
             device="cuda" if backend == "ort-cuda" else "cpu",
             threads=cfg.threads,
             precision=spec.precision,
-            decompose_prelu=cfg.decompose_prelu,
+            cpu_rewrites=cfg.ort_cpu_rewrites,
         )
     if backend == "tensorrt":
         if spec.path is None or Path(spec.path).suffix not in (".plan", ".engine"):

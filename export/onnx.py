@@ -39,7 +39,6 @@ __all__ = [
     "name_batch_axis",
     "read_metadata",
     "check_onnx",
-    "decompose_prelu",
     "save_onnx",
     "load_onnx",
 ]
@@ -199,52 +198,6 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf decode errors
         raise EdgekdError(f"cannot read ONNX model {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-
-
-def decompose_prelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Rewrite every ``PRelu(x, s)`` with a constant per-channel slope into ``s * x + Relu((1 - s) * x)``.
-
-    The two forms are equal for slopes ``s <= 1`` (for a larger slope the node is left alone). ONNX Runtime's CPU
-    ``PRelu`` goes through a generic broadcast loop and also breaks its blocked (NCHWc) convolution layout, while the
-    per-channel ``Mul`` nodes become blocked depthwise convolutions and ``Relu``/``Add`` fuse into them; on
-    MobileFaceNet this halves ORT CPU latency (BENCHMARKS.md). TensorRT has a native PReLU layer, so edgekd keeps
-    ``PRelu`` in the artifacts it writes and applies this rewrite when ONNX Runtime loads a model (``OrtRuntime``), or
-    in the artifact with ``edgekd export --prelu decomposed``.
-
-    Args:
-        model: an ONNX model (not modified).
-
-    Returns:
-        The rewritten copy and the number of PReLU nodes rewritten.
-    """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    init = {t.name: t for t in graph.initializer}
-    nodes, count = [], 0
-    for node in graph.node:
-        slope = init.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
-        if slope is None or slope.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            nodes.append(node)
-            continue
-        s = numpy_helper.to_array(slope)
-        if np.any(s > 1):
-            nodes.append(node)
-            continue
-        x, y = node.input[0], node.output[0]
-        base = node.name or y
-        rest = f"{base}/one_minus_slope"
-        graph.initializer.append(numpy_helper.from_array((1 - s.astype(np.float64)).astype(s.dtype), rest))
-        nodes += [
-            helper.make_node("Mul", [x, node.input[1]], [f"{base}/neg"], name=f"{base}/neg_part"),
-            helper.make_node("Mul", [x, rest], [f"{base}/scaled"], name=f"{base}/pos_scale"),
-            helper.make_node("Relu", [f"{base}/scaled"], [f"{base}/pos"], name=f"{base}/pos_part"),
-            helper.make_node("Add", [f"{base}/neg", f"{base}/pos"], [y], name=f"{base}/sum"),
-        ]
-        count += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return out, count
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edgekd.export.gates import DEFAULT_GATE_BATCHES, DEFAULT_MAX_DROP, GateReport, parity_gate, task_gate
-from edgekd.export.tensorrt import EngineProfile
 
 from edgekd.errors import EdgekdError
+from edgekd.export.gates import DEFAULT_GATE_BATCHES, DEFAULT_MAX_DROP, GateReport, parity_gate, task_gate
+from edgekd.export.tensorrt import EngineProfile
 
 __all__ = ["PRECISIONS", "ExportOptions", "ExportResult", "export_checkpoint", "gate_inputs", "default_output"]
 
@@ -35,7 +35,7 @@ class ExportOptions:
     precision: str = "fp32"
     opset: int = 20
     legacy_exporter: bool = False
-    prelu: str = "native"  # "decomposed": bake the ONNX Runtime CPU PReLU rewrite into the artifact
+    ort_cpu_rewrites: bool = False  # bake edgekd.export.ort_cpu's rewrites into the artifact
     # gates
     gate_batches: tuple[int, ...] = DEFAULT_GATE_BATCHES
     gate_images: int = 64
@@ -86,7 +86,6 @@ def gate_inputs(
     """Normalized gate images: ``count`` generated faces (held-out identities of the ``generated`` synthetic spec),
     uniform noise (FP32/FP16 only: parity must hold for any input), and ``real`` images (a folder or data spec)."""
     from edgekd.calib.dataset import build_calibration_set
-
     from edgekd.data import create_dataset
     from edgekd.data.transforms import normalize
 
@@ -174,12 +173,11 @@ def export_checkpoint(
         MissingDependency: ``--trt`` without TensorRT / torch-tensorrt / a GPU (checked before any work).
         EdgekdError: bad options or inputs.
     """
+    from edgekd.atomic import atomic_path, file_sha256, write_json
+    from edgekd.bundle import load_bundle
     from edgekd.export.onnx import export_onnx, model_metadata, save_onnx
     from edgekd.export.readiness import check_readiness
     from edgekd.export.runtime import OrtRuntime, TorchRuntime
-
-    from edgekd.atomic import atomic_path, file_sha256, write_json
-    from edgekd.bundle import load_bundle
 
     options = options or ExportOptions()
     log = log or (lambda _msg: None)
@@ -230,18 +228,16 @@ def export_checkpoint(
     else:
         candidate, calib_info = _int8(fp32, cfg, options, log)
 
-    if options.prelu == "decomposed":
-        from edgekd.export.onnx import decompose_prelu
+    if options.ort_cpu_rewrites:
+        from edgekd.export.ort_cpu import rewrite_for_ort_cpu
 
-        candidate, rewritten = decompose_prelu(candidate)
-        log(f"decomposed {rewritten} PReLU node(s) for ONNX Runtime CPU")
-    elif options.prelu != "native":
-        raise EdgekdError(f"--prelu must be native or decomposed, got {options.prelu!r}")
+        candidate, rewritten = rewrite_for_ort_cpu(candidate)
+        log(f"rewrote for ONNX Runtime CPU: {rewritten['prelu']} PReLU, {rewritten['grouped_conv']} grouped Conv")
     readiness = check_readiness(candidate, name=out.name)
     log(readiness.format())
     with atomic_path(out) as tmp:
         save_onnx(candidate, tmp)
-        runtime = OrtRuntime(tmp, device="cpu", decompose_prelu=False)  # gate the artifact exactly as written
+        runtime = OrtRuntime(tmp, device="cpu", cpu_rewrites=False)  # gate the artifact exactly as written
         report = _run_gates(reference, runtime, inputs, precision, out.name, options, cfg, pairs, log)
         report.raise_if_failed()
     sidecar = out.with_name(out.name + ".json")
@@ -325,11 +321,10 @@ def _export_engine(result, fp32, candidate, backbone, cfg, reference, inputs, pa
     """Build, inspect, gate and write the TensorRT engine (ONNX route) or torch-tensorrt program."""
     import tempfile
 
+    from edgekd.atomic import atomic_path, file_sha256, write_json
     from edgekd.export.onnx import save_onnx
     from edgekd.export.readiness import check_readiness
     from edgekd.export.tensorrt import build_engine, import_tensorrt, trt_major
-
-    from edgekd.atomic import atomic_path, file_sha256, write_json
     from edgekd.utils.env import environment
 
     precision = options.precision
@@ -410,11 +405,10 @@ def _export_engine(result, fp32, candidate, backbone, cfg, reference, inputs, pa
 
 
 def _export_torch_tensorrt(result, backbone, cfg, reference, inputs, pairs, options, log) -> None:
-    from edgekd.export.tensorrt import check_layer_precisions
-    from edgekd.export.torch_tensorrt import TorchTensorRTRuntime, compile_torch_tensorrt, save_torch_tensorrt
-
     from edgekd.atomic import atomic_path, write_json
     from edgekd.errors import GateFailed
+    from edgekd.export.tensorrt import check_layer_precisions
+    from edgekd.export.torch_tensorrt import TorchTensorRTRuntime, compile_torch_tensorrt, save_torch_tensorrt
     from edgekd.utils.env import environment
 
     precision = options.precision

@@ -198,7 +198,7 @@ class OrtRuntime(Runtime):
         threads: int | None = None,
         optimization: str = "all",
         precision: str | None = None,
-        decompose_prelu: bool = True,
+        cpu_rewrites: bool = True,
     ) -> None:
         """Open an ONNX model.
 
@@ -208,9 +208,9 @@ class OrtRuntime(Runtime):
             threads: intra-op threads (None: ONNX Runtime's default).
             optimization: graph optimization level, ``disable``/``basic``/``extended``/``all``.
             precision: label for reports (default: the model's ``precision`` metadata).
-            decompose_prelu: on the CPU, rewrite PReLU into ops ONNX Runtime runs about twice as fast
-                (``edgekd.export.onnx.decompose_prelu``, exact for slopes <= 1). Gates turn it off to run the artifact
-                exactly as written.
+            cpu_rewrites: on the CPU, apply ``edgekd.export.ort_cpu.rewrite_for_ort_cpu`` (PReLU and narrow grouped
+                convolutions into ops that stay on ONNX Runtime's blocked layout; exact up to float rounding) at load.
+                Gates turn it off to run the artifact exactly as written.
         """
         import onnxruntime as ort
 
@@ -248,9 +248,9 @@ class OrtRuntime(Runtime):
         source = model if isinstance(model, bytes) else str(model)
         if not isinstance(model, bytes) and not Path(model).is_file():
             raise EdgekdError(f"ONNX model {model} does not exist")
-        self.prelu_decomposed = 0
-        if decompose_prelu and not device.startswith("cuda"):
-            source = self._decompose(source)
+        self.rewrites: dict[str, int] = {}
+        if cpu_rewrites and not device.startswith("cuda"):
+            source = self._rewrite_for_cpu(source)
         try:
             self.session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types
@@ -268,15 +268,14 @@ class OrtRuntime(Runtime):
     def stream(self) -> torch.cuda.Stream | None:
         return self._stream
 
-    def _decompose(self, source: str | bytes) -> str | bytes:
+    def _rewrite_for_cpu(self, source: str | bytes) -> str | bytes:
         import onnx
-        from edgekd.export.onnx import decompose_prelu
+
+        from edgekd.export.ort_cpu import rewrite_for_ort_cpu
 
         proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
-        if not any(n.op_type == "PRelu" for n in proto.graph.node):
-            return source
-        proto, self.prelu_decomposed = decompose_prelu(proto)
-        return proto.SerializeToString()
+        proto, self.rewrites = rewrite_for_ort_cpu(proto)
+        return proto.SerializeToString() if any(self.rewrites.values()) else source
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
@@ -304,7 +303,7 @@ class OrtRuntime(Runtime):
             **super().describe(),
             "intra_op_threads": self.threads,
             "providers": self.session.get_providers(),
-            "prelu_decomposed": self.prelu_decomposed,
+            "cpu_rewrites": self.rewrites,
         }
 
 

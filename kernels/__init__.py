@@ -12,6 +12,7 @@ def is_available() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     import torch
+
     from edgekd.kernels._launch import interpreting
 
     return torch.cuda.is_available() or interpreting()

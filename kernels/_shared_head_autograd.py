@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from edgekd.kernels._shared_head_math import (
     HEAD_TERM_NAMES,
     KIND_LINEAR,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from edgekd.kernels._launch import check_device, interpreting, next_pow2, num_splits, sweep_config
 from edgekd.kernels._shared_head_math import (
     KIND_LINEAR,

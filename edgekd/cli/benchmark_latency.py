@@ -123,14 +123,15 @@ def _specs(models: tuple[str, ...], arch: str | None, backends: tuple[str, ...],
     help="PNG plot (default: the JSON path with .png)",
 )
 @click.option(
-    "--ort-prelu",
-    type=click.Choice(["decomposed", "native"]),
-    default="decomposed",
+    "--ort-graph",
+    type=click.Choice(["rewritten", "as-written"]),
+    default="rewritten",
     show_default=True,
-    help="ONNX Runtime CPU: rewrite PReLU at load (about 2x faster, exact) or run the graph's PRelu nodes as written",
+    help="ONNX Runtime CPU: apply edgekd's exact load-time rewrites (PReLU, narrow grouped Conv; about 2x faster) "
+    "or run the graph as written",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random inputs")
-def command(models, arch, backends, batches, device, threads, json_path, plot_path, seed, ort_prelu, **timing) -> None:
+def command(models, arch, backends, batches, device, threads, json_path, plot_path, seed, ort_graph, **timing) -> None:
     """Time MODELS on every backend over a batch sweep; print a table, write JSON and a PNG plot."""
     import tempfile
     from dataclasses import asdict
@@ -150,7 +151,7 @@ def command(models, arch, backends, batches, device, threads, json_path, plot_pa
         device=device,
         threads=threads,
         seed=seed,
-        decompose_prelu=ort_prelu == "decomposed",
+        ort_cpu_rewrites=ort_graph == "rewritten",
         **timing,
     )
     with tempfile.TemporaryDirectory(prefix="edgekd-latency-") as tmpdir:

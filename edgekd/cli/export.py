@@ -42,12 +42,10 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (TensorRT 10.0 parses 9-20)")
 @click.option("--legacy-exporter", is_flag=True, help="use the deprecated TorchScript exporter instead of dynamo")
 @click.option(
-    "--prelu",
-    type=click.Choice(["native", "decomposed"]),
-    default="native",
-    show_default=True,
-    help="decomposed: write PReLU as Mul/Relu/Add, about 2x faster on ONNX Runtime CPU (edgekd's own ORT runtime does "
-    "this at load time anyway); native suits TensorRT",
+    "--ort-cpu-rewrites",
+    is_flag=True,
+    help="bake the ONNX Runtime CPU rewrites (PReLU as Mul/Relu/Add, narrow grouped Conv as depthwise) into the file; "
+    "edgekd's own ORT runtime applies them at load anyway, and TensorRT prefers the graph as exported",
 )
 @click.option(
     "--images", "real_images", default=None, help="real images for the parity gate: an image folder or a data spec"

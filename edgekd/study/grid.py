@@ -13,8 +13,8 @@ profile   seeds  what                                                           
 ``tiny``  1      test suite: tiny models, a few steps, two-variant sweeps of kd and sh-kd    seconds
 ``quick`` 1      the full profile's models, short schedules, presets only (no sweep)         fmnist 4.9 + synthetic
                                                                                             3.5 = 8.5 min
-``full``  3      Fashion-MNIST (55k training images): ResNet-18 teacher 2 epochs,            fmnist 70 + synthetic
-                 cnn_tiny student 8 epochs; synthetic (200 identities × 20 images, 32 px):  82 = 152 min
+``full``  3      Fashion-MNIST (55k training images): ResNet-18 teacher 4 epochs,            fmnist 82 + synthetic
+                 cnn_tiny student 4 epochs; synthetic (200 identities × 20 images, 32 px):  82 = 164 min
                  r_small teacher 6 epochs, mbf student 4 epochs; three-value sweeps of
                  every KD row on seed 0
 ========  =====  =========================================================================  ==================
@@ -155,12 +155,15 @@ _FACE = dict(head="arcface", scale=16.0, margin=0.3, image_size=32, warmup_steps
 
 
 def _full() -> Profile:
+    # A teacher must beat the student trained alone, or distillation is not being tested: with 2 teacher and 8 student
+    # epochs the 8k-parameter cnn_tiny (val 90.7 %) beat the 28-px ResNet-18 (val 90.1 %), so the teacher got two
+    # more epochs and the student four fewer (the total cost stays about the same).
     fmnist = DatasetPlan(
         name="fmnist",
         data="fmnist",
         head="linear",
-        teacher=Trainee("timm/resnet18", epochs=2.0, lr=0.1, batch_size=128),
-        student=Trainee("cnn_tiny", epochs=8.0, lr=0.1, batch_size=128),
+        teacher=Trainee("timm/resnet18", epochs=4.0, lr=0.1, batch_size=128),
+        student=Trainee("cnn_tiny", epochs=4.0, lr=0.1, batch_size=128),
         rows=_rows(face=False, sweep=True),
         warmup_steps=100,
     )

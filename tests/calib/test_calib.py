@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from edgekd.calib import build_calibration_set, calibrate
-from edgekd.calib.dataset import CalibrationSet
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekd.calib import build_calibration_set, calibrate
+from edgekd.calib.dataset import CalibrationSet
 from edgekd.models import create_model
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from edgekd.export.latency import RESULT_FIELDS, STAT_KEYS, stats_ms
 
 

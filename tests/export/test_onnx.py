@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from edgekd.export.onnx import INPUT_NAME, OUTPUT_NAME, read_metadata
 from edgekd.export.pipeline import ExportOptions, export_checkpoint
 from edgekd.export.runtime import OrtRuntime
@@ -95,33 +96,3 @@ def test_fold_batchnorm_into_gemm_is_exact():
         None, {name: x.numpy()}
     )[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_decompose_prelu_is_exact_and_skips_large_slopes():
-    import onnxruntime as ort
-    from edgekd.export.onnx import decompose_prelu, export_onnx
-
-    from edgekd.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("mbf_tiny", input_size=32).eval()
-    prelus = [m for m in model.modules() if isinstance(m, torch.nn.PReLU)]
-    with torch.no_grad():
-        for m in prelus:
-            m.weight.uniform_(-0.5, 1.0)
-        prelus[0].weight[0] = 1.5  # a slope > 1: that node must be left as PRelu
-    proto = export_onnx(model, model.cfg)
-    rewritten, count = decompose_prelu(proto)
-    ops = Counter(n.op_type for n in rewritten.graph.node)
-    assert count == len(prelus) - 1 and ops["PRelu"] == 1
-    x = torch.randn(4, 3, 32, 32).numpy()
-
-    def run(m):
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[
-            0
-        ]
-
-    np.testing.assert_allclose(run(rewritten), run(proto), rtol=1e-5, atol=1e-6)
-    runtime = OrtRuntime(proto.SerializeToString())  # the load-time rewrite of edgekd's ORT runtime
-    assert runtime.prelu_decomposed == count
-    assert OrtRuntime(proto.SerializeToString(), decompose_prelu=False).prelu_decomposed == 0

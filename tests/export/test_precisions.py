@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from edgekd.export.pipeline import ExportOptions, export_checkpoint
 from onnx import TensorProto, numpy_helper
 
 from edgekd.errors import GateFailed
+from edgekd.export.pipeline import ExportOptions, export_checkpoint
 
 
 def test_fp16_passes_its_gate(tmp_path, trained_student, student_gate_options):
@@ -76,7 +76,6 @@ def _scale_some_channels(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_broken_model_fails_and_leaves_no_file(tmp_path, monkeypatch, capsys, trained_student):
     import edgekd.export.onnx as onnx_export
-
     from edgekd.cli import main
 
     original = onnx_export.export_onnx

@@ -10,9 +10,9 @@ import importlib.util
 
 import pytest
 import torch
-from edgekd.export.tensorrt import census_from_layer_info, check_layer_precisions
 
 from edgekd.errors import GateFailed
+from edgekd.export.tensorrt import census_from_layer_info, check_layer_precisions
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_TORCH_TRT = importlib.util.find_spec("torch_tensorrt") is not None

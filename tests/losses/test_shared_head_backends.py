@@ -17,10 +17,10 @@ import sys
 
 import pytest
 import torch
+
 from edgekd.kernels._launch import interpreting
 from edgekd.kernels._shared_head_autograd import make_loss_backend
 from edgekd.kernels._shared_head_math import NORM_EPS, SIN2_EPS
-
 from edgekd.losses import HeadSpec, LossWeights, list_loss_backends, resolve_backend, shared_head_loss
 from edgekd.losses import terms as terms_module
 from edgekd.losses.chunked import shared_head_chunked

@@ -159,8 +159,9 @@ def test_compiled_single_term_loss_keeps_its_gradient():
     W = torch.randn(C, D, requires_grad=True)
 
     def step(x, labels):
-        return shared_head_loss(lin(x), labels, W_s=W, head=HeadSpec("arcface", s=8.0), weights=LossWeights(ce=1),
-                                backend="reference")
+        return shared_head_loss(
+            lin(x), labels, W_s=W, head=HeadSpec("arcface", s=8.0), weights=LossWeights(ce=1), backend="reference"
+        )
 
     total, terms = torch.compile(step)(torch.randn(B, D), torch.arange(B) % C)
     assert total.grad_fn is not None
