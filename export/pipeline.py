@@ -3,14 +3,14 @@
 Every artifact is written under a temporary name in its target folder, run through its gates from there, and renamed
 into place only when they pass; a failure leaves nothing final behind and raises ``GateFailed`` after the report has
 been logged. Each final artifact gets a sidecar ``<artifact>.json``: metadata, gate results, readiness findings,
-calibration details and the environment.
+calibration details and the environment. The engine half (``--trt``) lives in ``trt_export``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,9 @@ def _load_pairs(spec: str | None, cfg, seed: int):
     return create_pairs(spec)
 
 
-def _run_gates(reference, candidate, inputs, precision, artifact, options, cfg, pairs, log) -> GateReport:
+def run_gates(reference, candidate, inputs, precision, artifact, options, cfg, pairs, log) -> GateReport:
+    """The parity gate of ``candidate`` against ``reference`` on ``inputs``, plus the task gate on ``pairs`` when given;
+    logs the report and returns it (the caller raises on failure, after or before writing, as its artifact needs)."""
     report = parity_gate(
         reference,
         candidate,
@@ -187,7 +189,9 @@ def export_checkpoint(
     if precision == "int8" and not options.calib:
         raise EdgekdError("--precision int8 needs --calib SOURCE (an image folder, a dataset spec, or builtin)")
     if options.trt:
-        _check_trt_available(options)
+        from edgekd.export.trt_export import check_trt_available
+
+        check_trt_available(options)
     torch.manual_seed(options.seed)
     out = Path(out) if out is not None else default_output(checkpoint, precision)
     if out.suffix != ".onnx":
@@ -238,7 +242,7 @@ def export_checkpoint(
     with atomic_path(out) as tmp:
         save_onnx(candidate, tmp)
         runtime = OrtRuntime(tmp, device="cpu", cpu_rewrites=False)  # gate the artifact exactly as written
-        report = _run_gates(reference, runtime, inputs, precision, out.name, options, cfg, pairs, log)
+        report = run_gates(reference, runtime, inputs, precision, out.name, options, cfg, pairs, log)
         report.raise_if_failed()
     sidecar = out.with_name(out.name + ".json")
     from edgekd.utils.env import environment
@@ -262,27 +266,10 @@ def export_checkpoint(
     log(f"wrote {out} and {sidecar.name}")
     result = ExportResult(onnx=out, gate=report, readiness=readiness, sidecars=[sidecar])
     if options.trt:
-        _export_engine(result, fp32, candidate, backbone, cfg, reference, inputs, pairs, options, log)
+        from edgekd.export.trt_export import export_engine
+
+        export_engine(result, fp32, candidate, backbone, cfg, reference, inputs, pairs, options, log)
     return result
-
-
-def _check_trt_available(options: ExportOptions) -> None:
-    """Fail in one line before any work when the TensorRT route cannot run here."""
-    from edgekd.export.runtime import TRT_INSTALL_HINT
-    from edgekd.export.tensorrt import import_tensorrt
-
-    if options.trt_via not in ("onnx", "torch-tensorrt"):
-        raise EdgekdError("--trt-via must be onnx or torch-tensorrt")
-    if options.trt_via == "torch-tensorrt":
-        from edgekd.export.torch_tensorrt import import_torch_tensorrt
-
-        import_torch_tensorrt()
-    else:
-        import_tensorrt()
-    if not torch.cuda.is_available():
-        from edgekd.errors import MissingDependency
-
-        raise MissingDependency(f"--trt needs an NVIDIA GPU and none is visible; {TRT_INSTALL_HINT}")
 
 
 def _int8(fp32, cfg, options: ExportOptions, log: Log):
@@ -315,159 +302,3 @@ def _int8(fp32, cfg, options: ExportOptions, log: Log):
         "activations": options.int8_activations,
     }
     return quantized, info
-
-
-def _export_engine(result, fp32, candidate, backbone, cfg, reference, inputs, pairs, options, log) -> None:
-    """Build, inspect, gate and write the TensorRT engine (ONNX route) or torch-tensorrt program."""
-    import tempfile
-
-    from edgekd.atomic import atomic_path, file_sha256, write_json
-    from edgekd.export.onnx import save_onnx
-    from edgekd.export.readiness import check_readiness
-    from edgekd.export.tensorrt import build_engine, import_tensorrt, trt_major
-    from edgekd.utils.env import environment
-
-    precision = options.precision
-    trt_precision = "trt-fp32" if precision == "fp32" else precision
-    if options.trt_via == "torch-tensorrt":
-        _export_torch_tensorrt(result, backbone, cfg, reference, inputs, pairs, options, log)
-        return
-    if not result.readiness.ready:
-        raise EdgekdError(f"{result.onnx.name} is not TensorRT-ready: {result.readiness.errors()[0].message}")
-    trt = import_tensorrt()
-    major = trt_major(trt)
-    # TensorRT 10 takes precision from builder flags: parse the FP32 graph for fp32/fp16; 11 takes the typed graph.
-    graph = fp32 if (major == 10 and precision == "fp16") else candidate
-    if graph is not candidate and not check_readiness(graph).ready:
-        raise EdgekdError("the FP32 graph is not TensorRT-ready")
-    expected_int8 = None
-    if precision == "int8":
-        init = {t.name for t in candidate.graph.initializer}
-        producers = {o: n for n in candidate.graph.node for o in n.output}
-        expected_int8 = sum(
-            1
-            for n in candidate.graph.node
-            if n.op_type in ("Conv", "Gemm", "MatMul")
-            and len(n.input) > 1
-            and n.input[1] not in init
-            and producers.get(n.input[1]) is not None
-            and producers[n.input[1]].op_type == "DequantizeLinear"
-        )
-    plan_path = result.onnx.with_suffix(".plan")
-    with tempfile.TemporaryDirectory(prefix="edgekd-trt-") as tmpdir:
-        onnx_path = Path(tmpdir) / "model.onnx"
-        save_onnx(graph, onnx_path)
-        log(
-            f"building TensorRT {trt.__version__} {precision} engine (profile batch "
-            f"{options.profile.min_batch}/{options.profile.opt_batch}/{options.profile.max_batch})"
-        )
-        built = build_engine(
-            onnx_path,
-            precision,
-            tuple(cfg.input_size),
-            options.profile,
-            workspace_bytes=int(options.workspace_gib * (1 << 30)),
-            timing_cache=options.timing_cache,
-            optimization_level=options.optimization_level,
-            expected_int8_layers=expected_int8,
-        )
-    log(f"engine layers by precision: {built.layers.get('compute_layers')} (all layers {built.layers.get('layers')})")
-    from edgekd.export.runtime import TensorRTRuntime
-
-    batches = tuple(b for b in options.gate_batches if b <= options.profile.max_batch) or (options.profile.max_batch,)
-    gate_opts = ExportOptions(**{**asdict(options), "gate_batches": batches, "profile": options.profile})
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(built.plan)
-        runtime = TensorRTRuntime(tmp, precision=precision)
-        report = _run_gates(reference, runtime, inputs, trt_precision, plan_path.name, gate_opts, cfg, pairs, log)
-        report.raise_if_failed()
-    sidecar = plan_path.with_name(plan_path.name + ".json")
-    write_json(
-        sidecar,
-        {
-            "artifact": plan_path.name,
-            "kind": "tensorrt-plan",
-            "precision": precision,
-            **built.meta(),
-            "profile": asdict(options.profile),
-            "input_shape": list(cfg.input_size),
-            "model": cfg.to_dict(),
-            "gpu": environment()["gpu"],
-            "onnx": result.onnx.name,
-            "onnx_sha256": file_sha256(result.onnx),
-            "gate": report.to_dict(),
-            "environment": environment(),
-        },
-    )
-    log(f"wrote {plan_path} and {sidecar.name}")
-    result.engine, result.engine_gate = plan_path, report
-    result.sidecars.append(sidecar)
-
-
-def _export_torch_tensorrt(result, backbone, cfg, reference, inputs, pairs, options, log) -> None:
-    from edgekd.atomic import atomic_path, write_json
-    from edgekd.errors import GateFailed
-    from edgekd.export.tensorrt import check_layer_precisions
-    from edgekd.export.torch_tensorrt import TorchTensorRTRuntime, compile_torch_tensorrt, save_torch_tensorrt
-    from edgekd.utils.env import environment
-
-    precision = options.precision
-    log(f"compiling with torch-tensorrt [{precision}]")
-    compiled, meta = compile_torch_tensorrt(
-        backbone,
-        tuple(cfg.input_size),
-        precision,
-        options.profile,
-        workspace_bytes=int(options.workspace_gib * (1 << 30)),
-        optimization_level=options.optimization_level,
-        timing_cache=options.timing_cache,
-    )
-    census = meta["layers"]
-    if census.get("detailed"):
-        check_layer_precisions(census, precision)
-        log(f"engine layers by precision: {census['compute_layers']}")
-    else:
-        meta["precision_check"] = "unavailable: torch-tensorrt exposed no detailed layer information"
-        log("warning: torch-tensorrt exposed no per-layer types; precision checked by the parity gate only")
-    runtime = TorchTensorRTRuntime(compiled, precision=precision)
-    path = result.onnx.with_suffix(".trt.ep")
-    batches = tuple(b for b in options.gate_batches if b <= options.profile.max_batch) or (options.profile.max_batch,)
-    gate_opts = ExportOptions(**{**asdict(options), "gate_batches": batches, "profile": options.profile})
-    report = _run_gates(
-        reference,
-        runtime,
-        inputs,
-        "trt-fp32" if precision == "fp32" else precision,
-        path.name,
-        gate_opts,
-        cfg,
-        pairs,
-        log,
-    )
-    if not report.passed:
-        raise GateFailed(f"{path.name} failed its {precision} gate: {'; '.join(report.failures)}")
-    example = torch.randn(options.profile.opt_batch, *cfg.input_size)
-    with atomic_path(path) as tmp:
-        staged = tmp.with_suffix(".ep")  # torch_tensorrt.save picks the format from the suffix
-        try:
-            save_torch_tensorrt(compiled, staged, example)
-            os.replace(staged, tmp)
-        finally:
-            staged.unlink(missing_ok=True)
-    sidecar = path.with_name(path.name + ".json")
-    write_json(
-        sidecar,
-        {
-            "artifact": path.name,
-            "kind": "torch-tensorrt-exported-program",
-            "precision": precision,
-            **meta,
-            "profile": asdict(options.profile),
-            "model": cfg.to_dict(),
-            "gate": report.to_dict(),
-            "environment": environment(),
-        },
-    )
-    log(f"wrote {path} and {sidecar.name}")
-    result.engine, result.engine_gate = path, report
-    result.sidecars.append(sidecar)
