@@ -260,7 +260,7 @@ def write_report(out: str | Path) -> Path:
             if profile != "full"
             else ""
         )
-        + f"Plots are in `{out.name}/plots/` next to this file.",
+        + "Plots are in `plots/` next to this file.",
         "",
         "## Commands and time",
         "",
