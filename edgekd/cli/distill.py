@@ -61,7 +61,11 @@ COMMAND_KEYS = (
 @click.command("distill")
 @train_options
 @click.option("--method", type=click.Choice(list(METHODS)), default=None, help="KD method (default th-kd)")
-@click.option("--preset", default=None, help="weight preset of the method: th-kd: face, paper, code")
+@click.option(
+    "--preset",
+    default=None,
+    help="weight preset: th-kd paper|code|face, sh-kd face|code (default by head family: edgekd/distill/methods.py)",
+)
 @click.option(
     "--teacher",
     type=click.Path(dir_okay=False),
