@@ -27,7 +27,7 @@ its flip, once per teacher), every student training (seed 0: each variant; later
 evaluations (flip-summed for faces). In the full profile the students take about two thirds of the time, the
 teachers (with their caches) one third.
 Two threads run the convolutions faster, so a run on both cores comes in under the one-thread estimate. The report
-records the measured time: the full profile took 1 h 55 min on both cores of that machine and ``quick`` 5 min 21 s
+records the measured time: the full profile took 1 h 55 min on both cores of that machine and ``quick`` 5 min 53 s
 (docs/results/study).
 """
 
