@@ -9,7 +9,7 @@ work when they or a GPU are missing.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +50,6 @@ def export_engine(result, fp32, candidate, backbone, cfg, reference, inputs, pai
     from edgekd.utils.env import environment
 
     precision = options.precision
-    trt_precision = "trt-fp32" if precision == "fp32" else precision
     if options.trt_via == "torch-tensorrt":
         _export_torch_tensorrt(result, backbone, cfg, reference, inputs, pairs, options, log)
         return
@@ -96,12 +95,10 @@ def export_engine(result, fp32, candidate, backbone, cfg, reference, inputs, pai
     log(f"engine layers by precision: {built.layers.get('compute_layers')} (all layers {built.layers.get('layers')})")
     from edgekd.export.runtime import TensorRTRuntime
 
-    batches = tuple(b for b in options.gate_batches if b <= options.profile.max_batch) or (options.profile.max_batch,)
-    gate_opts = ExportOptions(**{**asdict(options), "gate_batches": batches, "profile": options.profile})
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(built.plan)
         runtime = TensorRTRuntime(tmp, precision=precision)
-        report = run_gates(reference, runtime, inputs, trt_precision, plan_path.name, gate_opts, cfg, pairs, log)
+        report = _run_engine_gates(reference, runtime, inputs, plan_path.name, options, cfg, pairs, log)
         report.raise_if_failed()
     sidecar = plan_path.with_name(plan_path.name + ".json")
     write_json(
@@ -153,19 +150,7 @@ def _export_torch_tensorrt(result, backbone, cfg, reference, inputs, pairs, opti
         log("warning: torch-tensorrt exposed no per-layer types; precision checked by the parity gate only")
     runtime = TorchTensorRTRuntime(compiled, precision=precision)
     path = result.onnx.with_suffix(".trt.ep")
-    batches = tuple(b for b in options.gate_batches if b <= options.profile.max_batch) or (options.profile.max_batch,)
-    gate_opts = ExportOptions(**{**asdict(options), "gate_batches": batches, "profile": options.profile})
-    report = run_gates(
-        reference,
-        runtime,
-        inputs,
-        "trt-fp32" if precision == "fp32" else precision,
-        path.name,
-        gate_opts,
-        cfg,
-        pairs,
-        log,
-    )
+    report = _run_engine_gates(reference, runtime, inputs, path.name, options, cfg, pairs, log)
     if not report.passed:
         raise GateFailed(f"{path.name} failed its {precision} gate: {'; '.join(report.failures)}")
     example = torch.randn(options.profile.opt_batch, *cfg.input_size)
@@ -193,3 +178,13 @@ def _export_torch_tensorrt(result, backbone, cfg, reference, inputs, pairs, opti
     log(f"wrote {path} and {sidecar.name}")
     result.engine, result.engine_gate = path, report
     result.sidecars.append(sidecar)
+
+
+def _run_engine_gates(reference, runtime, inputs, artifact, options: ExportOptions, cfg, pairs, log):
+    """``run_gates`` for an engine: only the batch sizes its optimization profile accepts (its largest if none of the
+    gate batches fits), under the ``trt-fp32`` label for FP32 so the TF32-tolerant threshold applies."""
+    profile = options.profile
+    batches = tuple(b for b in options.gate_batches if b <= profile.max_batch) or (profile.max_batch,)
+    label = "trt-fp32" if options.precision == "fp32" else options.precision
+    gate_options = replace(options, gate_batches=batches)
+    return run_gates(reference, runtime, inputs, label, artifact, gate_options, cfg, pairs, log)
