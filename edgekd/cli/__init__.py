@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shlex
 import sys
+import warnings
 
 import click
 
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning, TrainingInterrupted
+from edgekd.utils.threads import set_wait_policy
 from edgekd.version import __version__
 
 # Subcommand name -> module defining ``command``; imported only when that subcommand runs, so
@@ -66,18 +69,63 @@ def cli() -> None:
     """edgekd: classifier-sharing knowledge distillation for edge face and image models."""
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the user's own, plus ``--resume`` where the command
+    has that option (``study`` continues by being rerun as it was)."""
+    args = list(argv)
+    if "--resume" not in args and _accepts_resume(args):
+        args.append("--resume")
+    return shlex.join(["edgekd", *args])
+
+
+def _accepts_resume(args: list[str]) -> bool:
+    # The group itself has only --help/--version, so the first word that is not an option names the subcommand.
+    name = next((arg for arg in args if not arg.startswith("-")), None)
+    command = cli.get_command(click.Context(cli), name) if name else None
+    return command is not None and any("--resume" in param.opts for param in command.params)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """edgekd's own warnings as one line ``edgekd: warning: ...``; others as Python prints them."""
+    if issubclass(category, EdgekdWarning):
+        click.echo(f"edgekd: warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the group and turns ``EdgekdError`` into one line on stderr, exit 2."""
+    """Console entry point: runs the group and turns ``EdgekdError`` into one line on stderr, exit 2.
+
+    A training run stopped by SIGINT/SIGTERM prints the step it saved and the command that resumes it, and exits
+    128 + the signal number (130, 143), as a process killed by that signal would.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    # Before any subcommand imports torch: its OpenMP runtime reads the wait policy once, when it loads.
+    set_wait_policy()
+    warnings.showwarning = _show_warning
     # Inductor's C++ build probes for CUDA and warns on CPU-only machines; that warning is noise to a user.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        cli.main(args=argv, prog_name="edgekd", standalone_mode=False)
+        cli.main(args=args, prog_name="edgekd", standalone_mode=False)
     except EdgekdError as exc:
         click.echo(f"edgekd: error: {exc}", err=True)
         sys.exit(2)
+    except TrainingInterrupted as exc:
+        click.echo(
+            f"edgekd: stopped by {exc.signal_name}; saved step {exc.step} in {exc.checkpoint}; "
+            f"resume with: {resume_command(args)}",
+            err=True,
+        )
+        sys.exit(128 + exc.signum)
     except click.exceptions.Abort:
-        click.echo("edgekd: aborted", err=True)
+        hint = f"; continue from the newest checkpoint with: {resume_command(args)}" if _accepts_resume(args) else ""
+        click.echo(f"edgekd: aborted{hint}", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # click prints usage, a hint and the error on three lines; the error alone, with where to look, is enough.
+        where = f"`{exc.ctx.command_path} --help`" if exc.ctx else "`edgekd --help`"
+        click.echo(f"edgekd: error: {exc.format_message()}; see {where}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

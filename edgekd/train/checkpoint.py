@@ -2,25 +2,32 @@
 
 Layout: ``<run>/checkpoints/step_0000200/`` with ``bundle.safetensors`` (the trainee: backbone, head,
 projection), ``optimizer.safetensors`` (optimizer tensors plus the RNG state) and ``state.json`` (step,
-config, optimizer param groups). A checkpoint is written into a temporary folder and renamed into place,
-so a killed run never leaves a half-written one; ``latest_checkpoint`` only sees complete folders.
+config, optimizer param groups). A checkpoint is written into a hidden temporary folder and renamed into place,
+and an old one is hidden before it is deleted, so a killed run never leaves a half-written or half-deleted
+checkpoint in view; ``latest_checkpoint`` only sees complete folders. What a killed run leaves under hidden
+names is removed by ``remove_run_debris`` when the next run on that folder starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from edgekd.atomic import TEMP_FILE, TRASH, discard_tree, file_mode, make_temp_dir, remove_debris
 from edgekd.bundle import Bundle, load_bundle_tensors, save_bundle
 from edgekd.errors import CheckpointError
 
 STATE_FILE = "state.json"
+CHECKPOINT_FILES = ("bundle.safetensors", "optimizer.safetensors", STATE_FILE)
+CHECKPOINT_NAME = re.compile(r"step_(\d{7,})")
+# The folder a checkpoint is written in before its rename: ".step_0000200." plus mkdtemp's 8 random characters.
+TEMP_CHECKPOINT = re.compile(r"\.step_\d{7,}\.[a-z0-9_]{8}")
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -51,34 +58,63 @@ def save_checkpoint(
     run_dir: Path, step: int, bundle: Bundle, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2
 ) -> Path:
     """Write the checkpoint after ``step`` completed steps; keep the newest ``keep`` checkpoints."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=root))
+    final = checkpoint_path(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(final.parent, prefix=f".{final.name}.")
     try:
-        save_bundle(tmp / "bundle.safetensors", bundle)
-        tensors, optim_json = _optimizer_tensors(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "optimizer": optim_json, **extra}, indent=2))
+        _write_checkpoint(tmp, step, bundle, optimizer, extra)
         if final.exists():
-            shutil.rmtree(final)
+            discard_tree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
+    for old in checkpoint_folders(run_dir)[:-keep]:
+        discard_tree(old)
     return final
+
+
+def _write_checkpoint(folder: Path, step: int, bundle: Bundle, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+    save_bundle(folder / "bundle.safetensors", bundle)
+    tensors, optim_json = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    os.chmod(folder / "optimizer.safetensors", file_mode())  # safetensors creates its files 0600
+    (folder / STATE_FILE).write_text(json.dumps({"step": step, "optimizer": optim_json, **extra}, indent=2))
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` completed steps lives (whether or not it exists)."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's ``step_*`` checkpoint folders, oldest first (by step number, not by name)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    done = [p for p in checkpoint_folders(run_dir) if all((p / name).is_file() for name in CHECKPOINT_FILES)]
     return done[-1] if done else None
+
+
+def remove_run_debris(run_dir: Path) -> list[Path]:
+    """Delete what a killed run left in ``run_dir``: checkpoint folders it was writing or deleting and files it
+    was writing atomically. Only one process trains in a run folder, so anything under those names is dead."""
+    run_dir, root = Path(run_dir), Path(run_dir) / "checkpoints"
+    return [
+        *remove_debris(run_dir, TEMP_FILE),
+        *remove_debris(root, TEMP_CHECKPOINT),
+        *remove_debris(root, TRASH),
+        *remove_debris(root, TEMP_FILE),
+    ]
 
 
 def load_checkpoint(path: Path, bundle: Bundle, optimizer: torch.optim.Optimizer) -> dict:

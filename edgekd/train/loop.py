@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +18,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgekd.atomic import atomic_path
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import hflip, normalize
-from edgekd.errors import EdgekdError, TrainingDiverged
+from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
 from edgekd.heads import ClassHead
 from edgekd.losses import LossWeights, resolve_backend, shared_head_loss
-from edgekd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from edgekd.train.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_run_debris,
+    save_checkpoint,
+)
 from edgekd.train.config import TrainConfig
 from edgekd.train.optim import build_optimizer, lr_factor, set_lr
 from edgekd.train.order import OrderSampler, StepOrder
@@ -95,9 +104,57 @@ def _normalize_and_flip(images: torch.Tensor, mean, std, flip_mask: torch.Tensor
 
 def _trim_metrics(path: Path, step: int) -> None:
     # Lines logged after the checkpoint we resume from describe lost work: drop them so the log reads as one run.
+    # A line cut short by a kill is dropped too; the rewrite is atomic, so a second kill cannot lose the log.
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _ensure_checkpoint(run_dir: Path, done: int, trainee: Bundle, optimizer, cfg: TrainConfig) -> Path:
+    """The checkpoint after ``done`` steps, written now unless the schedule already wrote it in this step."""
+    path = checkpoint_path(run_dir, done)
+    if latest_checkpoint(run_dir) != path:
+        save_checkpoint(run_dir, done, trainee, optimizer, {"config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+    return path
+
+
+class StopSignals:
+    """While active (a ``with`` block), SIGINT and SIGTERM ask the training loop to stop instead of killing it.
+
+    The first signal is only recorded: the loop checkpoints at the next step boundary, where no optimizer step is
+    half done, and raises ``TrainingInterrupted``. A second signal aborts at once (``KeyboardInterrupt``) for a
+    user who will not wait. The previous handlers come back on exit. Python sets handlers only from the main
+    thread; elsewhere nothing changes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            # None: the old handler was not set from Python; the default action is the closest to it.
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
 
 
 def fit(
@@ -110,8 +167,26 @@ def fit(
     resume: bool = False,
     desc: str = "train",
 ) -> FitResult:
-    """Train ``trainee`` (its parameters that require grad) on ``dataset`` with ``weights``; see module doc."""
-    run_dir = Path(run_dir)
+    """Train ``trainee`` (its parameters that require grad) on ``dataset`` with ``weights``; see module doc.
+
+    SIGINT or SIGTERM during the run saves a checkpoint at the next step boundary and raises
+    ``TrainingInterrupted`` (see ``StopSignals``).
+    """
+    with StopSignals() as signals:
+        return _fit(trainee, cfg, weights, dataset, Path(run_dir), teacher, resume, desc, signals)
+
+
+def _fit(
+    trainee: Bundle,
+    cfg: TrainConfig,
+    weights: LossWeights,
+    dataset,
+    run_dir: Path,
+    teacher: TeacherSignal | None,
+    resume: bool,
+    desc: str,
+    signals: StopSignals,
+) -> FitResult:
     device = resolve_device(cfg.device)
     order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip)
     total_steps = total_steps_of(cfg, order.steps_per_epoch)
@@ -128,6 +203,7 @@ def fit(
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None and not resume:
         raise EdgekdError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose a new --out")
+    remove_run_debris(run_dir)  # what a killed earlier run left half-written; only this run uses the folder now
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, trainee, optimizer)["step"]
         _trim_metrics(run_dir / "metrics.jsonl", start)
@@ -190,10 +266,15 @@ def fit(
             }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
             tic, seen = time.perf_counter(), 0
         bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == total_steps:
+        if done % cfg.checkpoint_every == 0 or done == stop:
             save_checkpoint(run_dir, done, trainee, optimizer, {"config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+        if signals.received is not None:
+            break  # leaving the loop here also shuts the data loader's workers down
     bar.close()
+    if signals.received is not None:
+        saved = _ensure_checkpoint(run_dir, done, trainee, optimizer, cfg)
+        raise TrainingInterrupted(signals.received, done, saved)
     return FitResult(stop, total_steps, last, stopped=stop < total_steps)

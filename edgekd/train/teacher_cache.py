@@ -15,10 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd.atomic import atomic_path, write_json
+from edgekd.atomic import TEMP_FILE, atomic_path, remove_debris, write_json
 from edgekd.data.transforms import hflip, normalize
 from edgekd.utils.cache import json_digest
 from edgekd.utils.progress import progress
+
+# The cache folder is shared by every run on the machine, so a temporary there may belong to a live writer; one
+# not written to for this long belongs to a killed one (a writer appends to it continuously until its rename).
+STALE_TEMPORARY_S = 15 * 60
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -58,6 +62,7 @@ def build_teacher_cache(
 ) -> TeacherCache:
     """Return the cache for (teacher, dataset), computing and writing it atomically if it does not exist yet."""
     cache_dir = Path(cache_dir)
+    remove_debris(cache_dir, TEMP_FILE, min_age_s=STALE_TEMPORARY_S)
     key = cache_key(teacher, dataset, mean, std)
     path = cache_dir / f"teacher_{key}.npy"
     if path.is_file():
