@@ -2,61 +2,81 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from edgekd.cli.distill import DEMO
-from edgekd.cli.options import split_config, train_options
+from edgekd.cli.options import (
+    DEMO,
+    TRAIN_SETTINGS,
+    Setting,
+    add_options,
+    describe_settings,
+    resolve_settings,
+    save_settings,
+    train_config,
+)
+from edgekd.utils.threads import set_threads
 
-# The demo's data and head settings, with the demo teacher's architecture and length.
-BASE = {
-    **{
-        k: v
-        for k, v in DEMO.items()
-        if k in ("data", "scale", "margin", "batch_size", "lr", "weight_decay", "warmup_steps", "checkpoint_every")
-    },
+# A teacher is an iResNet-50 on real data; the demo's teacher is its small r_tiny at the demo's teacher length.
+SETTINGS = [replace(s, default="r50") if s.key == "model" else s for s in TRAIN_SETTINGS] + [
+    Setting(
+        "student_head",
+        click.Path(dir_okay=False, exists=True),
+        "student checkpoint whose head is copied in and frozen (SH-KD stage I1)",
+    ),
+    Setting(
+        "init",
+        click.Path(dir_okay=False, exists=True),
+        "start from this checkpoint (fine-tuning): an edgekd .safetensors, or an arcface_torch model.pt of --model",
+        shown_default="random weights",
+    ),
+    Setting(
+        "out",
+        click.Path(file_okay=False),
+        "run folder; the result is OUT/teacher.safetensors",
+        default="runs/teacher",
+        resumable=True,
+    ),
+]
+TEACHER_DEMO = {
+    **{k: v for k, v in DEMO.items() if k not in ("teacher_model", "teacher_epochs")},
     "model": DEMO["teacher_model"],
     "epochs": DEMO["teacher_epochs"],
-    "out": "runs/teacher",
 }
 
 
 @click.command("teacher")
-@train_options
-@click.option(
-    "--student-head",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="student checkpoint whose head is copied in and frozen (SH-KD stage I1)",
-)
-@click.option(
-    "--init",
-    "init",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="start from this teacher checkpoint (fine-tuning) instead of random weights",
-)
-@click.option("--out", default=None, help="run folder (default runs/teacher); the result is OUT/teacher.safetensors")
+@add_options(SETTINGS, TEACHER_DEMO)
 def command(**kwargs) -> None:
-    """Train a teacher with CE on its own head (or on a frozen student head for SH-KD)."""
+    """Train a teacher with CE on its own head (or on a frozen student head for SH-KD).
+
+    With no --data it trains the demo's teacher on the built-in identities. An interrupted run continues with
+    `edgekd teacher --out OUT --resume`.
+    """
     from edgekd.bundle import load_bundle
     from edgekd.distill.pipeline import train_teacher, training_dataset
     from edgekd.errors import EdgekdError
 
-    cfg, opts = split_config(kwargs, BASE, ("student_head", "init", "out", "resume"))
-    dataset = training_dataset(cfg)
-    student_head = None
-    if opts.get("student_head"):
-        student_head = load_bundle(opts["student_head"]).head
-        if student_head is None:
-            raise EdgekdError(f"{opts['student_head']} has no head to share; pass a student checkpoint edgekd wrote")
-    init = load_bundle(opts["init"]) if opts.get("init") else None
-    out = Path(opts["out"])
-    if (out / "teacher.safetensors").exists() and not opts.get("resume"):
+    values, resume = resolve_settings("teacher", kwargs, SETTINGS, TEACHER_DEMO, default_out="runs/teacher")
+    cfg = train_config(values)
+    out = Path(values["out"])
+    if (out / "teacher.safetensors").exists() and not resume:
         raise EdgekdError(f"{out}/teacher.safetensors exists already; choose a new --out")
-    path = train_teacher(cfg, dataset, out, student_head=student_head, resume=bool(opts.get("resume")), init=init)
+    student_head = None
+    if values["student_head"]:
+        student_head = load_bundle(values["student_head"]).head
+        if student_head is None:
+            raise EdgekdError(f"{values['student_head']} has no head to share; pass a student checkpoint edgekd wrote")
+    # --model names the architecture of a plain arcface_torch state_dict given as --init.
+    init = load_bundle(values["init"], model=values["model"]) if values["init"] else None
+    set_threads(values["threads"])
+    dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
+    click.echo(describe_settings(values, SETTINGS))
+    save_settings(out, "teacher", values, SETTINGS)
+    path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init)
     if path is None:
-        click.echo(f"stopped after --stop-after steps; continue with --resume --out {out}")
+        click.echo(f"stopped after --stop-after steps; continue with `edgekd teacher --out {out} --resume`")
     else:
         click.echo(f"teacher: {path}")

@@ -24,10 +24,16 @@ from edgekd.utils.cache import cache_root, json_digest
 
 
 def training_dataset(cfg: TrainConfig):
-    """The dataset ``cfg.data`` names, at ``cfg.image_size`` when one is set."""
+    """The dataset ``cfg.data`` names, at ``cfg.image_size`` when one is set; it must hold one batch at least."""
     from edgekd.data import create_dataset
 
-    return create_dataset(cfg.data, split="train", image_size=cfg.image_size)
+    dataset = create_dataset(cfg.data, split="train", image_size=cfg.image_size)
+    if len(dataset) < cfg.batch_size:
+        raise EdgekdError(
+            f"{cfg.data} has {len(dataset)} training images, fewer than one batch of {cfg.batch_size}; "
+            "lower --batch-size"
+        )
+    return dataset
 
 
 def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bundle:
@@ -68,6 +74,9 @@ def train_teacher(
         return final
     embed_dim = student_head.embed_dim if student_head is not None else None
     trainee = init if init is not None else build_trainee(cfg, dataset, embed_dim=embed_dim)
+    if trainee.head is None:
+        # A plain arcface_torch backbone (model.pt) comes without its Partial FC head: train a new one on this data.
+        trainee.head = create_head(cfg.head, trainee.backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin)
     if student_head is not None:
         if trainee.backbone.embed_dim != student_head.embed_dim:
             raise EdgekdError(
@@ -91,14 +100,17 @@ def _frozen_copy(head: ClassHead) -> ClassHead:
     return copy.freeze()
 
 
-def default_teacher(cfg: TrainConfig, dataset, resume: bool = True) -> Path:
-    """The small teacher ``edgekd distill`` trains when none is given, cached by (config, data)."""
+def default_teacher(cfg: TrainConfig, dataset) -> tuple[Path, bool]:
+    """The teacher ``edgekd distill`` trains when none is given, cached by (config, data); (file, trained now)."""
     key = json_digest({"cfg": cfg.to_dict(), "data": dataset.fingerprint})
     run_dir = cache_root() / "teachers" / key
-    path = train_teacher(cfg, dataset, run_dir, resume=resume)
+    final = run_dir / "teacher.safetensors"
+    if final.is_file():
+        return final, False
+    path = train_teacher(cfg, dataset, run_dir, resume=True)
     if path is None:
         raise EdgekdError(f"teacher training in {run_dir} stopped early; rerun to continue it")
-    return path
+    return path, True
 
 
 def teacher_signal(

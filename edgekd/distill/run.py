@@ -1,31 +1,55 @@
-"""``run_distill``: the whole ``edgekd distill`` job — teacher, student (or SH-KD stages), evaluation, report."""
+"""``run_distill``: the whole ``edgekd distill`` job — teacher, student (or SH-KD stages), evaluation, report, plots."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
 from edgekd.distill.pipeline import default_teacher, distill_student, run_sh_kd, training_dataset
-from edgekd.errors import EdgekdError
 from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, verify_bundle
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
 
 
-def teacher_config(cfg: TrainConfig, model: str, epochs: float, lr: float | None) -> TrainConfig:
-    """The student's settings with the teacher's architecture, length and learning rate."""
-    return replace(cfg, model=model, model_kwargs={}, epochs=epochs, steps=None, lr=lr or cfg.lr, stop_after=None)
+@dataclass
+class DistillJob:
+    """One ``edgekd distill`` run: the student's and the teacher's settings, the method and where it all goes."""
+
+    cfg: TrainConfig
+    method: str
+    weights: LossWeights
+    out: Path
+    teacher_cfg: TrainConfig
+    teacher_path: str | None = None
+    pairs: str | None = None
+    evaluate: bool = True
+    resume: bool = False
 
 
-def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, dataset, pairs: str | None) -> list[dict]:
-    """One result row per checkpoint: verification (face heads) or top-1 on the test split (linear heads)."""
+def teacher_config(cfg: TrainConfig, model: str, epochs: float | None, lr: float | None) -> TrainConfig:
+    """The student's settings with the teacher's architecture, length (default: the student's) and learning rate."""
+    return replace(
+        cfg, model=model, model_kwargs={}, epochs=epochs or cfg.epochs, steps=None, lr=lr or cfg.lr, stop_after=None
+    )
+
+
+def describe_weights(weights: LossWeights) -> str:
+    """``ce=1, kd=1, T=4``: the active terms, and T only when a KL term uses it."""
+    terms = {k: v for k, v in weights.__dict__.items() if k != "T" and v}
+    if weights.kd or weights.th_kd:
+        terms["T"] = weights.T
+    return ", ".join(f"{k}={v:g}" for k, v in terms.items())
+
+
+def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, pairs: str | None) -> tuple[list[dict], dict]:
+    """One result row per checkpoint (verification on face heads, top-1 on linear heads) and the ROC curves."""
     from edgekd.data import create_dataset, create_pairs
 
-    rows = []
+    rows, curves = [], {}
     face = cfg.head != "linear"
     pair_set = create_pairs(pairs or cfg.data, image_size=cfg.image_size) if face else None
     test_set = None if face else create_dataset(cfg.data, split="test", image_size=cfg.image_size)
@@ -34,69 +58,92 @@ def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, dataset, pairs: str 
         row = {"role": role, "model": bundle.cfg.name, "params": parameter_count(bundle.backbone)}
         if face:
             result = verify_bundle(bundle, pair_set, device=cfg.device)
+            curves[f"{role} ({bundle.cfg.name})"] = result.pop("roc")
             row["acc"] = result["accuracy"]
             for far in REPORT_FARS:
                 row[f"tar@{far:g}"] = result["tar_at_far"].get(str(far), float("nan"))
         else:
             row.update(classify_bundle(bundle, test_set, device=cfg.device))
         rows.append(row)
-    return rows
+    return rows, curves
 
 
-def run_distill(
-    cfg: TrainConfig,
-    method: str,
-    weights: LossWeights,
-    out: Path,
-    teacher_path: str | None,
-    teacher_model: str,
-    teacher_epochs: float,
-    teacher_lr: float | None,
-    pairs: str | None,
-    evaluate: bool,
-    resume: bool,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Train (or reuse) a teacher, distill the student with ``method``, evaluate both; returns the report."""
+def _teacher(job: DistillJob, dataset, log: Callable[[str], None]) -> str | None:
+    """The teacher checkpoint: given, or the default one trained here (or found in the cache)."""
+    if job.method in ("vanilla", "sh-kd") or job.teacher_path is not None:
+        return job.teacher_path
+    t = job.teacher_cfg
+    length = f"{t.epochs:g} epoch" + ("" if t.epochs == 1 else "s")
+    path, trained = default_teacher(t, dataset)
+    verb = "trained" if trained else "reusing the cached"
+    log(f"teacher: {verb} {t.model} ({length}) at {path}")
+    return str(path)
+
+
+def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = print) -> dict:
+    """Train (or reuse) a teacher, distill the student with the job's method, evaluate both; returns the report."""
     started = time.perf_counter()
-    dataset = training_dataset(cfg)
-    t_cfg = teacher_config(cfg, teacher_model, teacher_epochs, teacher_lr)
-    teacher = None
-    if method not in ("vanilla", "sh-kd"):
-        if teacher_path is None:
-            log(f"training the default teacher ({teacher_model}, {teacher_epochs:g} epochs; cached for later runs)")
-            teacher_path = default_teacher(t_cfg, dataset)
-        teacher = load_bundle(teacher_path)
-    log(f"distilling {cfg.model} with {method}: " + ", ".join(f"{k}={v:g}" for k, v in weights.__dict__.items() if v))
-    if method == "sh-kd":
+    dataset = dataset if dataset is not None else training_dataset(job.cfg)
+    teacher_path = _teacher(job, dataset, log)
+    teacher = load_bundle(teacher_path) if teacher_path and job.method != "sh-kd" else None
+    log(f"distilling {job.cfg.model} with {job.method}: {describe_weights(job.weights)}")
+    if job.method == "sh-kd":
         init = load_bundle(teacher_path) if teacher_path else None
-        student_path = run_sh_kd(cfg, t_cfg, weights, dataset, out, teacher_init=init)
-        teacher_path = out / "sh_kd" / "i1" / "teacher.safetensors"
+        student_path = run_sh_kd(job.cfg, job.teacher_cfg, job.weights, dataset, job.out, teacher_init=init)
+        teacher_path = str(job.out / "sh_kd" / "i1" / "teacher.safetensors")
     else:
-        student_path = distill_student(cfg, weights, dataset, teacher, out / "student", resume=resume, method=method)
+        student_path = distill_student(
+            job.cfg, job.weights, dataset, teacher, job.out / "student", resume=job.resume, method=job.method
+        )
     if student_path is None:
-        raise EdgekdError(f"stopped early (--stop-after); rerun with --resume --out {out} to continue")
+        log(f"stopped after --stop-after steps; continue with `edgekd distill --out {job.out} --resume`")
+        return {}
     report = {
-        "method": method,
-        "weights": weights.__dict__,
+        "method": job.method,
+        "weights": job.weights.__dict__,
         "student": str(student_path),
-        "teacher": str(teacher_path) if teacher_path else None,
-        "config": cfg.to_dict(),
+        "teacher": teacher_path,
+        "config": job.cfg.to_dict(),
     }
-    if evaluate:
+    report["plots"] = {"loss": str(_plot_losses(job, teacher_path, student_path))}
+    if job.evaluate:
         named = {"teacher": Path(teacher_path)} if teacher_path else {}
         named["student"] = student_path
-        report["results"] = evaluate_pair(named, cfg, dataset, pairs)
+        report["results"], curves = evaluate_pair(named, job.cfg, job.pairs)
+        if curves:
+            from edgekd.eval.roc_plot import plot_roc
+
+            plot_roc(curves, job.out / "roc.png", title="teacher vs student (verification pairs)")
+            report["plots"]["roc"] = str(job.out / "roc.png")
     report["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(out / "results.json", report)
+    write_json(job.out / "results.json", report)
     return report
 
 
+def _plot_losses(job: DistillJob, teacher_path: str | None, student_path: Path) -> Path:
+    """``out/loss.png``: the training loss of the student and of every model trained for it."""
+    from edgekd.train.curves import plot_loss_curves
+
+    runs = {"student": Path(student_path).parent / "metrics.jsonl"}
+    if teacher_path:
+        runs["teacher"] = Path(teacher_path).parent / "metrics.jsonl"
+    if job.method == "sh-kd":
+        runs["I0 temporary student"] = job.out / "sh_kd" / "i0" / "metrics.jsonl"
+    path = job.out / "loss.png"
+    plot_loss_curves({name: p for name, p in runs.items() if p.is_file()}, path)
+    return path
+
+
 def results_table(report: dict) -> str:
-    """The comparison table ``edgekd distill`` prints."""
+    """The comparison table ``edgekd distill`` prints: accuracies and TARs in percent."""
     rows = report.get("results", [])
     if not rows:
         return ""
+    metrics = [k for k in rows[0] if k not in ("role", "model", "params")]
+    shown = [
+        {**row, "params": f"{row['params'] / 1e6:.2f} M", **{k: f"{100.0 * row[k]:.2f}" for k in metrics}}
+        for row in rows
+    ]
     columns = [("role", "role"), ("model", "model"), ("params", "params")]
-    columns += [(k, k) for k in rows[0] if k not in ("role", "model", "params")]
-    return format_table(rows, columns)
+    columns += [(k, f"{k} %") for k in metrics]
+    return format_table(shown, columns)

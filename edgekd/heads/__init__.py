@@ -2,3 +2,4 @@
 
 from edgekd.heads.class_head import ClassHead as ClassHead
 from edgekd.heads.class_head import create_head as create_head
+from edgekd.heads.class_head import default_margin as default_margin

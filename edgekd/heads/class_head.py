@@ -51,8 +51,13 @@ class ClassHead(nn.Module):
         return self
 
 
+def default_margin(kind: str) -> float:
+    """The field's margin of a head kind: ArcFace 0.5 rad, CosFace 0.4, none for the others."""
+    return {"arcface": 0.5, "cosface": 0.4}.get(kind, 0.0)
+
+
 def create_head(kind: str, embed_dim: int, num_classes: int, s: float = 64.0, m: float | None = None) -> ClassHead:
     """A ``ClassHead`` of ``kind`` (linear, cosine, arcface, cosface); m defaults to 0.5 (ArcFace) / 0.4 (CosFace)."""
     if m is None:
-        m = {"arcface": 0.5, "cosface": 0.4}.get(kind, 0.0)
+        m = default_margin(kind)
     return ClassHead(embed_dim, num_classes, HeadSpec(kind=kind, s=s, m=m))

@@ -10,6 +10,7 @@ from edgekd.models import small_cnn as small_cnn  # noqa: F401  (registers cnn_s
 from edgekd.models import timm_backbone as timm_backbone  # noqa: F401  (registers the timm/<arch> family)
 from edgekd.models._cfg import ModelCfg as ModelCfg
 from edgekd.models._factory import create_model as create_model
+from edgekd.models._factory import require_model as require_model
 from edgekd.models._registry import is_model as is_model
 from edgekd.models._registry import list_models as list_models
 from edgekd.models._registry import model_entrypoint as model_entrypoint

@@ -9,7 +9,7 @@ from torch import nn
 from edgekd.errors import EdgekdError
 from edgekd.models._registry import family_prefixes, list_models, model_entrypoint
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "require_model"]
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -27,10 +27,15 @@ def create_model(name: str, **kwargs) -> nn.Module:
         EdgekdError: unknown name or an option the model does not take.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return require_model(name)(**kwargs)
+
+
+def require_model(name: str):
+    """The entry point of model ``name``; an unknown name is an EdgekdError with the closest names."""
     entrypoint = model_entrypoint(name)
     if entrypoint is None:
         close = difflib.get_close_matches(name, list_models(), n=4, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         families = "".join(f", or {p}/<arch>" for p in family_prefixes())
         raise EdgekdError(f"unknown model {name!r}; {hint}choose one of {', '.join(list_models())}{families}")
-    return entrypoint(**kwargs)
+    return entrypoint

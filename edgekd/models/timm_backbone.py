@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgekd.errors import EdgekdError, MissingDependency
+from edgekd.errors import EdgekdError, EdgekdWarning, MissingDependency
 from edgekd.models._builder import build_model
 from edgekd.models._cfg import resolve_input_size
 from edgekd.models._registry import register_model_family
@@ -99,6 +100,14 @@ class TimmBackbone(nn.Module):
 def timm_family(arch: str, **kwargs) -> TimmBackbone:
     """Build ``timm/<arch>``: a timm backbone with a Linear + BatchNorm1d neck to ``embed_dim`` (default 512)."""
     timm = _timm()
+    arch, _, tag = arch.partition(".")
+    if tag:
+        warnings.warn(
+            f"timm/{arch}.{tag}: the pretrained tag is ignored and the weights are random (edgekd downloads "
+            f"nothing); use timm/{arch}, and a checkpoint (--teacher, --init) to start from trained weights",
+            EdgekdWarning,
+            stacklevel=2,
+        )
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join('timm/' + c for c in close)}?" if close else ""

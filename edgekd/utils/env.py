@@ -13,7 +13,7 @@ from typing import Any
 
 from edgekd.version import __version__
 
-__all__ = ["environment", "package_versions", "cpu_name", "gpu_info", "thread_info"]
+__all__ = ["environment", "package_versions", "cpu_name", "gpu_info", "thread_info", "onnxruntime_conflict"]
 
 # distribution names; the first one installed under each key wins (onnxruntime ships as -gpu on Linux x86).
 PACKAGES: dict[str, tuple[str, ...]] = {
@@ -110,3 +110,24 @@ def environment(**extra: Any) -> dict[str, Any]:
     }
     env.update(extra)
     return env
+
+
+def onnxruntime_conflict() -> str | None:
+    """A one-line fix when both ONNX Runtime distributions are installed, else None.
+
+    ``onnxruntime`` and ``onnxruntime-gpu`` install the same ``onnxruntime/`` package, so whichever came last wins
+    file by file (insightface, for one, pulls in the CPU build beside ``edgekd[gpu]``), and ``pip check`` stays quiet.
+    """
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.append(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    if len(installed) < 2:
+        return None
+    return (
+        "onnxruntime and onnxruntime-gpu are both installed and overwrite each other's files; keep one: "
+        "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu` (or onnxruntime for CPU only)"
+    )

@@ -209,7 +209,7 @@ def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, run_cli):
 def test_config_file_values_apply_and_command_line_wins(tmp_path, run_cli):
     (tmp_path / "run.toml").write_text(
         f'method = "vanilla"\nmodel = "mbf_tiny"\ndata = "{DATA}"\nimage_size = 32\nbatch_size = 16\n'
-        'steps = 2\ncompile = false\ndevice = "cpu"\nno_eval = true\n'
+        'steps = 2\ncompile = false\ndevice = "cpu"\neval = false\n'
     )
     code, _, err = run_cli(["distill", "--config", str(tmp_path / "run.toml"), "--steps", "3", "--out", str(tmp_path)])
     assert code == 0, err
