@@ -6,20 +6,23 @@ TensorRT format ``edgekd export --precision int8`` writes, and asymmetric U8S8, 
 prefer. Each INT8 graph's per-row cosine to FP32 PyTorch is measured on held-out synthetic faces.
 
 Latency uses ``edgekd.export.latency``'s timer (warm-up by count and time, then timed runs), interleaved in ``--rounds``
-rounds so the shared machine's drift hits every backend alike; a row's median is the median of its round medians and
-the spread is the range of round medians. Threads are set explicitly for torch and ONNX Runtime.
+rounds (at least ``MIN_ROUNDS`` = 20): every round times every backend and batch once, short runs each, so the shared
+machine's drift hits every backend alike and one lucky or unlucky round cannot make a row. A row reports the median of
+its round medians and their range (the spread), plus percentiles pooled over all rounds' runs (p99 from 100 runs on).
+Threads are set explicitly for torch and ONNX Runtime.
 
 Without ``--checkpoint`` the weights are untrained (seeded, BatchNorm statistics re-estimated on synthetic faces so the
 activations have a trained network's scale): latency does not depend on the weights' values as long as no denormals
 occur, but the INT8 cosine of an untrained network is a pipeline check, not an accuracy claim; ``--student`` adds the
 gates of a trained student for that.
 
-    python bench/export_latency.py [--checkpoint CKPT] [--threads 1,2] [--batches 1,8] [--rounds 3] [--write-md]
+    python bench/export_latency.py [--checkpoint CKPT] [--threads 1,2] [--batches 1,8] [--rounds 20] [--write-md]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -48,6 +51,7 @@ from edgekd.utils.env import cpu_name, environment
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Export and latency"
 ORT_FP32 = "fp32, rewritten at load"  # the row the latency goal is about
+MIN_ROUNDS = 20  # fewer rounds make a range of round medians too noisy to compare rows by
 
 
 def untrained_mbf(path: Path, name: str, seed: int = 0) -> Path:
@@ -156,30 +160,37 @@ def measure(backbone, paths, cfg, threads: int, batches, rounds: int, timing: La
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, *cfg.input_size, generator=gen) for b in batches}
     medians: dict[tuple, list[float]] = {}
-    stats: dict[tuple, dict] = {}
+    samples: dict[tuple, list[np.ndarray]] = {}
+    # the full warm-up once per row; later rounds only re-touch caches the other rows evicted
+    rewarm = dataclasses.replace(timing, warmup_iters=2, warmup_seconds=0.0)
     for r in range(rounds):
         for (backend, precision), runtime in runtimes.items():
             for batch in batches:
-                samples, _ = time_cpu(runtime.prepare(inputs[batch]), timing)
-                s = stats_ms(samples)
+                runs, _ = time_cpu(runtime.prepare(inputs[batch]), timing if r == 0 else rewarm)
                 key = (backend, precision, batch)
-                medians.setdefault(key, []).append(s["median"])
-                stats[key] = s
-                log(f"threads {threads} round {r + 1}/{rounds}: {backend} {precision} b{batch}: {s['median']:.3f} ms")
-    rows = []
-    for (backend, precision, batch), meds in medians.items():
-        rows.append(
-            {
-                "backend": backend,
-                "precision": precision,
-                "batch": batch,
-                "threads": threads,
-                "median_ms": statistics.median(meds),
-                "round_medians_ms": meds,
-                "last_round": stats[(backend, precision, batch)],
-            }
-        )
-    return rows
+                medians.setdefault(key, []).append(float(np.median(runs)) / 1e6)
+                samples.setdefault(key, []).append(runs)
+                log(
+                    f"threads {threads} round {r + 1}/{rounds}: {backend} {precision} b{batch}: "
+                    f"{medians[key][-1]:.3f} ms"
+                )
+    return [round_summary(*key, threads, medians[key], samples[key]) for key in medians]
+
+
+def round_summary(backend, precision, batch, threads, medians: list[float], runs: list[np.ndarray]) -> dict:
+    """One latency row: the median and range of the round medians, and statistics pooled over every round's runs."""
+    return {
+        "backend": backend,
+        "precision": precision,
+        "batch": batch,
+        "threads": threads,
+        "rounds": len(medians),
+        "median_ms": statistics.median(medians),
+        "spread_ms": [min(medians), max(medians)],
+        "round_medians_ms": medians,
+        "pooled": stats_ms(np.concatenate(runs)),
+        "runs": int(sum(len(r) for r in runs)),
+    }
 
 
 def student_gates(ckpt: Path, data: str, out: Path, log) -> dict:
@@ -241,18 +252,20 @@ def write_markdown(path: Path, rows, cos, meta: dict) -> None:
         "CPU latency of MobileFaceNet (`mbf`, 3x112x112 -> 512) written by `python bench/export_latency.py "
         f"{meta['args']} --write-md` ({meta['date']}, {meta['host']}, torch {meta['torch']}, onnxruntime "
         f"{meta['ort']}). Threads are set for torch (`torch.set_num_threads`) and ONNX Runtime (intra-op) alike. "
-        f"Median of {meta['rounds']} interleaved rounds of >= {meta['iters']} runs / {meta['min_seconds']} s each "
-        "(warm-up by count and time); spread = range of the round medians. The machine is shared, so compare rows "
-        "of one run. Weights: " + meta["weights"] + ".",
+        f"Each row: the median of {meta['rounds']} interleaved rounds (each round times every row once, >= "
+        f"{meta['iters']} runs / {meta['min_seconds']} s, after warm-up by count and time) and the range of those "
+        "round medians; ms per batch unless marked per image. The machine is shared, so compare rows of one run. "
+        "Weights: " + meta["weights"] + ".",
         "",
-        "| backend | precision | threads | batch | median ms | ms / image | spread ms | vs torch eager b1 |",
+        f"| backend | precision | threads | batch | median ms | ms / image | range of {meta['rounds']} round medians "
+        "(ms) | vs torch eager b1 |",
         "|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["threads"], r["batch"], r["backend"], r["precision"])):
         ratio = r["median_ms"] / eager_b1[r["threads"]] if r["batch"] == 1 else None
         lines.append(
             f"| {r['backend']} | {r['precision']} | {r['threads']} | {r['batch']} | {r['median_ms']:.2f} | "
-            f"{r['median_ms'] / r['batch']:.2f} | {min(r['round_medians_ms']):.2f}-{max(r['round_medians_ms']):.2f} "
+            f"{r['median_ms'] / r['batch']:.2f} | {r['spread_ms'][0]:.2f}-{r['spread_ms'][1]:.2f} "
             f"| {'' if ratio is None else f'{ratio:.2f}x'} |"
         )
     lines += ["", "Goal: ORT FP32 batch-1 <= 0.45x torch eager batch-1."]
@@ -300,9 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="mbf", help="architecture for the untrained default")
     parser.add_argument("--threads", default="1,2", help="thread counts to run, comma-separated")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--min-seconds", type=float, default=1.5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=MIN_ROUNDS,
+        help=f"interleaved rounds (at least {MIN_ROUNDS}); rows report their spread",
+    )
+    parser.add_argument("--iters", type=int, default=10, help="timed runs per row and round (at least)")
+    parser.add_argument("--min-seconds", type=float, default=0.3, help="timed seconds per row and round (at least)")
     parser.add_argument("--calib-images", type=int, default=128)
     parser.add_argument("--calib-method", default="percentile")
     parser.add_argument("--cosine-images", type=int, default=256)
@@ -322,6 +340,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-md", action="store_true", help="rewrite the Export and latency section")
     parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds {args.rounds}: a row's spread needs at least {MIN_ROUNDS} interleaved rounds")
+    if args.iters < 1 or args.min_seconds < 0:
+        parser.error("--iters must be at least 1 and --min-seconds at least 0")
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
     threads = [int(t) for t in args.threads.split(",")]
@@ -360,7 +382,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.out / "export_latency.json", report)
     for r in rows:
-        log(f"{r['backend']:<14} {r['precision']:<28} t{r['threads']} b{r['batch']}: {r['median_ms']:.3f} ms")
+        log(
+            f"{r['backend']:<14} {r['precision']:<28} t{r['threads']} b{r['batch']}: median {r['median_ms']:.3f} ms "
+            f"(range {r['spread_ms'][0]:.3f}-{r['spread_ms'][1]:.3f} over {r['rounds']} rounds, per batch)"
+        )
     if args.write_md:
         import onnxruntime as ort
 

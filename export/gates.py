@@ -143,11 +143,9 @@ class GateReport:
         if self.task is not None:
             t = self.task
             lines.append(f"  task gate on {t.pairs} (max drop {t.max_drop} points): {'PASS' if t.passed else 'FAIL'}")
+            lines.append(f"    {'metric':<16} {'reference (%)':>13} {'candidate (%)':>13} {'drop (points)':>13}")
             for key in t.reference:
-                lines.append(
-                    f"    {key:<16} ref {t.reference[key]:7.2f}  candidate {t.candidate[key]:7.2f}  "
-                    f"drop {t.drop[key]:+6.2f}"
-                )
+                lines.append(f"    {key:<16} {t.reference[key]:>13.2f} {t.candidate[key]:>13.2f} {t.drop[key]:>+13.2f}")
         for failure in self.failures:
             lines.append(f"  FAILED: {failure}")
         return "\n".join(lines)

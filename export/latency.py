@@ -9,8 +9,10 @@ Method (reference/export.md §5):
 - CUDA: *device time* is measured with CUDA events around the launch of one inference on staged device buffers (no
   copies, one synchronization at the end), and *end-to-end time* separately on the host around copy-in, inference,
   copy-out and synchronization from pinned memory. Torch backends are also run as a captured CUDA graph.
-- Reported per configuration: min, mean, median, p90, p95, p99, max, std (ms) and throughput (items/s = batch x runs
-  / total time).
+- Reported per configuration: min, mean, median, p90, p95, p99, max, std (ms per batch) and throughput
+  (items/s = batch x runs / total time). A percentile is reported only when enough runs lie above it to mean
+  anything: p90 from 10 runs, p95 from 20, p99 from 100 (``PERCENTILE_MIN_RUNS``); below that it is None in the JSON
+  and "-" in the table. The default ``iters`` (100) is enough for all three.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ RESULT_FIELDS = (
     "device_ms", "e2e_ms",
 )  # fmt: skip
 STAT_KEYS = ("min", "mean", "median", "p90", "p95", "p99", "max", "std")
+# a p-th percentile needs at least 100 / (100 - p) runs, i.e. one run above it, to be more than the maximum
+PERCENTILE_MIN_RUNS = {"p90": 10, "p95": 20, "p99": 100}
+DEFAULT_ITERS = PERCENTILE_MIN_RUNS["p99"]
 
 
 @dataclass
@@ -56,7 +61,7 @@ class LatencyConfig:
     batches: tuple[int, ...] = (1, 8)
     warmup_iters: int = 10
     warmup_seconds: float = 0.5
-    iters: int = 50
+    iters: int = DEFAULT_ITERS
     min_seconds: float = 2.0
     max_iters: int = 10_000
     threads: int | None = None
@@ -66,16 +71,19 @@ class LatencyConfig:
     ort_cpu_rewrites: bool = True  # ONNX Runtime CPU: OrtRuntime's load-time graph rewrites
 
 
-def stats_ms(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """Latency statistics in milliseconds of per-run samples given in nanoseconds."""
+def stats_ms(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float | None]:
+    """Latency statistics in milliseconds of per-run samples given in nanoseconds; a percentile with fewer runs than
+    ``PERCENTILE_MIN_RUNS`` asks for is None."""
     a = np.asarray(samples_ns, dtype=np.float64) / 1e6
     if a.size == 0:
         raise EdgekdError("no timing samples")
-    return {
+    stats: dict[str, float | None] = {
         "min": float(a.min()), "mean": float(a.mean()), "median": float(np.median(a)),
-        "p90": float(np.percentile(a, 90)), "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)),
         "max": float(a.max()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
     }  # fmt: skip
+    for key, runs in PERCENTILE_MIN_RUNS.items():
+        stats[key] = float(np.percentile(a, float(key[1:]))) if a.size >= runs else None
+    return {key: stats[key] for key in STAT_KEYS}
 
 
 def _warm(fn: Callable[[], Any], iters: int, seconds: float, sync: Callable[[], None] | None = None) -> int:
@@ -129,6 +137,7 @@ class ModelSpec:
     precision: str = "fp32"
     sha256: str | None = None
     input_size: tuple[int, int, int] | None = None
+    fixed_batch: int | None = None  # the batch a fixed-shape graph takes; only that batch is timed
     notes: list[str] = field(default_factory=list)
 
 
@@ -288,16 +297,22 @@ def run_benchmark(
     return rows
 
 
+def spec_batches(spec: ModelSpec, cfg: LatencyConfig) -> tuple[int, ...]:
+    """The batches timed for ``spec``: its fixed batch alone, else the sweep."""
+    return (spec.fixed_batch,) if spec.fixed_batch else tuple(cfg.batches)
+
+
 def _run_backend(spec, backend, cfg, cuda_graph, log) -> list[dict[str, Any]]:
     rows = []
+    batches = spec_batches(spec, cfg) if backend.startswith("ort") else tuple(cfg.batches)
     try:
         runtime = _open(spec, backend, cfg, cuda_graph=False)
     except MissingDependency as exc:
         runtime = str(exc)
     if isinstance(runtime, str):
         log(f"{spec.name} / {backend}: skipped ({runtime})")
-        return [_result(spec, backend, b, cfg, status=f"skipped: {runtime}") for b in cfg.batches]
-    for batch in cfg.batches:
+        return [_result(spec, backend, b, cfg, status=f"skipped: {runtime}") for b in batches]
+    for batch in batches:
         label = f"{spec.name} / {backend}{' (CUDA graph)' if cuda_graph else ''} / batch {batch}"
         try:
             if cuda_graph:  # a fresh runtime per captured graph keeps the captured buffers apart
@@ -313,57 +328,75 @@ def _run_backend(spec, backend, cfg, cuda_graph, log) -> list[dict[str, Any]]:
     return rows
 
 
+def _ms(value: float | None, width: int = 10) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The on-screen table: one line per (model, backend, batch)."""
+    """The on-screen table: one line per (model, backend, batch); latencies in ms per batch, plus ms per image."""
     head = (
-        f"{'model':<28} {'backend':<16} {'prec':<5} {'batch':>5} {'median':>9} {'p90':>9} {'p99':>9} "
-        f"{'mean':>9} {'min':>9} {'items/s':>10}  e2e median"
+        f"{'model':<28} {'backend':<16} {'prec':<5} {'batch':>5} {'runs':>6} {'median ms':>10} {'p90 ms':>10} "
+        f"{'p99 ms':>10} {'min ms':>10} {'ms/image':>10} {'images/s':>10}  e2e median ms"
     )
     lines = [head, "-" * len(head)]
+    thin = False
     for r in rows:
         backend = r["backend"] + ("+graph" if r.get("cuda_graph") else "")
         if r["status"] != "ok":
             lines.append(f"{r['model'][:28]:<28} {backend:<16} {r['precision'] or '':<5} {r['batch']:>5} {r['status']}")
             continue
         s = r["latency_ms"]
+        thin = thin or any(s.get(k) is None for k in PERCENTILE_MIN_RUNS)
         e2e = r["e2e_ms"]["median"] if r.get("e2e_ms") and r.get("device_ms") else None
         lines.append(
-            f"{r['model'][:28]:<28} {backend:<16} {r['precision']:<5} {r['batch']:>5} {s['median']:>9.3f} "
-            f"{s['p90']:>9.3f} {s['p99']:>9.3f} {s['mean']:>9.3f} {s['min']:>9.3f} "
+            f"{r['model'][:28]:<28} {backend:<16} {r['precision']:<5} {r['batch']:>5} {r['iters']:>6} "
+            f"{_ms(s['median'])} {_ms(s['p90'])} {_ms(s['p99'])} {_ms(s['min'])} {_ms(s['median'] / r['batch'])} "
             f"{r['throughput_items_per_s']:>10.1f}  {'' if e2e is None else f'{e2e:.3f}'}"
         )
-    lines.append("(ms per batch; on CUDA the main columns are device time by CUDA events, e2e adds copies and sync)")
+    lines.append(
+        "(median, p90, p99, min: ms per batch of `batch` images; ms/image = median / batch; on CUDA they are device "
+        "time by CUDA events, e2e adds copies and sync)"
+    )
+    if thin:
+        need = ", ".join(f"{k} needs {n} runs" for k, n in PERCENTILE_MIN_RUNS.items())
+        lines.append(f"(-: too few runs for that percentile: {need}; raise --iters)")
     return "\n".join(lines)
 
 
 def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
-    """Median latency per image and throughput against batch size, one line per (model, backend); saved as PNG."""
+    """Median latency per batch (ms, as in the table) and throughput (images/s) against batch size, one line per
+    (model, backend); the legend sits below the plots so that it never covers a curve. Saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["status"] == "ok"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = sorted({(r["model"], r["backend"], bool(r.get("cuda_graph"))) for r in ok})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     for model, backend, graph in keys:
         pts = sorted(
             (r["batch"], r["latency_ms"]["median"], r["throughput_items_per_s"])
             for r in ok
             if (r["model"], r["backend"], bool(r.get("cuda_graph"))) == (model, backend, graph)
         )
-        label = f"{model} / {backend}{'+graph' if graph else ''}"
-        ax1.plot([p[0] for p in pts], [p[1] / p[0] for p in pts], marker="o", label=label)
-        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    for ax, ylabel in ((ax1, "median ms per image"), (ax2, "images / s")):
+        label = f"{model} / {backend}{' + CUDA graph' if graph else ''}"
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o")
+    for ax, ylabel in ((ax1, "median latency per batch (ms)"), (ax2, "throughput (images / s)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch")
+        ax.set_xlabel("batch size (images)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    if keys:
-        ax2.legend(fontsize=7, loc="best")
+    batches = sorted({r["batch"] for r in ok})
+    for ax in (ax1, ax2):
+        if batches:
+            ax.set_xticks(batches, [str(b) for b in batches])
     fig.suptitle(title or "edgekd benchmark-latency")
-    fig.tight_layout()
+    if keys:
+        fig.legend(loc="lower center", ncol=min(3, len(keys)), fontsize=8, frameon=False)
+    rows_of_legend = -(-len(keys) // 3) if keys else 0
+    fig.tight_layout(rect=(0, 0.05 + 0.05 * rows_of_legend, 1, 1))
     from edgekd.atomic import atomic_path
 
     path = Path(path)

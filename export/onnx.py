@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX: dynamo export with a dynamic batch axis named ``batch``, BatchNorm folded, metadata, full check.
+"""PyTorch -> ONNX: dynamo export with a dynamic batch axis named ``batch`` (or a fixed batch on request), BatchNorm
+folded, metadata, full check.
 
 The exporter's optimizer (``optimize=True``, the default) folds BatchNorm into a preceding Conv or Gemm. What it leaves
 is handled by ``fold_batchnorm``: a BatchNorm that feeds a flatten and then a Gemm (iResNet's ``bn2 -> fc``) is folded
@@ -106,6 +107,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
     legacy_exporter: bool = False,
+    static_batch: int | None = None,
 ) -> onnx.ModelProto:
     """Export ``model`` (normalized ``(B, C, H, W)`` float32 -> ``(B, D)``) to an in-memory, checked ONNX model.
 
@@ -115,15 +117,21 @@ def export_onnx(
         opset: ONNX opset; the dynamo exporter translates at 18+ and down-converts below that.
         metadata: ``metadata_props`` to set (see ``model_metadata``).
         legacy_exporter: use the deprecated TorchScript exporter (``dynamo=False``); an explicit escape hatch only.
+        static_batch: fix the batch axis at this size instead of leaving it dynamic (for runtimes such as NNAPI or
+            CoreML that only accelerate fixed shapes).
 
     Returns:
-        The model with input ``input: (batch, C, H, W)`` and output ``embedding: (batch, D)``, weights inside.
+        The model with input ``input: (batch, C, H, W)`` and output ``embedding: (batch, D)`` (``batch`` is
+        ``static_batch`` when given), weights inside.
 
     Raises:
         EdgekdError: the exporter failed (the first line of its error is kept).
     """
     model = model.eval().float().cpu()
-    example = torch.randn(2, *cfg.input_size)  # batch 2: torch.export specializes sizes 0 and 1
+    if static_batch is not None and static_batch < 1:
+        raise EdgekdError(f"the static batch must be at least 1, got {static_batch}")
+    example = torch.randn(static_batch or 2, *cfg.input_size)  # dynamic: batch 2, torch.export specializes 0 and 1
+    batch_axis = {0: "batch"} if static_batch is None else None
     quiet = io.StringIO()
     try:
         with torch.no_grad(), contextlib.redirect_stdout(quiet):
@@ -137,7 +145,7 @@ def export_onnx(
                     opset_version=opset,
                     input_names=[INPUT_NAME],
                     output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    dynamic_axes={INPUT_NAME: batch_axis, OUTPUT_NAME: batch_axis} if batch_axis else None,
                 )
                 proto = onnx.load_from_string(buf.getvalue())
             else:
@@ -148,7 +156,7 @@ def export_onnx(
                     opset_version=opset,
                     input_names=[INPUT_NAME],
                     output_names=[OUTPUT_NAME],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if batch_axis else None,
                     external_data=False,
                     optimize=True,
                     verbose=False,
@@ -190,14 +198,20 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file; a missing or unreadable file is a one-line EdgekdError."""
+    """Load an ONNX file; a missing, empty, unreadable or graph-less file is a one-line EdgekdError naming it."""
     path = Path(path)
     if not path.is_file():
         raise EdgekdError(f"ONNX model {path} does not exist")
+    if path.stat().st_size == 0:
+        raise EdgekdError(f"ONNX model {path} is empty")
     try:
-        return onnx.load(str(path))
-    except Exception as exc:  # protobuf decode errors
-        raise EdgekdError(f"cannot read ONNX model {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError, OSError, missing external data
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise EdgekdError(f"cannot read ONNX model {path} (corrupt or not ONNX): {reason}") from None
+    if not model.graph.node or not model.graph.output:
+        raise EdgekdError(f"cannot read ONNX model {path}: it holds no graph (corrupt or not ONNX)")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------

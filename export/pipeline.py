@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,11 @@ __all__ = ["PRECISIONS", "ExportOptions", "ExportResult", "export_checkpoint", "
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_GATE_PAIRS = 3000
+# BENCHMARKS.md "Export and latency" (mbf, 1 thread, batch 1): ORT CPU FP32 9.62 ms, INT8 S8S8 14.99 ms, U8S8 13.14 ms.
+INT8_CPU_NOTE = (
+    "INT8 Q/DQ on ONNX Runtime's CPU provider is usually slower than FP32 (BENCHMARKS.md: mbf 1 thread batch 1, "
+    "14.99 ms INT8 vs 9.62 ms FP32); it is meant for TensorRT and other INT8 accelerators"
+)
 MIN_IMPOSTORS_AT_FAR = 20
 Log = Callable[[str], None]
 
@@ -35,6 +40,7 @@ class ExportOptions:
     precision: str = "fp32"
     opset: int = 20
     legacy_exporter: bool = False
+    static_batch: int | None = None  # fix the batch axis (NNAPI/CoreML/other fixed-shape runtimes); None: dynamic
     ort_cpu_rewrites: bool = False  # bake edgekd.export.ort_cpu's rewrites into the artifact
     # gates
     gate_batches: tuple[int, ...] = DEFAULT_GATE_BATCHES
@@ -74,10 +80,12 @@ class ExportResult:
     sidecars: list[Path] = field(default_factory=list)
 
 
-def default_output(checkpoint: str | os.PathLike, precision: str) -> Path:
-    """``<checkpoint stem>.<precision>.onnx`` next to the checkpoint."""
+def default_output(checkpoint: str | os.PathLike, precision: str, static_batch: int | None = None) -> Path:
+    """``<checkpoint stem>.<precision>.onnx`` next to the checkpoint (``.b<N>`` before ``.onnx`` for a static batch,
+    so it does not replace the dynamic-batch file)."""
     ckpt = Path(checkpoint)
-    return ckpt.with_name(f"{ckpt.stem}.{precision}.onnx")
+    batch = f".b{static_batch}" if static_batch else ""
+    return ckpt.with_name(f"{ckpt.stem}.{precision}{batch}.onnx")
 
 
 def gate_inputs(
@@ -130,6 +138,42 @@ def _load_pairs(spec: str | None, cfg, seed: int):
     return create_pairs(spec)
 
 
+def check_options(options: ExportOptions) -> None:
+    """One-line errors for option values no export can use (the CLI's click types catch most of them earlier)."""
+    if options.precision not in PRECISIONS:
+        raise EdgekdError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.precision == "int8" and not options.calib:
+        raise EdgekdError("--precision int8 needs --calib SOURCE (an image folder, a dataset spec, or builtin)")
+    for option, value in (("--gate-images", options.gate_images), ("--calib-images", options.calib_images)):
+        if value < 1:
+            raise EdgekdError(f"{option} must be at least 1, got {value}")
+    if options.static_batch is not None and options.static_batch < 1:
+        raise EdgekdError(f"--static-batch must be at least 1, got {options.static_batch}")
+    if not options.gate_batches or min(options.gate_batches) < 1:
+        raise EdgekdError(f"--gate-batches must be positive integers, got {options.gate_batches}")
+    if options.min_cosine is not None and not -1.0 <= options.min_cosine <= 1.0:
+        raise EdgekdError(f"--min-cosine must lie in [-1, 1], got {options.min_cosine}")
+    if not 0.0 <= options.max_drop <= 100.0:
+        raise EdgekdError(f"--max-drop must lie in [0, 100] points, got {options.max_drop}")
+
+
+def _log_deployment_notes(cfg, options: ExportOptions, out: Path, log: Log) -> None:
+    """One-line notes on where the artifact will not do what a user may expect: insightface loading, INT8 on CPU."""
+    from edgekd.export.insightface import insightface_problems
+
+    problems = insightface_problems(
+        cfg.input_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        channel_order=cfg.channel_order,
+        batch=options.static_batch,
+    )
+    if problems:
+        log(f"warning: {out.name} will not load through insightface's model_zoo.get_model: {'; '.join(problems)}")
+    if options.precision == "int8" and not options.trt:
+        log(f"note: {INT8_CPU_NOTE}")
+
+
 def run_gates(reference, candidate, inputs, precision, artifact, options, cfg, pairs, log) -> GateReport:
     """The parity gate of ``candidate`` against ``reference`` on ``inputs``, plus the task gate on ``pairs`` when given;
     logs the report and returns it (the caller raises on failure, after or before writing, as its artifact needs)."""
@@ -178,38 +222,30 @@ def export_checkpoint(
     from edgekd.atomic import atomic_path, file_sha256, write_json
     from edgekd.bundle import load_bundle
     from edgekd.export.onnx import export_onnx, model_metadata, save_onnx
+    from edgekd.export.outputs import check_output_file
     from edgekd.export.readiness import check_readiness
     from edgekd.export.runtime import OrtRuntime, TorchRuntime
 
     options = options or ExportOptions()
     log = log or (lambda _msg: None)
     precision = options.precision
-    if precision not in PRECISIONS:
-        raise EdgekdError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and not options.calib:
-        raise EdgekdError("--precision int8 needs --calib SOURCE (an image folder, a dataset spec, or builtin)")
+    check_options(options)
+    if options.static_batch:  # a fixed-shape graph runs only its own batch (and, padded, smaller ones)
+        n = options.static_batch
+        options = replace(options, gate_batches=(n,), profile=EngineProfile(n, n, n))
     if options.trt:
         from edgekd.export.trt_export import check_trt_available
 
         check_trt_available(options)
     torch.manual_seed(options.seed)
-    out = Path(out) if out is not None else default_output(checkpoint, precision)
-    if out.suffix != ".onnx":
-        raise EdgekdError(f"the output {out} must end in .onnx")
+    out = Path(out) if out is not None else default_output(checkpoint, precision, options.static_batch)
+    check_output_file(out, ".onnx")
 
     bundle = load_bundle(checkpoint, model=model_name)
     backbone = bundle.backbone.eval().float().cpu()
     cfg = backbone.cfg
     source_hash = file_sha256(checkpoint)
-    log(f"exporting {cfg.name} {tuple(cfg.input_size)} -> {out} [{precision}]")
-    fp32 = export_onnx(
-        backbone,
-        cfg,
-        opset=options.opset,
-        legacy_exporter=options.legacy_exporter,
-        metadata=model_metadata(cfg, precision="fp32", source_sha256=source_hash),
-    )
-    reference = TorchRuntime(backbone)
+    # every data source is read before the export, so a bad one fails in seconds, not after the exporter
     inputs = gate_inputs(
         cfg,
         options.gate_images,
@@ -219,6 +255,21 @@ def export_checkpoint(
         generated=options.gate_data,
     )
     pairs = _load_pairs(options.pairs or ("synthetic" if precision == "int8" else None), cfg, options.seed)
+    calib_set = _calibration_set(cfg, options) if precision == "int8" else None
+    _log_deployment_notes(cfg, options, out, log)
+
+    batch = f", static batch {options.static_batch}" if options.static_batch else ""
+    log(f"exporting {cfg.name} {tuple(cfg.input_size)} -> {out} [{precision}{batch}]")
+    extra = {"static_batch": options.static_batch} if options.static_batch else {}
+    fp32 = export_onnx(
+        backbone,
+        cfg,
+        opset=options.opset,
+        legacy_exporter=options.legacy_exporter,
+        metadata=model_metadata(cfg, precision="fp32", source_sha256=source_hash, **extra),
+        static_batch=options.static_batch,
+    )
+    reference = TorchRuntime(backbone)
 
     calib_info: dict[str, Any] | None = None
     if precision == "fp32":
@@ -230,7 +281,7 @@ def export_checkpoint(
         candidate = convert_fp16(fp32)
         set_metadata(candidate, {"precision": "fp16"})
     else:
-        candidate, calib_info = _int8(fp32, cfg, options, log)
+        candidate, calib_info = _int8(fp32, calib_set, options, log)
 
     if options.ort_cpu_rewrites:
         from edgekd.export.ort_cpu import rewrite_for_ort_cpu
@@ -257,6 +308,7 @@ def export_checkpoint(
             "checkpoint_sha256": source_hash,
             "model": cfg.to_dict(),
             "opset": options.opset,
+            "static_batch": options.static_batch,
             "gate": report.to_dict(),
             "readiness": readiness.to_dict(),
             "calibration": calib_info,
@@ -272,11 +324,16 @@ def export_checkpoint(
     return result
 
 
-def _int8(fp32, cfg, options: ExportOptions, log: Log):
-    from edgekd.calib import build_calibration_set, calibrate
+def _calibration_set(cfg, options: ExportOptions):
+    from edgekd.calib import build_calibration_set
+
+    return build_calibration_set(options.calib, cfg, num_images=options.calib_images, seed=options.seed)
+
+
+def _int8(fp32, calib_set, options: ExportOptions, log: Log):
+    from edgekd.calib import calibrate
     from edgekd.export.int8 import QUANT_OP_TYPES, Int8Options, quantize_qdq
 
-    calib_set = build_calibration_set(options.calib, cfg, num_images=options.calib_images, seed=options.seed)
     result = calibrate(
         fp32, calib_set, options.calib_method, op_types=list(QUANT_OP_TYPES), cache_dir=options.calib_cache
     )

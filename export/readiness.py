@@ -88,8 +88,10 @@ class ReadinessReport:
 def check_readiness(model: onnx.ModelProto | str | os.PathLike, name: str | None = None) -> ReadinessReport:
     """Check ``model`` (a proto or a path) against TensorRT's ONNX parser rules; see the module docstring."""
     if not isinstance(model, onnx.ModelProto):
+        from edgekd.export.onnx import load_onnx
+
         name = name or str(model)
-        model = onnx.load(str(model))
+        model = load_onnx(model)
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     report = ReadinessReport(

@@ -11,14 +11,18 @@ ONNX Runtime and TensorRT are imported inside the functions that need them.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from edgekd.errors import EdgekdError, MissingDependency
+from edgekd.errors import EdgekdError, EdgekdWarning, MissingDependency
+from edgekd.export.contract import EDGEKD_SOURCE, InputContract, graph_precision, read_contract
+from edgekd.utils.env import onnxruntime_conflict
 
 __all__ = [
     "BACKENDS",
@@ -28,6 +32,7 @@ __all__ = [
     "TensorRTRuntime",
     "load_runtime",
     "open_runtime",
+    "read_contract_or_fail",
     "cuda_available",
     "ort_cuda_available",
 ]
@@ -214,6 +219,9 @@ class OrtRuntime(Runtime):
         """
         import onnxruntime as ort
 
+        conflict = onnxruntime_conflict()
+        if conflict:
+            warnings.warn(conflict, EdgekdWarning, stacklevel=2)  # Python's filter shows it once per process
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -226,7 +234,7 @@ class OrtRuntime(Runtime):
         opts.inter_op_num_threads = 1
         if threads:
             opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # fatal only: a failed run raises, and its one-line error says what ORT logged
         self.threads = threads
         self.device = device
         self._stream = None
@@ -245,44 +253,114 @@ class OrtRuntime(Runtime):
         else:
             providers = ["CPUExecutionProvider"]
             self.backend = "ort-cpu"
+        self.name = "the model" if isinstance(model, bytes) else Path(model).name
+        proto = self._load_proto(model)
+        self.contract = read_contract_or_fail(proto, self.name)
         source = model if isinstance(model, bytes) else str(model)
-        if not isinstance(model, bytes) and not Path(model).is_file():
-            raise EdgekdError(f"ONNX model {model} does not exist")
         self.rewrites: dict[str, int] = {}
         if cpu_rewrites and not device.startswith("cuda"):
-            source = self._rewrite_for_cpu(source)
+            source = self._rewrite_for_cpu(proto, source)
         try:
             self.session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types
-            raise EdgekdError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise EdgekdError(f"ONNX Runtime cannot load {self.name}: {reason}") from None
         if device.startswith("cuda") and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise MissingDependency("ONNX Runtime did not enable its CUDA provider (check the CUDA/cuDNN libraries)")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.precision = precision or meta.get("precision", "fp32")
+        self.precision = precision or meta.get("precision") or graph_precision(proto)
         self.metadata = meta
-        self._read_contract(meta)
+        self.notes: list[str] = []  # one-line findings about the model a command should show the user
+        self._probe_batch()
+        self.set_contract(self.contract)
 
     @property
     def stream(self) -> torch.cuda.Stream | None:
         return self._stream
 
-    def _rewrite_for_cpu(self, source: str | bytes) -> str | bytes:
+    @staticmethod
+    def _load_proto(model: str | os.PathLike | bytes):
         import onnx
+
+        from edgekd.export.onnx import load_onnx
+
+        if isinstance(model, bytes):
+            try:
+                return onnx.load_from_string(model)
+            except Exception:  # protobuf's DecodeError and friends
+                raise EdgekdError("the serialized ONNX model cannot be parsed") from None
+        return load_onnx(model)
+
+    def _probe_batch(self) -> None:
+        """A foreign graph that declares a dynamic batch but was traced at batch 1 (arcface_torch's torch2onnx,
+        reference/face.md §0.3) fails at batch 2: find that out once, at load, and run it one image at a time."""
+        contract = self.contract
+        if contract.source == EDGEKD_SOURCE or contract.batch is not None or contract.graph_size is None:
+            return
+        try:
+            self._run(torch.zeros(2, *contract.graph_size))
+        except EdgekdError:
+            self._run(torch.zeros(1, *contract.graph_size))  # a graph that runs at no batch fails here, in one line
+            self.contract = replace(contract, batch=1)
+            self.notes.append(
+                f"{self.name} declares a dynamic batch but runs only batch 1 (traced at batch 1, as arcface_torch's "
+                "torch2onnx does); running it one image at a time"
+            )
+
+    def set_contract(self, contract: InputContract) -> None:
+        """Use ``contract`` (e.g. with the user's overrides applied) as this runtime's input contract."""
+        self.contract = contract
+        self.mean, self.std, self.input_size = contract.mean, contract.std, contract.input_size
+
+    def _rewrite_for_cpu(self, proto, source: str | bytes) -> str | bytes:
+        import copy
 
         from edgekd.export.ort_cpu import rewrite_for_ort_cpu
 
-        proto = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
-        proto, self.rewrites = rewrite_for_ort_cpu(proto)
-        return proto.SerializeToString() if any(self.rewrites.values()) else source
+        rewritten, self.rewrites = rewrite_for_ort_cpu(copy.deepcopy(proto))
+        return rewritten.SerializeToString() if any(self.rewrites.values()) else source
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        """A one-line error naming both shapes, instead of ONNX Runtime's traceback, when the graph fixes another."""
+        fixed = self.contract.graph_size
+        if fixed is not None and tuple(x.shape[1:]) != fixed:
+            got = "x".join(map(str, x.shape[1:]))
+            raise EdgekdError(
+                f"{self.name} takes {'x'.join(map(str, fixed))} (CxHxW) images, got {got}; "
+                f"make the data {fixed[1]}x{fixed[2]} (e.g. --image-size {fixed[1]})"
+            )
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
+        except Exception as exc:  # ORT raises its own exception types, with a C++ trace in the message
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            # arcface_torch's torch2onnx renames the batch axis of a graph traced at batch 1 (reference/face.md §0.3)
+            hint = "; if its graph was traced at batch 1, pass --batch-size 1" if len(x) > 1 else ""
+            raise EdgekdError(f"ONNX Runtime failed on {self.name} at batch {len(x)}: {reason}{hint}") from None
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+        self._check_shape(x)
+        batch = self.contract.batch
+        if batch is None or len(x) == batch:
+            return self._run(x)
+        outs = []
+        for lo in range(0, len(x), batch):  # a fixed-batch graph takes exactly `batch` rows: chunk, pad the last
+            chunk = x[lo : lo + batch]
+            rows = len(chunk)
+            if rows < batch:
+                chunk = torch.cat([chunk, chunk.new_zeros(batch - rows, *chunk.shape[1:])])
+            outs.append(self._run(chunk)[:rows])
+        return torch.cat(outs)
 
     def prepare(self, x: torch.Tensor) -> Callable[[], Any]:
         x = _as_tensor(x)
+        self._check_shape(x)
+        if self.contract.batch is not None and len(x) != self.contract.batch:
+            raise EdgekdError(f"{self.name} has a fixed batch of {self.contract.batch}; it cannot time batch {len(x)}")
         if self._stream is None:
             feed = {self.input_name: np.ascontiguousarray(x.numpy())}
             names = [self.output_name]
@@ -369,6 +447,14 @@ class TensorRTRuntime(Runtime):
         torch.cuda.synchronize()  # staged input complete before steps run on self._stream
         handle = self._stream.cuda_stream
         return lambda: self.context.execute_async_v3(handle)
+
+
+def read_contract_or_fail(proto, name: str) -> InputContract:
+    """``read_contract`` with the file's name in its one-line error."""
+    try:
+        return read_contract(proto)
+    except EdgekdError as exc:
+        raise EdgekdError(f"{name}: {exc}") from None
 
 
 def load_runtime(

@@ -9,82 +9,145 @@ from __future__ import annotations
 
 from datetime import UTC
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from edgekd.cli.export import CHECKPOINT_SUFFIXES, EXPORTED_SUFFIXES, OutputFile, PositiveInts, existing_file
+from edgekd.errors import EdgekdError
+from edgekd.export.latency import DEFAULT_ITERS
 
-def _specs(models: tuple[str, ...], arch: str | None, backends: tuple[str, ...], tmpdir: str, log):
-    from edgekd.atomic import file_sha256
-    from edgekd.errors import EdgekdError
+if TYPE_CHECKING:
     from edgekd.export.latency import ModelSpec
-    from edgekd.export.onnx import read_metadata
+
+
+def _onnx_spec(path: Path, sha: str, image_size: int | None, log) -> ModelSpec:
+    """A spec for an ONNX file: its contract from edgekd metadata or, for a foreign file, the graph and insightface's
+    conventions; a graph with a fixed batch is timed at that batch only."""
+    from edgekd.export.contract import EDGEKD_SOURCE, graph_precision, override_contract
+    from edgekd.export.latency import ModelSpec
+    from edgekd.export.onnx import load_onnx, read_metadata
+    from edgekd.export.runtime import read_contract_or_fail
+
+    proto = load_onnx(path)
+    contract = override_contract(read_contract_or_fail(proto, path.name), path.name, image_size=image_size)
+    if contract.source != EDGEKD_SOURCE:
+        contract = _probed_batch(path, contract, log)
+        log(f"note: {path.name} has no edgekd metadata; timing it as {contract.describe()}")
+    return ModelSpec(
+        path=str(path),
+        name=path.name,
+        onnx=str(path),
+        precision=str(read_metadata(proto).get("precision") or graph_precision(proto)),
+        sha256=sha,
+        input_size=contract.input_size,
+        fixed_batch=contract.batch,
+    )
+
+
+def _probed_batch(path: Path, contract, log):
+    """``contract`` with the batch a foreign graph really runs (see ``OrtRuntime._probe_batch``)."""
+    from dataclasses import replace
+
+    from edgekd.export.runtime import OrtRuntime
+
+    if contract.batch is not None or contract.graph_size is None:
+        return contract
+    runtime = OrtRuntime(path, device="cpu", threads=1, cpu_rewrites=False)
+    for note in runtime.notes:
+        log(f"note: {note}")
+    return replace(contract, batch=runtime.contract.batch)
+
+
+def _plan_spec(path: Path, sha: str) -> ModelSpec:
+    """A spec for a TensorRT engine, whose input shape comes from the sidecar ``edgekd export --trt`` wrote."""
+    import json
+
+    from edgekd.export.latency import ModelSpec
+
+    side = path.with_name(path.name + ".json")
+    try:
+        info = json.loads(side.read_text()) if side.is_file() else {}
+    except ValueError:
+        raise EdgekdError(f"sidecar {side} is not valid JSON") from None
+    if "input_shape" not in info:
+        raise EdgekdError(f"{path.name} has no sidecar {side.name} with its input shape; build it with edgekd export")
+    return ModelSpec(
+        path=str(path),
+        name=path.name,
+        precision=info.get("precision", "fp32"),
+        sha256=sha,
+        input_size=tuple(info["input_shape"]),
+    )
+
+
+def _checkpoint_spec(path: Path, sha: str, arch: str | None) -> ModelSpec:
+    from edgekd.bundle import load_bundle
+    from edgekd.export.latency import ModelSpec
+
+    backbone = load_bundle(path, model=arch).backbone.eval()
+    return ModelSpec(
+        path=str(path), name=path.name, module=backbone, sha256=sha, input_size=tuple(backbone.cfg.input_size)
+    )
+
+
+def _export_for_ort(spec: ModelSpec, tmpdir: str, log) -> None:
+    """Export a checkpoint's backbone to a temporary FP32 ONNX file for the ONNX Runtime backends."""
+    from edgekd.export.onnx import export_onnx, model_metadata, save_onnx
+
+    cfg = spec.module.cfg
+    log(f"exporting {spec.name} to ONNX (fp32) for the ONNX Runtime backends")
+    spec.onnx = str(Path(tmpdir) / f"{Path(spec.name).stem}.onnx")
+    save_onnx(export_onnx(spec.module, cfg, metadata=model_metadata(cfg)), spec.onnx)
+
+
+def _specs(models, arch, image_size, backends, tmpdir: str, log) -> list[ModelSpec]:
+    """Every model read and checked first (a bad file fails before any export), then checkpoints exported for ORT."""
+    from edgekd.atomic import file_sha256
 
     specs = []
-    for path in models:
-        p = Path(path)
-        if not p.is_file():
-            raise EdgekdError(f"model {path} does not exist")
-        sha = file_sha256(p)
-        if p.suffix == ".onnx":
-            meta = read_metadata(p)
-            size = tuple(meta["input_size"]) if "input_size" in meta else None
-            if size is None:
-                raise EdgekdError(f"{p.name} has no input_size metadata; export it with edgekd export")
-            specs.append(
-                ModelSpec(
-                    path=str(p),
-                    name=p.name,
-                    onnx=str(p),
-                    precision=str(meta.get("precision", "fp32")),
-                    sha256=sha,
-                    input_size=size,
-                )
-            )
-        elif p.suffix in (".plan", ".engine"):
-            import json
-
-            side = p.with_name(p.name + ".json")
-            info = json.loads(side.read_text()) if side.is_file() else {}
-            if "input_shape" not in info:
-                raise EdgekdError(
-                    f"{p.name} has no sidecar {side.name} with its input shape; build it with edgekd export"
-                )
-            specs.append(
-                ModelSpec(
-                    path=str(p),
-                    name=p.name,
-                    precision=info.get("precision", "fp32"),
-                    sha256=sha,
-                    input_size=tuple(info["input_shape"]),
-                )
-            )
+    for path in map(Path, models):
+        sha = file_sha256(path)
+        if path.suffix == ".onnx":
+            specs.append(_onnx_spec(path, sha, image_size, log))
+        elif path.suffix in (".plan", ".engine"):
+            specs.append(_plan_spec(path, sha))
         else:
-            from edgekd.bundle import load_bundle
-
-            backbone = load_bundle(p, model=arch).backbone.eval()
-            cfg = backbone.cfg
-            onnx_path = None
-            if any(b.startswith("ort") for b in backends):
-                from edgekd.export.onnx import export_onnx, model_metadata, save_onnx
-
-                log(f"exporting {p.name} to ONNX (fp32) for the ONNX Runtime backends")
-                onnx_path = str(Path(tmpdir) / f"{p.stem}.onnx")
-                save_onnx(export_onnx(backbone, cfg, metadata=model_metadata(cfg)), onnx_path)
-            specs.append(
-                ModelSpec(
-                    path=str(p),
-                    name=p.name,
-                    module=backbone,
-                    onnx=onnx_path,
-                    sha256=sha,
-                    input_size=tuple(cfg.input_size),
-                )
-            )
+            specs.append(_checkpoint_spec(path, sha, arch))
+    if any(b.startswith("ort") for b in backends):
+        for spec in specs:
+            if spec.module is not None:
+                _export_for_ort(spec, tmpdir, log)
     return specs
 
 
+def _log_batch_limits(specs, batches: tuple[int, ...], log) -> None:
+    """One line per fixed-batch graph: the batch that is timed and the requested ones that are skipped."""
+    for spec in specs:
+        if spec.fixed_batch:
+            skipped = [b for b in batches if b != spec.fixed_batch]
+            if skipped:
+                log(
+                    f"note: {spec.name} runs only batch {spec.fixed_batch}: timing batch {spec.fixed_batch} only, "
+                    f"skipping batch {', '.join(map(str, skipped))}"
+                )
+
+
+def _log_int8_cpu_note(specs, backends, log) -> None:
+    from edgekd.export.pipeline import INT8_CPU_NOTE
+
+    if "ort-cpu" in backends and any(spec.precision == "int8" and spec.onnx for spec in specs):
+        log(f"note: {INT8_CPU_NOTE}")
+
+
 @click.command("benchmark-latency")
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument(
+    "models",
+    nargs=-1,
+    required=True,
+    type=click.Path(dir_okay=False),
+    callback=existing_file((*CHECKPOINT_SUFFIXES, *EXPORTED_SUFFIXES), "model"),
+)
 @click.option("--model", "arch", default=None, help="architecture of a plain arcface_torch .pt MODEL")
 @click.option(
     "--backend",
@@ -93,14 +156,42 @@ def _specs(models: tuple[str, ...], arch: str | None, backends: tuple[str, ...],
     type=click.Choice(["torch", "torch-compile", "ort-cpu", "ort-cuda", "tensorrt"]),
     help="backends to time (repeatable; default: all that apply)",
 )
-@click.option("--batch", "batches", default="1,8", show_default=True, help="comma-separated batch sizes")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda for the torch backends")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: torch's)")
-@click.option("--warmup", "warmup_iters", type=int, default=10, show_default=True, help="warm-up runs (at least)")
-@click.option("--warmup-seconds", type=float, default=0.5, show_default=True, help="warm-up time (at least)")
-@click.option("--iters", type=int, default=50, show_default=True, help="timed runs (at least)")
-@click.option("--min-seconds", type=float, default=2.0, show_default=True, help="timed duration (at least)")
-@click.option("--max-iters", type=int, default=10_000, show_default=True, help="timed runs (at most)")
+@click.option("--batch", "batches", type=PositiveInts(), default="1,8", show_default=True, help="batch sizes")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="input height = width for an ONNX file whose graph leaves them open and that has no edgekd metadata",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="torch backends")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch and ONNX Runtime (default: torch's)",
+)
+@click.option(
+    "--warmup",
+    "warmup_iters",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="warm-up runs (at least)",
+)
+@click.option(
+    "--warmup-seconds", type=click.FloatRange(min=0.0), default=0.5, show_default=True, help="warm-up time (at least)"
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=DEFAULT_ITERS,
+    show_default=True,
+    help="timed runs (at least); p90/p95/p99 are reported from 10/20/100 runs on",
+)
+@click.option(
+    "--min-seconds", type=click.FloatRange(min=0.0), default=2.0, show_default=True, help="timed duration (at least)"
+)
+@click.option("--max-iters", type=click.IntRange(min=1), default=10_000, show_default=True, help="timed runs (at most)")
 @click.option(
     "--cuda-graph/--no-cuda-graph",
     default=True,
@@ -110,7 +201,7 @@ def _specs(models: tuple[str, ...], arch: str | None, backends: tuple[str, ...],
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False),
+    type=OutputFile(".json"),
     default="runs/latency/latency.json",
     show_default=True,
     help="JSON report (with versions, device and threads)",
@@ -118,7 +209,7 @@ def _specs(models: tuple[str, ...], arch: str | None, backends: tuple[str, ...],
 @click.option(
     "--plot",
     "plot_path",
-    type=click.Path(dir_okay=False),
+    type=OutputFile(".png"),
     default=None,
     help="PNG plot (default: the JSON path with .png)",
 )
@@ -131,7 +222,9 @@ def _specs(models: tuple[str, ...], arch: str | None, backends: tuple[str, ...],
     "or run the graph as written",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random inputs")
-def command(models, arch, backends, batches, device, threads, json_path, plot_path, seed, ort_graph, **timing) -> None:
+def command(
+    models, arch, backends, batches, image_size, device, threads, json_path, plot_path, seed, ort_graph, **timing
+) -> None:
     """Time MODELS on every backend over a batch sweep; print a table, write JSON and a PNG plot."""
     import tempfile
     from dataclasses import asdict
@@ -140,29 +233,33 @@ def command(models, arch, backends, batches, device, threads, json_path, plot_pa
     import torch
 
     from edgekd.atomic import write_json
-    from edgekd.cli.export import parse_ints
     from edgekd.export.latency import LATENCY_BACKENDS, LatencyConfig, format_table, plot_results, run_benchmark
     from edgekd.utils.env import environment
     from edgekd.version import __version__
 
+    if timing["max_iters"] < timing["iters"]:
+        raise EdgekdError(f"--max-iters {timing['max_iters']} is below --iters {timing['iters']}")
     threads = threads or torch.get_num_threads()  # one stated count for torch and ONNX Runtime alike
     cfg = LatencyConfig(
-        batches=parse_ints(batches, "--batch"),
+        batches=batches,
         device=device,
         threads=threads,
         seed=seed,
         ort_cpu_rewrites=ort_graph == "rewritten",
         **timing,
     )
+    chosen = backends or LATENCY_BACKENDS
     with tempfile.TemporaryDirectory(prefix="edgekd-latency-") as tmpdir:
-        specs = _specs(models, arch, backends or LATENCY_BACKENDS, tmpdir, click.echo)
-        rows = run_benchmark(specs, backends or LATENCY_BACKENDS, cfg, log=click.echo, only_applicable=not backends)
+        specs = _specs(models, arch, image_size, chosen, tmpdir, click.echo)
+        _log_batch_limits(specs, batches, click.echo)
+        _log_int8_cpu_note(specs, chosen, click.echo)
+        rows = run_benchmark(specs, chosen, cfg, log=click.echo, only_applicable=not backends)
     click.echo(format_table(rows))
     report = {
         "tool": "edgekd benchmark-latency", "edgekd_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "environment": environment(benchmark_threads=threads),
-        "config": {**asdict(cfg), "backends": list(backends or LATENCY_BACKENDS)}, "results": rows,
+        "config": {**asdict(cfg), "backends": list(chosen)}, "results": rows,
     }  # fmt: skip
     write_json(json_path, report)
     plot = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")

@@ -2,6 +2,10 @@
 
 Given an ``.onnx`` file instead of a checkpoint, it only prints the TensorRT-readiness report (exit 2 when the model is
 not ready).
+
+This module also holds the option types the deployment commands (export, eval, benchmark-latency) share: every number,
+list and path is checked while the command line is parsed, before any model is loaded; a bad one is a single
+``edgekd: error:`` line (``edgekd.cli.main`` prints click's usage errors that way too).
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from pathlib import Path
 
 import click
 
+from edgekd.errors import EdgekdError
+
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
-    from edgekd.errors import EdgekdError
-
+    """``"1,8,32"`` -> ``(1, 8, 32)``; anything but positive integers is a one-line error naming ``what``."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -23,11 +28,113 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def _option_name(param: click.Parameter | None) -> str:
+    return param.opts[0] if param is not None and param.opts else "value"
+
+
+class PositiveInts(click.ParamType):
+    """Comma-separated integers >= 1, optionally exactly ``count`` of them (``1,8,32``)."""
+
+    name = "N[,N...]"
+
+    def __init__(self, count: int | None = None) -> None:
+        self.count = count
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        values = parse_ints(str(value), _option_name(param))
+        if self.count is not None and len(values) != self.count:
+            raise EdgekdError(f"{_option_name(param)} takes {self.count} comma-separated integers, got {value!r}")
+        return values
+
+
+class PixelValues(click.ParamType):
+    """One value for every channel, or one per channel (``127.5`` or ``123.7,116.3,103.5``), on the 0-255 scale."""
+
+    name = "V[,V,V]"
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
+
+    def convert(self, value, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        option = _option_name(param)
+        try:
+            values = tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise EdgekdError(f"{option} takes one or three numbers on the 0-255 pixel scale, got {value!r}") from None
+        if len(values) not in (1, 3):
+            raise EdgekdError(f"{option} takes one or three numbers on the 0-255 pixel scale, got {value!r}")
+        above_floor = all(v > 0.0 for v in values) if self.positive else all(v >= 0.0 for v in values)
+        if not above_floor or max(values) > 255.0:
+            bound = "in (0, 255]" if self.positive else "in [0, 255]"
+            raise EdgekdError(f"{option} values must lie {bound} (0-255 pixel scale), got {value!r}")
+        return values
+
+
+class OutputFile(click.ParamType):
+    """A file the command will write: not a folder, the right suffix, in a writable folder (checked at parse time)."""
+
+    name = "FILE"
+
+    def __init__(self, suffix: str | None = None) -> None:
+        self.suffix = suffix
+
+    def convert(self, value, param, ctx) -> str:
+        from edgekd.export.outputs import check_output_file
+
+        check_output_file(value, self.suffix, _option_name(param))
+        return str(value)
+
+
+class OutputDir(click.ParamType):
+    """A folder the command will write into (created when missing): not a file, and writable."""
+
+    name = "DIR"
+
+    def convert(self, value, param, ctx) -> str:
+        from edgekd.export.outputs import check_output_dir
+
+        check_output_dir(value, _option_name(param))
+        return str(value)
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+EXPORTED_SUFFIXES = (".onnx", ".plan", ".engine")
+
+
+def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
+    """A click callback: the argument names an existing, non-empty file (with one of ``suffixes``)."""
+
+    def check(ctx, param, value):
+        for path in value if isinstance(value, tuple) else (value,):
+            if path is None:
+                continue
+            p = Path(path)
+            if not p.exists():
+                raise EdgekdError(f"{what} {path} does not exist")
+            if not p.is_file():
+                raise EdgekdError(f"{what} {path} is not a file")
+            if suffixes and p.suffix not in suffixes:
+                raise EdgekdError(f"{what} {path} has suffix {p.suffix or '(none)'!r}; expected {', '.join(suffixes)}")
+            if p.stat().st_size == 0:
+                raise EdgekdError(f"{what} {path} is empty")
+        return value
+
+    return check
+
+
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument(
+    "checkpoint",
+    type=click.Path(dir_okay=False),
+    callback=existing_file((*CHECKPOINT_SUFFIXES, ".onnx"), "checkpoint"),
+)
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False),
+    type=OutputFile(".onnx"),
     default=None,
     help="ONNX path to write (default: <checkpoint stem>.<precision>.onnx beside it)",
 )
@@ -39,7 +146,16 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     show_default=True,
     help="fp16: FP16-typed graph with FP32 I/O; int8: explicit Q/DQ graph (needs --calib)",
 )
-@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (TensorRT 10.0 parses 9-20)")
+@click.option(
+    "--static-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="fix the batch axis at N instead of a dynamic one (NNAPI, CoreML and other fixed-shape runtimes); "
+    "gated at batch N, written as <stem>.<precision>.bN.onnx by default",
+)
+@click.option(
+    "--opset", type=click.IntRange(min=9), default=20, show_default=True, help="ONNX opset (TensorRT 10.0 parses 9-20)"
+)
 @click.option("--legacy-exporter", is_flag=True, help="use the deprecated TorchScript exporter instead of dynamo")
 @click.option(
     "--ort-cpu-rewrites",
@@ -56,11 +172,13 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     show_default=True,
     help="generated gate images: a synthetic spec (held-out identities are drawn)",
 )
-@click.option("--gate-images", type=int, default=64, show_default=True, help="images per gate source")
-@click.option("--gate-batches", default="1,8,32", show_default=True, help="batch sizes the gates run at")
+@click.option("--gate-images", type=click.IntRange(min=1), default=64, show_default=True, help="images per gate source")
+@click.option(
+    "--gate-batches", type=PositiveInts(), default="1,8,32", show_default=True, help="batch sizes the gates run at"
+)
 @click.option(
     "--min-cosine",
-    type=float,
+    type=click.FloatRange(-1.0, 1.0),
     default=None,
     help="override the per-row cosine threshold (fp32 min 0.99999, fp16 min 0.999, int8 mean 0.995)",
 )
@@ -71,17 +189,17 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
 )
 @click.option(
     "--max-drop",
-    type=float,
+    type=click.FloatRange(0.0, 100.0),
     default=0.5,
     show_default=True,
-    help="largest allowed drop of accuracy and TAR@FAR, in points",
+    help="largest allowed drop of accuracy and TAR@FAR, in points (percent)",
 )
 @click.option(
     "--calib",
     default=None,
     help="int8 calibration source: an image folder, a data spec (synthetic:..., rec:...) or builtin",
 )
-@click.option("--calib-images", type=int, default=128, show_default=True, help="calibration images")
+@click.option("--calib-images", type=click.IntRange(min=1), default=128, show_default=True, help="calibration images")
 @click.option(
     "--calib-method",
     type=click.Choice(["minmax", "entropy", "percentile"]),
@@ -96,10 +214,18 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     help="calibration cache folder (default ~/.cache/edgekd/calib or $EDGEKD_CACHE_DIR/calib)",
 )
 @click.option(
-    "--keep-first", type=int, default=1, show_default=True, help="int8: leading Conv/Gemm layers kept in float"
+    "--keep-first",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="int8: leading Conv/Gemm layers kept in float",
 )
 @click.option(
-    "--keep-last", type=int, default=1, show_default=True, help="int8: trailing Conv/Gemm layers kept in float"
+    "--keep-last",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="int8: trailing Conv/Gemm layers kept in float",
 )
 @click.option(
     "--int8-activations",
@@ -116,8 +242,20 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     show_default=True,
     help="build through TensorRT's ONNX parser or compile with torch-tensorrt",
 )
-@click.option("--trt-batch", default="1,8,64", show_default=True, help="optimization profile min,opt,max batch")
-@click.option("--workspace-gib", type=float, default=1.0, show_default=True, help="TensorRT builder workspace")
+@click.option(
+    "--trt-batch",
+    type=PositiveInts(count=3),
+    default="1,8,64",
+    show_default=True,
+    help="optimization profile min,opt,max batch (with --static-batch N: N,N,N)",
+)
+@click.option(
+    "--workspace-gib",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="TensorRT builder workspace",
+)
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache file")
 @click.option(
     "--opt-level",
@@ -128,26 +266,32 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     help="TensorRT builder optimization level",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="picks gate and calibration images")
-def command(checkpoint, out, model_name, gate_batches, trt_batch, **kw) -> None:
+@click.pass_context
+def command(ctx, checkpoint, out, model_name, gate_batches, trt_batch, **kw) -> None:
     """Export CHECKPOINT to ONNX behind parity gates; nothing final is written if a gate fails."""
-    from edgekd.errors import EdgekdError
     from edgekd.export.pipeline import ExportOptions, export_checkpoint
     from edgekd.export.tensorrt import EngineProfile
 
     if Path(checkpoint).suffix == ".onnx":
-        from edgekd.export.readiness import check_readiness
-
-        if not Path(checkpoint).is_file():
-            raise EdgekdError(f"{checkpoint} does not exist")
-        report = check_readiness(checkpoint, name=Path(checkpoint).name)
-        click.echo(report.format())
-        if not report.ready:
-            raise EdgekdError(f"{Path(checkpoint).name} is not TensorRT-ready: {report.errors()[0].message}")
+        _readiness_only(checkpoint)
         return
-    batches = parse_ints(trt_batch, "--trt-batch")
-    if len(batches) != 3:
-        raise EdgekdError("--trt-batch takes three values: min,opt,max")
-    options = ExportOptions(
-        gate_batches=parse_ints(gate_batches, "--gate-batches"), profile=EngineProfile(*batches), **kw
-    )
+    static = kw["static_batch"]
+    explicit_profile = ctx.get_parameter_source("trt_batch") == click.core.ParameterSource.COMMANDLINE
+    if static and explicit_profile and trt_batch != (static, static, static):
+        raise EdgekdError(
+            f"--static-batch {static} fixes the engine's batch; drop --trt-batch or pass {static},{static},{static}"
+        )
+    if not trt_batch[0] <= trt_batch[1] <= trt_batch[2]:
+        raise EdgekdError(f"--trt-batch needs min <= opt <= max, got {','.join(map(str, trt_batch))}")
+    options = ExportOptions(gate_batches=gate_batches, profile=EngineProfile(*trt_batch), **kw)
     export_checkpoint(checkpoint, out, options, model_name=model_name, log=click.echo)
+
+
+def _readiness_only(path: str) -> None:
+    """``edgekd export MODEL.onnx``: the TensorRT-readiness report; exit 2 when the model is not ready."""
+    from edgekd.export.readiness import check_readiness
+
+    report = check_readiness(path, name=Path(path).name)
+    click.echo(report.format())
+    if not report.ready:
+        raise EdgekdError(f"{Path(path).name} is not TensorRT-ready: {report.errors()[0].message}")

@@ -18,7 +18,7 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int = 128) -> dict:
-    """10-fold accuracy and TAR@FAR of the backbone's flip-summed embeddings on ``pairs``."""
+    """10-fold accuracy, TAR@FAR and the ROC curve ``roc: (fpr, tpr)`` of the flip-summed embeddings on ``pairs``."""
     from edgekd.eval.embed import evaluate_pairs
 
     dev = resolve_device(device)
@@ -30,6 +30,7 @@ def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int =
         "accuracy": result["accuracy"],
         "accuracy_std": result["std"],
         "tar_at_far": {str(far): result["tar_at_far"][far] for far in result["tar_at_far"]},
+        "roc": (result["fpr"], result["tpr"]),
     }
 
 
@@ -58,3 +59,19 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     widths = [max(len(header), *(len(r[i]) for r in body)) for i, (_, header) in enumerate(columns)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line([h for _, h in columns]), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def _tar_values(tar_at_far: dict[float, float]) -> str:
+    """``TAR@FAR (%) 1e-03: 50.00  1e-02: 72.00`` from fractions; the unit is stated once, before the values."""
+    return "TAR@FAR (%) " + "  ".join(f"{far:.0e}: {100 * tar:.2f}" for far, tar in tar_at_far.items())
+
+
+def format_tar_line(name: str, tar_at_far: dict[float, float]) -> str:
+    """``name: TAR@FAR (%) 1e-05: 91.20  1e-04: 94.10`` (IJB-style results)."""
+    return f"{name}: {_tar_values(tar_at_far)}"
+
+
+def format_verification(name: str, accuracy: float, accuracy_std: float, tar_at_far: dict[float, float]) -> str:
+    """One verification line in percent: ``name: accuracy (%) 93.50 ± 1.20  |  TAR@FAR (%) 1e-03: 50.00 ...``."""
+    line = f"{name}: accuracy (%) {100 * accuracy:.2f} ± {100 * accuracy_std:.2f}"
+    return f"{line}  |  {_tar_values(tar_at_far)}" if tar_at_far else line

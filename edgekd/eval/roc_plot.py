@@ -21,7 +21,8 @@ def plot_roc(
     """Plot TAR against FAR (log x) for each named curve and write ``path`` atomically (temporary file + rename).
 
     Args:
-        curves: ``{name: (fpr (K,), tpr (K,))}``; points with FPR = 0 cannot be drawn on a log axis and are dropped.
+        curves: ``{label: (fpr (K,), tpr (K,))}``, the label as the legend shows it (a readable name, not a data spec);
+            points with FPR = 0 cannot be drawn on a log axis and are dropped.
         path: the PNG to write.
         title: figure title.
         far_range: x-axis limits; default from the smallest positive FPR to 1.
@@ -48,7 +49,7 @@ def plot_roc(
     ax.set_ylabel("TAR (true accept rate)")
     ax.set_title(title)
     ax.grid(True, which="both", linestyle=":", linewidth=0.5)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    # below the axes, never over a curve: ROC curves can pass through any corner of the plot
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, fontsize=8, frameon=False)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")
