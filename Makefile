@@ -29,3 +29,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# `make gpu-check OUT=dir` on a GPU machine: bench/gpu_check.py records the environment, runs the GPU tests and measures
+# the shared-head loss, the distillation step and mbf latency in under 8 minutes, results (8 files) in OUT.
+# `make gpu-check DRY=1` runs the same stages at tiny sizes on the CPU. The Python is PYTHON when given, else .venv's,
+# else python3 (the GPU image has no venv); edgekd needs no install there (the script imports it from the tree).
+OUT ?= runs/gpu-check
+GPU_CHECK_PY = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),$(if $(wildcard $(PY)),$(PY),$(PYTHON)))
+
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_CHECK_PY) bench/gpu_check.py --out $(OUT) $(if $(DRY),--dry-run)

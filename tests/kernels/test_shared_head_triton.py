@@ -7,6 +7,8 @@ in Triton's CPU interpreter (tests/kernels/conftest.py), with tiny shapes and no
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -200,3 +202,49 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def _outputs(case: dict, head: HeadSpec, device: str) -> dict:
+    """Losses and input gradients of one triton forward+backward (fresh leaves each call)."""
+    leaves = {k: v.to(device) for k, v in case.items()}
+    for k in ("z_s", "W_s", "z_st"):
+        leaves[k].requires_grad_()
+    losses, _ = shared_head_triton(leaves["z_s"], leaves["labels"], leaves["W_s"], None, leaves["z_st"],
+                                   leaves["W_t"], None, leaves["z_t"], head.kind_id, head.s, head.m, ALL_TERMS.T,
+                                   ALL_BITS, 0)  # fmt: skip
+    losses.sum().backward()
+    return {"losses": losses.detach(), **{f"d{k}": leaves[k].grad for k in ("z_s", "z_st", "W_s")}}
+
+
+def _distinct(tensors: list[torch.Tensor]) -> int:
+    """How many bitwise-different tensors the list holds."""
+    kinds: list[torch.Tensor] = []
+    for t in tensors:
+        if not any(torch.equal(t, k) for k in kinds):
+            kinds.append(t)
+    return len(kinds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_atomics_repeat_within_rounding_on_cuda(dtype, record_property):
+    """The same inputs 20 times. Only the dz kernel adds with atomics (one add per class split into a (B, D) fp32
+    buffer), so only dz may vary, and only by the order of fp32 additions; a race (a lost or doubled add) would
+    move it by a whole split's share. The forward (per-split partials) and dW (one program per class block) have no
+    atomics. The spread is recorded as ``max_r max|x_r − x_0| / max|x_0|`` per output."""
+    case = _case(B=512, D=512, D_t=512, C=100_003, dtype=dtype, seed=3)
+    head = HeadSpec("arcface", 64.0, 0.5)
+    runs = [_outputs(case, head, "cuda") for _ in range(20)]
+    spread = {
+        name: max(((r[name].float() - runs[0][name].float()).abs().max() / runs[0][name].float().abs().max()).item()
+                  for r in runs[1:])
+        for name in runs[0]
+    }  # fmt: skip
+    distinct = {name: _distinct([r[name] for r in runs]) for name in runs[0]}
+    record_property("spread", json.dumps({"dtype": str(dtype), "runs": len(runs), "spread": spread,
+                                          "distinct_results": distinct}))  # fmt: skip
+    # bf16 gradients are rounded to bf16 (8 significant bits) after fp32 accumulation: one last-bit flip is 2^-8.
+    dz_bound = 1e-5 if dtype == torch.float32 else 2**-7
+    assert spread["dz_s"] <= dz_bound and spread["dz_st"] <= dz_bound, spread
+    assert spread["losses"] <= 1e-6 and spread["dW_s"] <= 1e-6, spread
