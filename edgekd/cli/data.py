@@ -19,12 +19,29 @@ def data() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="JPEG quality for images that are not already RGB JPEGs (those are stored unchanged)")  # fmt: skip
-def pack(image_folder: Path, out: Path, quality: int) -> None:
-    """Write OUT/train.rec + OUT/train.idx (insightface layout) from IMAGE_FOLDER/<identity>/<image>."""
+@click.option("--skip-bad", is_flag=True,
+              help="leave out images that cannot be read (and list them) instead of stopping at the first")  # fmt: skip
+def pack(image_folder: Path, out: Path, quality: int, skip_bad: bool) -> None:
+    """Write OUT/train.rec + OUT/train.idx (insightface layout) from IMAGE_FOLDER/<identity>/<image>.
+
+    The files appear only when packing succeeds; a failure leaves nothing in OUT.
+    """
     from edgekd.data.recordio import pack_image_folder
 
-    info = pack_image_folder(image_folder, out, quality=quality)
+    info = pack_image_folder(image_folder, out, quality=quality, skip_bad=skip_bad)
     click.echo(f"packed {info['images']} images of {info['classes']} identities into {info['rec']}")
+    _report_skipped(info["skipped"])
+
+
+def _report_skipped(skipped: list[str], shown: int = 5) -> None:
+    """How many images were left out, and the first few of them with the reason."""
+    if not skipped:
+        return
+    click.echo(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''}:")
+    for message in skipped[:shown]:
+        click.echo(f"  {message}")
+    if len(skipped) > shown:
+        click.echo(f"  ... and {len(skipped) - shown} more")
 
 
 def _read_pairs_file(pairs_file: Path) -> list[tuple[str, str, bool]]:

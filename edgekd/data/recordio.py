@@ -11,6 +11,7 @@ records ``N+1..N+K`` hold each class's ``[start, end)`` key range.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -49,6 +50,12 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _CHUNK = struct.Struct("<II")
 _IRHEADER = struct.Struct("<IfQQ")
 _HEADER_PREFIX = 256  # bytes read when only the IRHeader is needed
+# Class ids are stored as float32, which holds every integer only up to 2^24; a larger label is damage.
+MAX_CLASS_ID = 1 << 24
+_INDEX_LIMIT = np.iinfo(np.int64).max  # np.fromstring saturates a number too large for int64 to this value
+_RECORD_HINT = "pass skip_bad=True to drop damaged records (edgekd data verify lists them all) or re-pack the file"
+_HEADER_HINT = "the header record 0 is damaged; re-pack the dataset (edgekd data pack) or re-download it"
+_INDEX_HINT = "the index is damaged; re-download or re-create it with the .rec file"
 
 
 class IRHeader(NamedTuple):
@@ -111,7 +118,7 @@ class RecordWriter:
         self.idx_path = Path(idx_path) if idx_path else self.rec_path.with_suffix(".idx")
         self._contexts = [atomic_path(self.rec_path), atomic_path(self.idx_path)]
         rec_tmp, idx_tmp = (c.__enter__() for c in self._contexts)
-        self._rec, self._idx = open(rec_tmp, "wb"), open(idx_tmp, "w")
+        self._rec, self._idx = open(rec_tmp, "w+b"), open(idx_tmp, "w")  # readable: overwrite checks what it replaces
         self._offset = 0
 
     def write(self, key: int, payload: bytes) -> int:
@@ -122,6 +129,18 @@ class RecordWriter:
         self._idx.write(f"{int(key)}\t{offset}\n")
         self._offset += len(data)
         return offset
+
+    def overwrite(self, offset: int, payload: bytes) -> None:
+        """Replace the record written at ``offset`` by a payload of the same length, e.g. a header whose counts are
+        known only after the images are written. Both must be single-chunk records (no magic word inside)."""
+        data = encode_chunks(bytes(payload))
+        self._rec.seek(offset)
+        magic, lrec = _CHUNK.unpack(self._rec.read(_CHUNK.size))
+        if magic != MAGIC or lrec != len(payload) or len(data) != _CHUNK.size + len(payload) + (-len(payload) % 4):
+            raise ValueError(f"overwrite at byte {offset} needs a single-chunk record of {len(payload)} bytes there")
+        self._rec.seek(offset)
+        self._rec.write(data)
+        self._rec.seek(0, os.SEEK_END)
 
     def close(self, ok: bool = True) -> None:
         """Finish the files: renamed into place when ``ok``, deleted otherwise."""
@@ -151,24 +170,35 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def read_index(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and byte offsets from a ``.idx`` file, in file order, as int64 arrays."""
+    """Keys and byte offsets from a ``.idx`` file, in file order, as int64 arrays (both checked non-negative)."""
     text = idx_path.read_bytes()
+    flat = _parse_index_fast(text)
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if flat is None or len(flat) != 2 * lines or (len(flat) and not 0 <= flat.min() <= flat.max() < _INDEX_LIMIT):
+        _raise_bad_index_line(idx_path, text)
+    if not len(flat):
+        raise DataError(f"{idx_path}: the index is empty; {_INDEX_HINT}")
+    return flat[0::2].copy(), flat[1::2].copy()
+
+
+def _parse_index_fast(text: bytes) -> np.ndarray | None:
+    """All numbers of the index, parsed in C (millions of lines for the large face sets); None if that fails."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
-        try:  # parsed in C: millions of lines for the large face sets
-            flat = np.fromstring(text.decode("ascii"), dtype=np.int64, sep=" ")
+        try:
+            return np.fromstring(text.decode("ascii"), dtype=np.int64, sep=" ")
         except (DeprecationWarning, ValueError, UnicodeDecodeError):
-            flat = None
-    lines = [line for line in text.decode("utf-8", "replace").splitlines() if line.strip()]
-    if flat is None or len(flat) != 2 * len(lines):
-        for n, line in enumerate(text.decode("utf-8", "replace").splitlines(), 1):
-            parts = line.split()
-            if parts and (len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts)):
-                raise DataError(f"{idx_path}: line {n} is not 'key<TAB>offset': {line.strip()[:60]!r}")
-        raise DataError(f"{idx_path}: cannot parse the index")
-    if not len(flat):
-        raise DataError(f"{idx_path}: the index is empty")
-    return flat[0::2].copy(), flat[1::2].copy()
+            return None
+
+
+def _raise_bad_index_line(idx_path: Path, text: bytes) -> None:
+    """Find the first line that is not ``key<TAB>offset`` with integers in [0, 2^63) and raise naming it."""
+    for n, line in enumerate(text.decode("utf-8", "replace").splitlines(), 1):
+        parts = line.split()
+        if parts and (len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) < _INDEX_LIMIT for p in parts)):
+            raise DataError(f"{idx_path}: line {n} is not 'key<TAB>offset' (two integers >= 0): "
+                            f"{line.strip()[:60]!r}; {_INDEX_HINT}")  # fmt: skip
+    raise DataError(f"{idx_path}: cannot parse the index; {_INDEX_HINT}")
 
 
 class _RecFile:
@@ -199,25 +229,25 @@ class _RecFile:
         """
         where = f"{self.path}: record {key} at byte {offset}"
         if not 0 <= offset < self.size:
-            raise DataError(f"{where}: the index points past the end of the file ({self.size} bytes)")
+            raise _damaged(where, f"the index points past the end of the file ({self.size} bytes)")
         parts, pos, total = [], offset, 0
         while True:
             head = self._pread(8, pos)
             if len(head) < 8:
-                raise DataError(f"{where}: truncated, the file ends inside a chunk header at byte {self.size}")
+                raise _damaged(where, f"truncated, the file ends inside a chunk header at byte {self.size}")
             magic, lrec = _CHUNK.unpack(head)
             if magic != MAGIC:
-                raise DataError(f"{where}: bad magic word 0x{magic:08X} at byte {pos} (expected 0x{MAGIC:08X})")
+                raise _damaged(where, f"bad magic word 0x{magic:08X} at byte {pos} (expected 0x{MAGIC:08X})")
             cflag, length = lrec >> 29, lrec & (MAX_RECORD - 1)
             if cflag not in ((0, 1) if not parts else (2, 3)):
-                raise DataError(f"{where}: continuation flag {cflag} out of sequence at byte {pos}")
+                raise _damaged(where, f"continuation flag {cflag} out of sequence at byte {pos}")
             if pos + 8 + length > self.size:
-                raise DataError(f"{where}: truncated, {length} payload bytes announced but the file ends at byte "
-                                f"{self.size}")  # fmt: skip
+                raise _damaged(where, f"truncated, {length} payload bytes announced but the file ends at byte "
+                                      f"{self.size}")  # fmt: skip
             want = length if prefix is None else max(0, min(length, prefix - total))
             data = self._pread(want, pos + 8) if want else b""
             if len(data) < want:
-                raise DataError(f"{where}: truncated, the file ends at byte {self.size}")
+                raise _damaged(where, f"truncated, the file ends at byte {self.size}")
             parts.append(data)
             total += length + (4 if len(parts) > 1 else 0)
             pos += 8 + length + (-length % 4)
@@ -225,12 +255,27 @@ class _RecFile:
                 return _MAGIC_BYTES.join(parts), total
 
 
+def _damaged(where: str, problem: str) -> DataError:
+    """The error for one damaged record: where it is, what is wrong, and how to go on."""
+    return DataError(f"{where}: {problem}; {_RECORD_HINT}")
+
+
 def _class_of(label: float | tuple[float, ...]) -> float:
     return label[0] if isinstance(label, tuple) else label
 
 
-def decode_image(body: bytes, size: int | None, where: str) -> torch.Tensor:
-    """Decode encoded image bytes to uint8 RGB ``(3, H, W)``, resized (bilinear) to ``size``² when given."""
+def _image_failure(exc: Exception) -> str:
+    """Why PIL could not read an image, in a few words (PIL's own message for an unknown format names a BytesIO)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a known image format"
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def decode_image(body: bytes, size: int | None, where: str, hint: str = _RECORD_HINT) -> torch.Tensor:
+    """Decode encoded image bytes to uint8 RGB ``(3, H, W)``, resized (bilinear) to ``size``² when given.
+
+    Raises ``DataError`` ``"<where>: cannot decode the image (<why>); <hint>"``.
+    """
     try:
         with Image.open(io.BytesIO(body)) as img:
             img.load()
@@ -238,11 +283,10 @@ def decode_image(body: bytes, size: int | None, where: str) -> torch.Tensor:
             if size and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img)
-    except UnidentifiedImageError:
-        raise DataError(f"{where}: cannot decode the image (not a known image format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{where}: cannot decode the image ({msg})") from None
+    # Damaged bytes make PIL's decoders fail with nearly any exception type (struct.error, IndexError, MemoryError
+    # from a size field, ...): every one of them means this image cannot be read.
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{where}: cannot decode the image ({_image_failure(exc)}); {hint}") from None
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # numpy's transpose copy is faster
 
 
@@ -279,14 +323,15 @@ class RecordIODataset(Dataset):
         if self._offset_of(0) is not None:
             header, _, size = self._header(0, prefix=_HEADER_PREFIX)
             if header.flag > 0 and len(header.label) >= 2 and size == _IRHEADER.size + 4 * header.flag:
-                lo, hi = int(header.label[0]), int(header.label[1])
+                lo, hi = self._header_key_range(header)
                 self.keys = np.arange(1, lo, dtype=np.int64)
                 self._num_classes = hi - lo
                 missing = self.keys[~np.isin(self.keys, self._idx_keys)]
                 if len(missing) and not self.skip_bad:
-                    raise DataError(f"{self.idx_path}: image record {missing[0]} named by the header is not indexed")
+                    raise DataError(f"{self.idx_path}: image record {missing[0]} named by the header is not indexed; "
+                                    f"{_RECORD_HINT}")  # fmt: skip
         if not len(self.keys):
-            raise DataError(f"{self.rec_path}: holds no image records")
+            raise DataError(f"{self.rec_path}: holds no image records; check that it is the dataset you meant")
         self._labels: torch.Tensor | None = None
         self._valid: np.ndarray | None = None
         if not self.skip_bad:
@@ -294,6 +339,23 @@ class RecordIODataset(Dataset):
         self.image_size = int(image_size) if image_size else None
         if self.image_size is None:
             self.image_size = self._native_size()
+
+    def _header_key_range(self, header: IRHeader) -> tuple[int, int]:
+        """``(lo, hi)`` of an insightface header (images ``1..lo-1``, identities ``lo..hi-1``), checked before
+        anything is sized from them: a damaged label of NaN or 1e11 must not become an array of 1e11 keys."""
+        lo, hi = header.label[0], header.label[1]
+        where = f"{self.rec_path}: header record 0 (label [{lo}, {hi}])"
+        if not all(math.isfinite(v) and v == int(v) for v in (lo, hi)):
+            raise DataError(f"{where}: the image and identity key bounds are not integers; {_HEADER_HINT}")
+        lo, hi = int(lo), int(hi)
+        others = len(self._idx_keys) - 1  # indexed records besides the header
+        # Every image is an indexed record, and so is every identity (its identity record or its images): in a sound
+        # file neither count exceeds the index, and a class id must stay exact in float32.
+        if not (1 <= lo <= others + 1 and 0 <= hi - lo <= min(others, MAX_CLASS_ID)):
+            raise DataError(f"{where}: names {lo - 1} images and {hi - lo} identities but {self.idx_path} lists "
+                            f"{others} records besides the header; the header or the index is damaged, re-pack the "
+                            f"dataset (edgekd data pack) or re-download it")  # fmt: skip
+        return lo, hi
 
     def _offset_of(self, key: int) -> int | None:
         i = int(np.searchsorted(self._idx_keys, key))
@@ -306,14 +368,14 @@ class RecordIODataset(Dataset):
         """IRHeader, body (only its start with ``prefix``) and full payload length of record ``key``."""
         offset = self._offset_of(key)
         if offset is None:
-            raise DataError(f"{self.idx_path}: record {key} is not in the index")
+            raise DataError(f"{self.idx_path}: record {key} is not in the index; {_RECORD_HINT}")
         payload, size = self._file.read(key, offset, prefix)
         try:
             header, body = unpack_record(payload)
         except ValueError as exc:
             if prefix is not None and len(payload) < size:  # a header longer than the prefix
                 return self._header(key)
-            raise DataError(f"{self._where(key)}: {exc}") from None
+            raise _damaged(self._where(key), str(exc)) from None
         return header, body, size
 
     def read_record(self, key: int) -> tuple[IRHeader, bytes]:
@@ -328,7 +390,8 @@ class RecordIODataset(Dataset):
             except DataError:
                 if not self.skip_bad:
                     raise
-        raise DataError(f"{self.rec_path}: none of the first records holds a readable image")
+        raise DataError(f"{self.rec_path}: none of the first records holds a readable image; the file is damaged, "
+                        f"re-pack or re-download it")  # fmt: skip
 
     @property
     def num_classes(self) -> int:
@@ -344,19 +407,21 @@ class RecordIODataset(Dataset):
         if self._labels is None:
             self._ensure_valid()
             keys = self._kept_keys()
-            self._labels = torch.tensor([self._check_label(k, self._header(k, _HEADER_PREFIX)[0]) for k in keys])
+            labels = [self._check_label(k, self._header(k, _HEADER_PREFIX)[0]) for k in keys]
+            self._labels = torch.tensor(labels, dtype=torch.int64)
         return self._labels
 
     def _kept_keys(self) -> list[int]:
         return self.keys[self._valid].tolist()
 
     def _check_label(self, key: int, header: IRHeader) -> int:
+        """The record's class id; an integer in ``[0, num_classes)`` (header) or ``[0, 2^24)`` (plain file)."""
         value = _class_of(header.label)
-        label = int(value) if math.isfinite(value) else -1
-        if label != value or label < 0 or (self._num_classes is not None and label >= self._num_classes):
-            bound = f"[0, {self._num_classes})" if self._num_classes is not None else "a class id >= 0"
-            raise DataError(f"{self._where(key)}: label {value} is not in {bound}")
-        return label
+        bound = self._num_classes if self._num_classes is not None else MAX_CLASS_ID
+        if not (math.isfinite(value) and value == int(value) and 0 <= value < bound):
+            bound_text = f"[0, {bound})" if self._num_classes is not None else "[0, 2^24) (integers exact in float32)"
+            raise _damaged(self._where(key), f"label {value} is not in {bound_text}")
+        return int(value)
 
     def verify(self, decode_images: bool = False) -> list[str]:
         """Check every record (framing, IRHeader, label range, and the image when ``decode_images``).
@@ -417,11 +482,14 @@ class RecordIODataset(Dataset):
                 if not self.skip_bad:
                     raise
                 self.skipped += 1
-        raise DataError(f"{self.rec_path}: no record could be read")
+        raise DataError(f"{self.rec_path}: no record could be read; the file is damaged, re-pack or re-download it")
 
 
-def encode_image_file(path: Path, quality: int = 95) -> bytes:
-    """The bytes to store for an image file: RGB JPEGs as they are, anything else re-encoded as JPEG ``quality``."""
+def encode_image_file(path: Path, quality: int = 95, hint: str = "replace or remove it") -> bytes:
+    """The bytes to store for an image file: RGB JPEGs as they are, anything else re-encoded as JPEG ``quality``.
+
+    Raises ``DataError`` ``"<path>: cannot read the image (<why>); <hint>"`` (no ``; <hint>`` when ``hint`` is empty).
+    """
     try:
         raw = path.read_bytes()
         with Image.open(io.BytesIO(raw)) as img:
@@ -431,31 +499,68 @@ def encode_image_file(path: Path, quality: int = 95) -> bytes:
             buf = io.BytesIO()
             img.convert("RGB").save(buf, format="JPEG", quality=quality)
             return buf.getvalue()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot read the image ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    # As in decode_image: a damaged file can make PIL fail with nearly any exception type.
+    except Exception as exc:  # noqa: BLE001
+        advice = f"; {hint}" if hint else ""
+        raise DataError(f"{path}: cannot read the image ({_image_failure(exc)}){advice}") from None
 
 
-def pack_image_folder(folder: str | os.PathLike, out_dir: str | os.PathLike, quality: int = 95) -> dict:
+def pack_image_folder(
+    folder: str | os.PathLike, out_dir: str | os.PathLike, quality: int = 95, skip_bad: bool = False
+) -> dict:
     """Pack an image folder (``root/<class>/**/<image>``, classes as ``ImageFolder`` numbers them) into RecordIO.
 
     Writes ``out_dir/train.rec`` and ``out_dir/train.idx``: header record 0 (label ``[N+1, N+1+K]``), images at
-    keys ``1..N`` with label ``[class, 0]``, identity records ``N+1..N+K`` with label ``[start, end)``.
+    keys ``1..N`` with label ``[class, 0]``, identity records ``N+1..N+K`` with label ``[start, end)``. Both files
+    are written under temporary names and renamed only when packing succeeds: after an error no output is left
+    (and ``out_dir`` is removed again if this call created it).
+
+    Args:
+        skip_bad: leave out images that cannot be read (each listed in ``skipped``) instead of raising ``DataError``
+            at the first one. Classes keep their numbers even if all their images are left out.
 
     Returns:
-        dict with ``rec``, ``idx``, ``images`` and ``classes``.
+        dict with ``rec``, ``idx``, ``images`` (packed), ``classes`` and ``skipped`` (``"<path>: <why>"`` per image).
     """
     from edgekd.data.image_folder import ImageFolder
 
     # The folder reader's listing, so packed class ids equal ImageFolder's; image_size only skips its square check.
     listing = ImageFolder(folder, image_size=1)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n, k = len(listing.samples), len(listing.classes)
+    created = not out_dir.exists()
+    try:
+        return _write_packed(listing, out_dir, quality, skip_bad)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile; leave it
+                out_dir.rmdir()
+        raise
+
+
+def _write_packed(listing, out_dir: Path, quality: int, skip_bad: bool) -> dict:
+    """``pack_image_folder`` for an ``ImageFolder`` listing: images as they read well, then the header's counts."""
+    k = len(listing.classes)
+    labels, skipped = [], []
+    hint = "" if skip_bad else "replace or remove it, or pack with --skip-bad (skip_bad=True) to leave such images out"
     with RecordWriter(out_dir / "train.rec", out_dir / "train.idx") as writer:
-        writer.write(0, pack_record([n + 1, n + 1 + k]))
-        for key, (path, cls) in enumerate(listing.samples, 1):
-            writer.write(key, pack_record([cls, 0], encode_image_file(path, quality)))
-        starts = np.searchsorted(np.asarray(listing.targets), np.arange(k + 1)) + 1  # samples are sorted by class
+        header_at = writer.write(0, pack_record([1, 1 + k]))  # same size as the real header, written once N is known
+        for path, cls in listing.samples:
+            try:
+                body = encode_image_file(path, quality, hint)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                skipped.append(str(exc))
+                continue
+            labels.append(cls)
+            writer.write(len(labels), pack_record([cls, 0], body))
+        n = len(labels)
+        if not n:
+            raise DataError(f"none of the {len(skipped)} images under {listing.root} could be read (first: "
+                            f"{skipped[0]}); nothing was written")  # fmt: skip
+        writer.overwrite(header_at, pack_record([n + 1, n + 1 + k]))
+        starts = np.searchsorted(np.asarray(labels), np.arange(k + 1)) + 1  # samples are sorted by class
         for cls in range(k):
             writer.write(n + 1 + cls, pack_record([starts[cls], starts[cls + 1]]))
-    return {"rec": str(out_dir / "train.rec"), "idx": str(out_dir / "train.idx"), "images": n, "classes": k}
+    rec, idx = out_dir / "train.rec", out_dir / "train.idx"
+    return {"rec": str(rec), "idx": str(idx), "images": n, "classes": k, "skipped": skipped}

@@ -3,7 +3,8 @@
 A ``.bin`` is a pickle of ``(bins, issame_list)``: ``2P`` encoded images (JPEG/PNG bytes, aligned 112×112) where
 images ``2i`` and ``2i + 1`` form pair ``i``, and ``P`` booleans (reference/face.md §4.2). The files come from
 Python 2, so strings load as bytes. Unpickling is restricted to the few types these files hold, so a ``.bin`` from
-the internet cannot run code.
+the internet cannot run code; its opcodes are checked first, so no length or memo index in the file makes the
+unpickler allocate more than the file holds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,37 +28,139 @@ from edgekd.errors import DataError
 
 __all__ = ["load_bin", "write_bin"]
 
-_ALLOWED = {
-    ("builtins", "bool"),
-    ("builtins", "bytearray"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-    ("numpy", "bool_"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
+_HINT = "re-download the file or re-create it (edgekd data pack-bin)"
+_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's pickled-array constructor, wherever this numpy keeps it
+
+
+class _NdarrayToken:
+    """Stands for ``numpy.ndarray`` in a pickle: accepted as ``_reconstruct``'s first argument but refusing to be
+    called, so a pickle cannot call ``ndarray(shape)`` to allocate an array of any size it names."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("refusing numpy.ndarray(...): arrays load only the way numpy pickles them")
+
+
+_NDARRAY = _NdarrayToken()
+
+
+def _bytes_of(data: bytes | bytearray = b"", encoding: str | None = None) -> bytes:
+    """``bytes`` as protocol-2 pickles rebuild it (empty, or from bytes); never ``bytes(size)``."""
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+        return bytes(data)
+    raise pickle.UnpicklingError("refusing bytes() from anything but bytes")
+
+
+def _bytearray_of(data: bytes | bytearray | str = b"", encoding: str | None = None) -> bytearray:
+    """``bytearray`` as pickles rebuild it (from bytes, or a latin-1 str from Python 2); never ``bytearray(size)``."""
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+        return bytearray(data)
+    if isinstance(data, str) and encoding in ("latin-1", "latin1"):
+        return bytearray(data, "latin-1")
+    raise pickle.UnpicklingError("refusing bytearray() from anything but bytes")
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles from Python 3 use it for bytes (latin-1 only: no other codec runs)."""
+    if isinstance(text, str) and encoding in ("latin-1", "latin1") and errors == "strict":
+        return text.encode("latin-1")
+    raise pickle.UnpicklingError(f"refusing _codecs.encode with {encoding!r}")
+
+
+def _number_dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
+    """``numpy.dtype`` for booleans and numbers only: an object or void dtype would let ``ndarray.__setstate__``
+    allocate as many object slots as the file claims before it checks the data behind them."""
+    dtype = np.dtype(spec, bool(align), bool(copy))
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refusing numpy dtype {dtype} (only booleans and numbers)")
+    return dtype
+
+
+def _empty_array(subtype: object, shape: tuple, dtype: object) -> np.ndarray:
+    """numpy's ``_reconstruct`` as numpy's own pickles call it: an empty ndarray, which BUILD then fills."""
+    if subtype is not _NDARRAY or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("refusing an array that is not rebuilt the way numpy pickles one")
+    return _RECONSTRUCT(np.ndarray, (0,), dtype)
+
+
+# Everything a .bin may name: plain types, numpy's scalar as it is, and guarded stand-ins for the callables that
+# could allocate any size or run a codec.
+_GLOBALS = {
+    ("builtins", "bool"): bool,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "bytes"): _bytes_of,
+    ("builtins", "bytearray"): _bytearray_of,
+    ("_codecs", "encode"): _latin1_encode,  # how protocol-2 pickles written by Python 3 store bytes
+    ("numpy", "dtype"): _number_dtype,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "bool_"): np.bool_,
+    ("numpy.core.multiarray", "scalar"): None,  # None: loaded as is
+    ("numpy._core.multiarray", "scalar"): None,
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,
 }
+# Opcodes that store into the memo at an index given in the file; the unpickler sizes its memo table from it.
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
 
 
 class _BinUnpickler(pickle.Unpickler):
     """Loads only containers, bytes, booleans and numpy arrays/scalars."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED:
+        module = "builtins" if module == "__builtin__" else module  # Python 2's name, as fix_imports maps it
+        if (module, name) not in _GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+        stand_in = _GLOBALS[(module, name)]
+        return super().find_class(module, name) if stand_in is None else stand_in
 
 
-def _as_bytes(item: object) -> bytes:
+def _check_opcodes(raw: bytes) -> None:
+    """Walk the pickle's opcodes before loading it: every argument must fit in the file (pickletools reads them
+    without allocating what a length field claims) and memo indices must be small. The C unpickler would allocate
+    a byte string of a claimed length before reading it, and a memo table as large as a claimed index.
+    """
+    for count, (op, arg, pos) in enumerate(pickletools.genops(raw)):
+        if op.name in _MEMO_PUTS and not 0 <= int(arg) <= count:
+            raise ValueError(f"memo index {arg} at byte {pos} exceeds the {count} opcodes before it")
+
+
+def _unpickle(path: Path, raw: bytes) -> object:
+    try:
+        _check_opcodes(raw)
+        return _BinUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 -- a damaged pickle raises any of a dozen types
+        msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a verification .bin pickle ({msg}); {_HINT}") from None
+
+
+def _as_bytes(item: object, limit: int | None = None) -> bytes:
+    """An encoded image as bytes; ``limit`` bounds an array's size (read from a file, its data came from the file)."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and (limit is None or item.nbytes <= limit):
         return item.tobytes()
     raise TypeError(f"expected encoded image bytes, got {type(item).__name__}")
+
+
+def _is_flag(value: object) -> bool:
+    """A pair label: a bool, or an integer 0 or 1 (Python or numpy)."""
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))
+
+
+def _pair_lists(path: Path, obj: object) -> tuple[list, list[bool]]:
+    """``(bins, issame)`` from the unpickled object, their types checked."""
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise DataError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}; {_HINT}")
+    bins, issame = obj
+    if not isinstance(bins, (list, tuple)) and not (isinstance(bins, np.ndarray) and bins.ndim == 1):
+        raise DataError(f"{path}: bins is a {type(bins).__name__}, not a list of encoded images; {_HINT}")
+    if not isinstance(issame, (list, tuple)) and not (isinstance(issame, np.ndarray) and issame.ndim == 1):
+        raise DataError(f"{path}: issame_list is a {type(issame).__name__}, not a list of booleans; {_HINT}")
+    for i, value in enumerate(issame):
+        if not _is_flag(value):
+            shown = f" {value!r}" if isinstance(value, (int, float, np.number)) else ""  # not a deep container's repr
+            raise DataError(f"{path}: issame_list[{i}] is {type(value).__name__}{shown}, not a boolean; {_HINT}")
+    return list(bins), [bool(v) for v in issame]
 
 
 def load_bin(path: str | os.PathLike, image_size: int | None = None) -> PairSet:
@@ -73,42 +177,32 @@ def load_bin(path: str | os.PathLike, image_size: int | None = None) -> PairSet:
     if not path.is_file():
         raise DataError(f"verification file {path} not found")
     raw = path.read_bytes()
-    try:
-        obj = _BinUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as exc:  # a corrupt pickle raises any of a dozen types
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not a verification .bin pickle ({msg})") from None
-    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
-        raise DataError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
-    bins, issame = obj
-    try:
-        bins, issame = list(bins), [bool(v) for v in issame]
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: bins and issame_list must be sequences ({exc})") from None
-    _check_counts(path, len(bins), len(issame))
+    bins, issame = _pair_lists(path, _unpickle(path, raw))
+    _check_counts(path, len(bins), len(issame), _HINT)
     images, size = [], image_size
     for i, item in enumerate(bins):
         where = f"{path}: image {i} (pair {i // 2})"
         try:
-            data = _as_bytes(item)
+            data = _as_bytes(item, len(raw))
         except TypeError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        img = decode_image(data, size, where)
+            raise DataError(f"{where}: {exc}; {_HINT}") from None
+        img = decode_image(data, size, where, _HINT)
         if size is None:
             size = int(img.shape[1])
-            img = decode_image(data, size, where) if img.shape[1] != img.shape[2] else img
+            img = decode_image(data, size, where, _HINT) if img.shape[1] != img.shape[2] else img
         images.append(img)
     fingerprint = hashlib.sha256(raw).hexdigest()[:16] + (f"-{size}" if image_size else "")
     return PairSet(torch.stack(images), np.asarray(issame, dtype=bool), path.stem, fingerprint)
 
 
-def _check_counts(path: Path | str, n_images: int, n_pairs: int) -> None:
+def _check_counts(path: Path | str, n_images: int, n_pairs: int, hint: str = "") -> None:
+    advice = f"; {hint}" if hint else ""
     if n_images % 2:
-        raise DataError(f"{path}: odd image count {n_images}; pairs are images 2i and 2i+1")
+        raise DataError(f"{path}: odd image count {n_images}; pairs are images 2i and 2i+1{advice}")
     if n_images != 2 * n_pairs:
-        raise DataError(f"{path}: {n_images} images but {n_pairs} issame labels (expected 2 images per label)")
+        raise DataError(f"{path}: {n_images} images but {n_pairs} issame labels (expected 2 images per label){advice}")
     if n_pairs == 0:
-        raise DataError(f"{path}: holds no pairs")
+        raise DataError(f"{path}: holds no pairs{advice}")
 
 
 def _encode(img: np.ndarray, image_format: str, quality: int) -> bytes:

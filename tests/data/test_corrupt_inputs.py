@@ -158,3 +158,103 @@ def test_cli_reports_bad_records_in_one_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"record {N} " in out and "5 good images, 1 bad" in out
     assert err.count("\n") == 1 and err.startswith("edgekd: error:")
+
+
+# --- values that would size an allocation: range-checked before anything is allocated from them -----------------
+
+
+def _write_header(root, label):
+    """The insightface layout with header record 0 holding ``label`` (float32 values, as stored)."""
+    with RecordWriter(root / "train.rec") as w:
+        w.write(0, pack_record(label))
+        for key in range(1, N + 1):
+            w.write(key, pack_record([(key - 1) // 2, 0], _jpeg(key)))
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        [float("nan"), N + 4],
+        [N + 1, float("inf")],
+        [1e20, 1e20 + 3],
+        [1e11, 1e11 + 3],  # an integer in float32, but 1e11 keys: hundreds of GiB if trusted
+        [N + 1, 1e11],  # 1e11 classes
+        [N + 1.5, N + 4],
+        [0, 3],
+        [N + 4, N + 1],
+        [N + 3, N + 4],  # names more images than the index holds
+    ],
+)
+def test_damaged_header_label_is_a_data_error(tmp_path, label):
+    _write_header(tmp_path, label)
+    for skip_bad in (False, True):
+        with pytest.raises(DataError, match=r"train\.rec: header record 0 \(label \[") as info:
+            RecordIODataset(tmp_path, skip_bad=skip_bad)
+        assert "\n" not in str(info.value) and "re-pack" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [1e30, float("nan"), float("-inf"), -1.0, 2.5, float(1 << 24)])
+def test_plain_file_label_out_of_range_is_a_data_error(tmp_path, value):
+    with RecordWriter(tmp_path / "data.rec") as w:
+        for key, label in enumerate([0.0, value, 1.0]):
+            w.write(key, pack_record(label, _jpeg(key)))
+    ds = RecordIODataset(tmp_path / "data.rec")
+    with pytest.raises(DataError, match=r"record 1 at byte \d+: label .* is not in \[0, 2\^24\)"):
+        ds.num_classes  # noqa: B018
+    _one_line_error(ds, 1, "data.rec", "record 1 ", "skip_bad=True")
+    skipping = RecordIODataset(tmp_path / "data.rec", skip_bad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert skipping.labels.tolist() == [0, 1] and skipping.num_classes == 2
+
+
+@pytest.mark.parametrize("line", ["1\t99999999999999999999", "-1\t0", "1\t-40", "1\t1e5", "1\t\u00b2"])
+def test_index_numbers_out_of_range(tmp_path, line):
+    _, idx, _ = _write(tmp_path)
+    lines = idx.read_text().splitlines()
+    lines[1] = line
+    idx.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train\.idx: line 2 is not 'key<TAB>offset' \(two integers >= 0\)"):
+        RecordIODataset(tmp_path)
+
+
+def _bin_error(tmp_path, raw: bytes, pattern: str) -> None:
+    (tmp_path / "x.bin").write_bytes(raw)
+    with pytest.raises(DataError, match=r"x\.bin: (not a verification \.bin pickle \()?" + pattern) as info:
+        load_bin(tmp_path / "x.bin")
+    assert "\n" not in str(info.value)
+
+
+def test_bin_sizes_from_the_file_are_not_trusted(tmp_path):
+    huge = b"\x8a\x05" + (10**12).to_bytes(5, "little")  # LONG1 10**12
+    # a bytes length of 4 GiB with a few bytes behind it
+    _bin_error(tmp_path, b"\x80\x04B\xf0\xff\xff\xff" + b"abc", r"expected 4294967280 bytes in a bytes4")
+    # a memo index of 2^32 - 1: the unpickler would size its memo table from it
+    _bin_error(tmp_path, b"\x80\x02]r\xff\xff\xff\xff.", r"memo index 4294967295")
+    # bytearray(10**12), bytes(10**12), numpy.ndarray((10**12,)) and a 10**12-element _reconstruct
+    _bin_error(tmp_path, b"\x80\x02c__builtin__\nbytearray\n" + huge + b"\x85R.", "refusing bytearray")
+    _bin_error(tmp_path, b"\x80\x02c__builtin__\nbytes\n" + huge + b"\x85R.", "refusing bytes")
+    _bin_error(tmp_path, b"\x80\x02cnumpy\nndarray\n" + huge + b"\x85R.", r"refusing numpy\.ndarray")
+    reconstruct = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + huge + b"\x85U\x01b\x87R."
+    _bin_error(tmp_path, reconstruct, "refusing an array")
+    # an object dtype: ndarray.__setstate__ would allocate the claimed number of object slots
+    _bin_error(tmp_path, pickle.dumps(np.array([b"a", b"b"], dtype=object), protocol=2), "refusing numpy dtype object")
+    # _codecs.encode with any codec but latin-1
+    _bin_error(tmp_path, b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.", "refusing _codecs")
+
+
+def test_bin_types_are_checked(tmp_path):
+    jpg = _jpeg(0)
+    cases = [
+        (({"a": jpg}, [True]), r"bins is a dict, not a list of encoded images"),
+        (([jpg, jpg], "yes"), r"issame_list is a str, not a list of booleans"),
+        (([jpg, jpg], [0.5]), r"issame_list\[0\] is float 0.5, not a boolean"),
+        (([jpg, 7], [True]), r"image 1 \(pair 0\): expected encoded image bytes, got int"),
+        (([jpg] * 2, [True], 3), r"expected a pickled \(bins, issame_list\) pair, got tuple"),
+    ]
+    for obj, pattern in cases:
+        _bin_error(tmp_path, pickle.dumps(obj, protocol=2), pattern)
+    # numpy booleans, ints 0/1 and uint8 arrays are what real files hold
+    raw = pickle.dumps(([np.frombuffer(jpg, np.uint8), jpg], np.array([1], dtype=np.int64)), protocol=2)
+    (tmp_path / "ok.bin").write_bytes(raw)
+    assert load_bin(tmp_path / "ok.bin").issame.tolist() == [True]

@@ -1,0 +1,44 @@
+"""Mutated ``.rec`` / ``.idx`` / ``.bin`` files either read or raise DataError, never another exception.
+
+Runs bench/fuzz_readers.py's fuzzer (the same fixtures, mutations and reads) on a small seeded budget, so the suite
+and the long benchmark run never drift apart; a failure prints each case with the command that replays it.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "fuzz_readers.py"
+MUTATIONS, SEED = 500, 0
+
+
+@pytest.fixture(scope="module")
+def fuzzer():
+    spec = importlib.util.spec_from_file_location("fuzz_readers", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_mutated_files_read_or_raise_data_error(fuzzer, tmp_path):
+    results = fuzzer.fuzz(MUTATIONS, SEED, tmp_path)
+    failures = [case for case in results if case.outcome == "other"]
+    assert not failures, "\n".join(fuzzer.describe_failure(case, SEED, MUTATIONS) for case in failures[:5])
+    counts = fuzzer.summarize(results)
+    # The budget reaches every file, and with both outcomes: a fuzzer whose every case dies at the first check
+    # (or whose mutations all miss) would pass while testing little.
+    for name in ("insightface.rec", "insightface.idx", "plain.rec", "plain.idx", "protocol4.bin", "protocol2.bin"):
+        assert counts[(name, "ok")] > 0 and counts[(name, "data_error")] > 20, (name, counts)
+
+
+def test_a_case_replays_alone(fuzzer, tmp_path):
+    whole = fuzzer.fuzz(40, SEED, tmp_path / "a")
+    again = fuzzer.fuzz(40, SEED, tmp_path / "b", cases=[37])
+    assert [(c.target, c.mutation, c.outcome) for c in again] == [(whole[37].target, whole[37].mutation,
+                                                                  whole[37].outcome)]  # fmt: skip
