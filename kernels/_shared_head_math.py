@@ -5,20 +5,20 @@ lives here: the per-row target logit with its margin (computed once by gathering
 substitutes it at the target column), the margin's derivative, the backward of row normalization, and the
 merge of per-split online log-sum-exp partials.
 
-The constants mirror ``edgekd.losses.terms`` (``edgekd.kernels`` imports only torch and triton); a test checks
-that they agree.
+The margin formula, its epsilons and the head kinds come from ``edgekd.heads.margin``, the one definition that
+the reference loss differentiates; ``edgekd.kernels`` imports nothing from ``edgekd.losses``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-KIND_LINEAR, KIND_COSINE, KIND_ARCFACE, KIND_COSFACE = 0, 1, 2, 3  # index in edgekd.losses.terms.HEAD_KINDS
-NORM_EPS = 1e-12
-SIN2_EPS = 1e-12
+from edgekd.heads.margin import HEAD_KINDS, NORM_EPS, margin_phi
+
+# The ops take the head kind as an int: its index in HEAD_KINDS (``HeadSpec.kind_id``).
+KIND_LINEAR = HEAD_KINDS.index("linear")
 
 # Bits of the ``terms`` argument of the custom ops and indices of their (4,) loss output.
 TERM_CE, TERM_KD, TERM_TH_CE, TERM_TH_KD = 1, 2, 4, 8
@@ -55,22 +55,6 @@ def normalize_backward(grad: torch.Tensor, x_hat: torch.Tensor, norms: torch.Ten
     """
     proj = grad - (grad * x_hat).sum(1, keepdim=True) * x_hat
     return torch.where((norms >= NORM_EPS)[:, None], proj, grad) * inv_clamped(norms)[:, None]
-
-
-def margin_phi(cos: torch.Tensor, kind: int, m: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target cosine after the margin and its derivative ``dφ/dcos``, both (B,), as autograd of terms.margin_target."""
-    one = torch.ones_like(cos)
-    if kind == KIND_ARCFACE:
-        sin2 = 1.0 - cos * cos
-        sin = torch.sqrt(sin2.clamp_min(SIN2_EPS))
-        phi = cos * math.cos(m) - sin * math.sin(m)
-        # d sin / d cos = −cos / sin where the clamp is inactive (clamp_min passes the gradient where sin2 ≥ eps).
-        dphi = math.cos(m) + torch.where(sin2 >= SIN2_EPS, cos / sin, torch.zeros_like(cos)) * math.sin(m)
-        keep = cos > math.cos(math.pi - m)
-        return torch.where(keep, phi, cos - m * math.sin(m)), torch.where(keep, dphi, one)
-    if kind == KIND_COSFACE:
-        return cos - m, one
-    return cos, one
 
 
 @dataclass
@@ -119,7 +103,7 @@ def prepare_rows(
         t_ce = dot if b is None else dot + b[labels].to(acc)
         return HeadRows(e, None, t_ce, torch.ones_like(t_ce))
     cos = dot * inv_clamped(row_norms(w_y, acc))
-    phi, dphi = margin_phi(cos, kind, m)
+    phi, dphi = margin_phi(cos, HEAD_KINDS[kind], m)
     return HeadRows(e, e_norms, s * phi, dphi)
 
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from edgekd.errors import EdgekdError
+from edgekd.heads.margin import NORM_EPS
 from edgekd.kernels._launch import check_device, interpreting, next_pow2, num_splits, sweep_config
 from edgekd.kernels._shared_head_math import (
     KIND_LINEAR,
@@ -50,7 +52,7 @@ from edgekd.kernels._shared_head_math import (
 )
 
 # Globals read inside @triton.jit must be constexpr instances (an annotation is not enough once compiled).
-_NORM_EPS = tl.constexpr(1e-12)  # edgekd.losses.terms.NORM_EPS
+_NORM_EPS = tl.constexpr(NORM_EPS)
 _N_STATS = tl.constexpr(5)
 
 
@@ -348,8 +350,6 @@ class _Prepared:
         check_device(z_s)
         for name, x in (("z_s", z_s), ("W_s", W_s), ("z_st", z_st), ("W_t", W_t), ("z_t", z_t)):
             if x is not None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                from edgekd.errors import EdgekdError
-
                 raise EdgekdError(f"the triton loss backend takes float32/float16/bfloat16; {name} is {x.dtype}")
         acc = torch.float32
         self.normalized = kind != KIND_LINEAR

@@ -7,8 +7,9 @@ Signatures (see ``_shared_head_autograd``)::
                                int block_c) -> (Tensor losses, Tensor stats)
     edgekd::shared_head_triton_bwd(Tensor grad, Tensor stats, ..., int need) -> (dz_s, dz_st, dW_s, db_s)
 
-Importing this module registers the op (Triton itself is imported on the first call) and the ``triton`` loss
-backend; it raises ImportError when Triton is not installed, so ``shared_head_loss`` simply lacks the backend.
+Importing this module registers the op (Triton itself is imported on the first call) and defines
+``shared_head_loss_triton``, which ``edgekd.losses`` loads as the ``triton`` backend on first use; it raises
+ImportError when Triton is not installed.
 """
 
 from __future__ import annotations
@@ -22,25 +23,16 @@ if importlib.util.find_spec("triton") is None:
 
 
 def _forward(*args):
-    from edgekd.kernels.shared_head import shared_head_fwd
+    from edgekd.kernels.shared_head import shared_head_fwd  # late: it imports Triton, needed only at the first call
 
     return shared_head_fwd(*args)
 
 
 def _backward(*args):
-    from edgekd.kernels.shared_head import shared_head_bwd
+    from edgekd.kernels.shared_head import shared_head_bwd  # late: it imports Triton, needed only at the first call
 
     return shared_head_bwd(*args)
 
 
 shared_head_triton = define_shared_head_op("shared_head_triton", _forward, _backward)
-
-
-def _register() -> None:
-    # The loss registry sits above edgekd.kernels in the import order, so it is reached only here.
-    from edgekd.losses.shared_head import register_loss_backend
-
-    register_loss_backend("triton", make_loss_backend(shared_head_triton))
-
-
-_register()
+shared_head_loss_triton = make_loss_backend(shared_head_triton)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgekd.losses.terms import HeadSpec, plain_logits
+from edgekd.heads.margin import HeadSpec, plain_logits
 
 
 class ClassHead(nn.Module):

@@ -7,6 +7,9 @@ from edgekd.losses.shared_head import (
     list_loss_backends as list_loss_backends,
 )
 from edgekd.losses.shared_head import (
+    load_backend as load_backend,
+)
+from edgekd.losses.shared_head import (
     register_loss_backend as register_loss_backend,
 )
 from edgekd.losses.shared_head import (
@@ -16,5 +19,4 @@ from edgekd.losses.shared_head import (
     shared_head_loss as shared_head_loss,
 )
 from edgekd.losses.terms import TERM_NAMES as TERM_NAMES
-from edgekd.losses.terms import HeadSpec as HeadSpec
 from edgekd.losses.terms import LossWeights as LossWeights

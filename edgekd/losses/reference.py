@@ -8,14 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from edgekd.losses.terms import (
-    HeadSpec,
-    LossWeights,
-    cross_entropy,
-    kl_distill,
-    margin_logits,
-    plain_logits,
-)
+from edgekd.heads.margin import HeadSpec, margin_logits, plain_logits
+from edgekd.losses.terms import LossWeights, cross_entropy, kl_distill
 
 
 def shared_head_loss_reference(

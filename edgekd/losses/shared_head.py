@@ -1,22 +1,44 @@
 """``shared_head_loss``: the one entry point for every loss term of SPEC §3, over interchangeable backends.
 
 A backend computes the head terms (``ce``, ``kd``, ``th_ce``, ``th_kd``) from embeddings and class
-matrices; ``l2e`` is cheap and always computed here in PyTorch. Backends register themselves in
-``LOSS_BACKENDS`` with the signature of ``shared_head_loss_reference``.
+matrices, with the signature of ``shared_head_loss_reference``; ``l2e`` is cheap and always computed here in
+PyTorch. The registry below is the one list of backends: ``reference`` (this package), ``chunked`` (the
+PyTorch op of ``edgekd.kernels``) and ``triton`` (the Triton op, imported on first use because Triton is an
+optional dependency). The dependency runs one way: ``edgekd.kernels`` imports nothing from here.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning, MissingDependency
+from edgekd.heads.margin import HeadSpec
+from edgekd.kernels.chunked import shared_head_loss_chunked
 from edgekd.losses.reference import shared_head_loss_reference
-from edgekd.losses.terms import HeadSpec, LossWeights, l2_embedding
+from edgekd.losses.terms import LossWeights, l2_embedding
 
 LossBackend = Callable[..., dict[str, torch.Tensor]]
-LOSS_BACKENDS: dict[str, LossBackend] = {"reference": shared_head_loss_reference}
+LOSS_BACKENDS: dict[str, LossBackend] = {"reference": shared_head_loss_reference, "chunked": shared_head_loss_chunked}
+
+
+def _load_triton() -> LossBackend:
+    if importlib.util.find_spec("triton") is None:
+        raise MissingDependency(
+            "loss backend 'triton' needs the triton package, which is not installed; pip install triton, or use "
+            "the chunked backend"
+        )
+    from edgekd.kernels.shared_head_op import shared_head_loss_triton  # optional dependency: Triton
+
+    return shared_head_loss_triton
+
+
+# Backends whose module needs an optional dependency: name -> loader, run on first use.
+OPTIONAL_BACKENDS: dict[str, Callable[[], LossBackend]] = {"triton": _load_triton}
+_LOAD_ERRORS: dict[str, EdgekdError] = {}
 
 
 def register_loss_backend(name: str, fn: LossBackend) -> LossBackend:
@@ -26,35 +48,53 @@ def register_loss_backend(name: str, fn: LossBackend) -> LossBackend:
 
 
 def list_loss_backends() -> list[str]:
-    """Backend names a user may pass, ``auto`` first."""
-    _load_optional_backends()
-    return ["auto", *LOSS_BACKENDS]
+    """Backend names a user may pass, ``auto`` first; optional ones are listed even where they cannot load."""
+    return ["auto", *LOSS_BACKENDS, *(name for name in OPTIONAL_BACKENDS if name not in LOSS_BACKENDS)]
 
 
-def _load_optional_backends() -> None:
-    # The chunked and Triton backends live in modules that register themselves on import.
-    for module in ("edgekd.losses.chunked", "edgekd.kernels.shared_head_op"):
+def load_backend(name: str) -> LossBackend:
+    """The backend called ``name``, importing an optional one on first use.
+
+    Raises:
+        EdgekdError: one line naming the backend: unknown, its dependency not installed (``MissingDependency``),
+            or its module failed to import. There is no fallback to another backend.
+    """
+    if name in LOSS_BACKENDS:
+        return LOSS_BACKENDS[name]
+    if name not in OPTIONAL_BACKENDS:
+        raise EdgekdError(f"unknown loss backend {name!r}; choose one of {', '.join(list_loss_backends())}")
+    if name not in _LOAD_ERRORS:
         try:
-            __import__(module)
-        except ImportError:
-            pass
+            return register_loss_backend(name, OPTIONAL_BACKENDS[name]())
+        except EdgekdError as exc:
+            _LOAD_ERRORS[name] = exc
+        except Exception as exc:  # a broken install or module: name it instead of running without the backend
+            error = EdgekdError(f"loss backend {name!r} failed to load: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            _LOAD_ERRORS[name] = error  # a retry would re-register the half-imported module's op
+    raise _LOAD_ERRORS[name]
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend for ``name``: ``auto`` is triton on CUDA (when importable), chunked elsewhere.
+    """The concrete, loaded backend for ``name``: ``auto`` is triton on CUDA, chunked elsewhere.
 
-    Resolve once, outside compiled code: the first call may import backend modules, which Dynamo cannot trace.
+    On CUDA, ``auto`` uses chunked when the triton backend cannot load, and warns with the reason; any other name
+    that cannot load raises (``load_backend``). Resolve once, outside compiled code: the first call may import
+    backend modules, which Dynamo cannot trace.
     """
     if name in LOSS_BACKENDS:
         return name
-    _load_optional_backends()
-    if name == "auto":
-        if device.type == "cuda" and "triton" in LOSS_BACKENDS:
-            return "triton"
-        return "chunked" if "chunked" in LOSS_BACKENDS else "reference"
-    if name not in LOSS_BACKENDS:
-        raise EdgekdError(f"unknown loss backend {name!r}; choose one of {', '.join(list_loss_backends())}")
-    return name
+    if name != "auto":
+        load_backend(name)
+        return name
+    if device.type != "cuda":
+        return "chunked"
+    try:
+        load_backend("triton")
+    except EdgekdError as exc:
+        warnings.warn(f"loss backend auto: using chunked, not triton: {exc}", EdgekdWarning, stacklevel=2)
+        return "chunked"
+    return "triton"
 
 
 def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> None:

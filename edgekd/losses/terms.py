@@ -1,12 +1,8 @@
 """The loss terms of classifier-sharing KD as plain formulas (SPEC §3).
 
-Notation: a student embedding ``z_s: (B, D_s)``, a teacher embedding ``z_t: (B, D_t)``, class matrices
-``W: (C, D)`` and, for linear heads, biases ``b: (C,)``. Every backend (reference, chunked, triton) must
-agree with these formulas; tests compare them against float64.
-
-Face heads are normalized cosine heads: ``logits = s * cos(z, W_c)`` with a margin on the target class
-(ArcFace ``cos(θ + m)`` with the classic fallback ``cos θ − m·sin m`` once ``θ + m > π``, CosFace
-``cos θ − m``). The margin is applied to CE terms only, never to logits that feed a KL term.
+Notation: a student embedding ``z_s: (B, D_s)``, a teacher embedding ``z_t: (B, D_t)``, logits ``(B, C)``.
+How a head forms logits (linear, cosine, the ArcFace / CosFace margins) is ``edgekd.heads.margin``. Every
+backend (reference, chunked, triton) must agree with these formulas; tests compare them against float64.
 """
 
 from __future__ import annotations
@@ -17,44 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from edgekd.errors import EdgekdError
+from edgekd.heads.margin import l2_normalize
 
-HEAD_KINDS = ("linear", "cosine", "arcface", "cosface")
 TERM_NAMES = ("ce", "kd", "th_ce", "th_kd", "l2e")
-
-# 1 - cos² is clamped below by this before the square root, so the ArcFace gradient stays finite at θ = 0.
-SIN2_EPS = 1e-12
-# Row norms are clamped below by this before dividing (the F.normalize convention).
-NORM_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """How class logits are formed from an embedding.
-
-    Args:
-        kind: ``linear`` (``z W^T + b``), ``cosine`` (``s·cos``, no margin), ``arcface`` or ``cosface``.
-        s: scale of normalized heads (ignored for ``linear``).
-        m: margin (ArcFace: angle in radians; CosFace: cosine offset); ``cosine`` and ``linear`` use 0.
-    """
-
-    kind: str = "arcface"
-    s: float = 64.0
-    m: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.kind not in HEAD_KINDS:
-            raise EdgekdError(f"unknown head kind {self.kind!r}; choose one of {', '.join(HEAD_KINDS)}")
-        if self.kind in ("arcface", "cosface") and not 0.0 <= self.m < math.pi / 2:
-            raise EdgekdError(f"margin m={self.m} is out of range for {self.kind}; use 0 <= m < pi/2")
-
-    @property
-    def normalized(self) -> bool:
-        return self.kind != "linear"
-
-    @property
-    def kind_id(self) -> int:
-        """Integer code of ``kind`` (its index in ``HEAD_KINDS``), for kernels and custom ops."""
-        return HEAD_KINDS.index(self.kind)
 
 
 @dataclass(frozen=True)
@@ -78,43 +39,6 @@ class LossWeights:
     def active(self) -> tuple[str, ...]:
         """Names of the terms with a non-zero weight, in ``TERM_NAMES`` order."""
         return tuple(name for name in TERM_NAMES if getattr(self, name) != 0)
-
-
-def l2_normalize(z: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their L2 norm, clamped below by ``NORM_EPS``."""
-    return z / z.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-
-
-def plain_logits(z: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, head: HeadSpec) -> torch.Tensor:
-    """Logits without margin, ``(B, C)``: ``z W^T + b`` for linear heads, ``s·cos(z, W)`` otherwise."""
-    if head.normalized:
-        return head.s * (l2_normalize(z) @ l2_normalize(W).T)
-    logits = z @ W.T
-    return logits if b is None else logits + b
-
-
-def margin_target(cos: torch.Tensor, head: HeadSpec) -> torch.Tensor:
-    """The target-class cosine after the margin: ArcFace ``cos(θ+m)`` (fallback past π), CosFace ``cos − m``."""
-    if head.kind == "arcface":
-        sin = torch.sqrt((1.0 - cos * cos).clamp_min(SIN2_EPS))
-        phi = cos * math.cos(head.m) - sin * math.sin(head.m)
-        # θ + m > π  ⇔  cos θ < cos(π − m): cos(θ+m) stops decreasing there, so use the linear fallback.
-        return torch.where(cos > math.cos(math.pi - head.m), phi, cos - head.m * math.sin(head.m))
-    if head.kind == "cosface":
-        return cos - head.m
-    return cos
-
-
-def margin_logits(
-    z: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, head: HeadSpec
-) -> torch.Tensor:
-    """Logits for CE, ``(B, C)``: plain logits with the margin applied to each row's target class."""
-    if head.kind not in ("arcface", "cosface"):
-        return plain_logits(z, W, b, head)
-    cos = l2_normalize(z) @ l2_normalize(W).T
-    target = cos.gather(1, labels[:, None])
-    cos = cos.scatter(1, labels[:, None], margin_target(target, head))
-    return head.s * cos
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Margin heads against float64 trigonometry: ArcFace cos(θ+m) with its θ+m>π fallback, CosFace cos θ − m."""
+"""Margin heads against float64 trigonometry: ArcFace cos(θ+m) with its θ+m>π fallback, CosFace cos θ − m.
+
+The formulas in edgekd.heads.margin are the one definition (the blocked backends take ``margin_phi`` from it;
+tests/kernels/test_margin_rows.py checks their rows against it), so here they meet an independent computation:
+θ = arccos c in float64 on a grid that crosses the fallback switch.
+"""
 
 import math
 
@@ -6,8 +11,8 @@ import pytest
 import torch
 
 from edgekd.errors import EdgekdError
-from edgekd.heads import create_head
-from edgekd.losses.terms import HeadSpec, margin_logits, margin_target
+from edgekd.heads import HEAD_KINDS, HeadSpec, create_head
+from edgekd.heads.margin import margin_logits, margin_phi, margin_target
 
 
 def arcface_by_angle(c: float, m: float) -> float:
@@ -23,24 +28,55 @@ def arcface_slope(c: float, m: float) -> float:
     return math.cos(m) + c * math.sin(m) / math.sqrt(1 - c * c)
 
 
+# Per head kind: the target cosine after the margin and its slope (no margin: the identity).
+EXPECTED = {
+    "linear": (lambda c, m: c, lambda c, m: 1.0),
+    "cosine": (lambda c, m: c, lambda c, m: 1.0),
+    "arcface": (arcface_by_angle, arcface_slope),
+    "cosface": (lambda c, m: c - m, lambda c, m: 1.0),
+}
 COSINES = [-0.999, -0.95, -0.9, -0.8, -0.3, 0.0, 0.2, 0.7, 0.95, 0.999]
+MARGINS = [0.2, 0.5, 1.2]
 
 
-@pytest.mark.parametrize("m", [0.2, 0.5])
-def test_arcface_target_value_and_gradient_match_trigonometry(m):
-    spec = HeadSpec("arcface", s=64.0, m=m)
-    c = torch.tensor(COSINES, dtype=torch.float64, requires_grad=True)
-    phi = margin_target(c, spec)
-    phi.sum().backward()
-    for i, value in enumerate(COSINES):
-        assert phi[i].item() == pytest.approx(arcface_by_angle(value, m), abs=1e-12)
-        assert c.grad[i].item() == pytest.approx(arcface_slope(value, m), rel=1e-9)
+def grid(m: float) -> list[float]:
+    """COSINES plus a row just either side of ArcFace's switch cos(π − m) = −cos m, where φ jumps."""
+    return sorted([*COSINES, -math.cos(m) - 1e-9, -math.cos(m) + 1e-9])
 
 
-def test_arcface_fallback_region_is_exercised():
-    m = 0.5
-    assert math.acos(-0.95) + m > math.pi  # -0.95 lies past the switch, -0.3 before it
-    assert math.acos(-0.3) + m < math.pi
+@pytest.mark.parametrize("m", MARGINS)
+def test_grid_has_rows_on_both_sides_of_the_fallback_switch(m):
+    past = [c for c in grid(m) if math.acos(c) + m > math.pi]
+    assert 2 <= len(past) <= len(grid(m)) - 2, past
+
+
+@pytest.mark.parametrize("m", MARGINS)
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_margin_value_and_gradient_match_trigonometry(kind, m):
+    """φ and autograd's dφ/dc against θ = arccos c; ``margin_phi``'s own dφ/dc equals the autograd (exact gradients)."""
+    values = grid(m)
+    value_of, slope_of = EXPECTED[kind]
+    c = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    phi = margin_target(c, HeadSpec(kind, s=64.0, m=m))
+    (grad,) = torch.autograd.grad(phi.sum(), c)
+    phi_too, dphi = margin_phi(c.detach(), kind, m)
+    assert torch.equal(phi_too, phi.detach())
+    for i, value in enumerate(values):
+        assert phi[i].item() == pytest.approx(value_of(value, m), abs=1e-12), value
+        assert grad[i].item() == pytest.approx(slope_of(value, m), rel=1e-9), value
+        assert dphi[i].item() == pytest.approx(grad[i].item(), rel=1e-12, abs=1e-15), value
+
+
+@pytest.mark.parametrize("m", MARGINS)
+def test_arcface_stays_finite_at_cos_plus_minus_one(m):
+    """At θ = 0 the sine is clamped (SIN2_EPS), so φ ≈ cos m with a finite slope; θ = π lies in the fallback."""
+    c = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    phi = margin_target(c, HeadSpec("arcface", m=m))
+    (grad,) = torch.autograd.grad(phi.sum(), c)
+    _, dphi = margin_phi(c.detach(), "arcface", m)
+    assert phi[0].item() == pytest.approx(math.cos(m), abs=2e-6)  # the clamp moves it by sqrt(SIN2_EPS)·sin m
+    assert phi[1].item() == pytest.approx(-1.0 - m * math.sin(m), abs=1e-12)
+    assert torch.isfinite(grad).all() and torch.equal(dphi, grad)
 
 
 def test_cosface_subtracts_margin_and_passes_gradient():

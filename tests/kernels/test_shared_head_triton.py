@@ -1,24 +1,27 @@
-"""The Triton shared-head kernels: low-precision inputs, op registration (opcheck), launch rules, device checks.
+"""The shared-head kernels: low-precision inputs, op registration (opcheck), import direction, launch rules, devices.
 
 Parity with the float64 reference in fp32 over every head kind, term and edge shape is in
 tests/losses/test_shared_head_backends.py (shared with the chunked backend). Without a GPU everything here runs
-in Triton's CPU interpreter (tests/kernels/conftest.py), with tiny shapes and no bf16 arithmetic.
+in Triton's CPU interpreter (tests/conftest.py), with tiny shapes and no bf16 arithmetic.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from edgekd.errors import EdgekdError
+from edgekd.heads import HeadSpec
 from edgekd.kernels._launch import interpreting, num_splits, sweep_config
 from edgekd.kernels._shared_head_autograd import make_loss_backend
 from edgekd.kernels._shared_head_math import NEED_W_S, NEED_Z_S, NEED_Z_ST
+from edgekd.kernels.chunked import shared_head_chunked
 from edgekd.kernels.shared_head_op import shared_head_triton
-from edgekd.losses import HeadSpec, LossWeights, list_loss_backends
-from edgekd.losses.chunked import shared_head_chunked
+from edgekd.losses import LossWeights
 from edgekd.losses.reference import shared_head_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,8 +116,27 @@ def test_backward_op_fake_shapes_follow_need_bits():
             assert dW_s.shape == ((40, 16) if need & NEED_W_S else (0,)) and db_s.shape[0] in (0, 40)
 
 
-def test_triton_backend_registered():
-    assert "triton" in list_loss_backends()
+_IMPORT_SCRIPT = r"""
+import pkgutil, sys
+import edgekd.kernels
+modules = sorted(m.name for m in pkgutil.iter_modules(edgekd.kernels.__path__, "edgekd.kernels."))
+for name in modules:
+    __import__(name)
+print(",".join(modules))
+print(",".join(sorted(m for m in sys.modules if m.startswith("edgekd.losses"))))
+"""
+
+
+def test_kernels_import_nothing_from_losses():
+    """The dependency runs one way (edgekd.losses registers the kernels' ops): importing every module of
+    edgekd.kernels in a fresh process loads no edgekd.losses module."""
+    out = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    modules, losses = out.stdout.splitlines()[-2:]
+    assert {"edgekd.kernels.chunked", "edgekd.kernels.shared_head", "edgekd.kernels.shared_head_op"} <= set(
+        modules.split(",")
+    )
+    assert losses == "", losses
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
@@ -185,13 +207,12 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # compiles every kernel for sm_90 in a subprocess
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter accepts code the real compiler rejects (e.g. non-constexpr globals), so compile every
     kernel for an H100 (sm_90) with the launcher's GPU tile sizes: Triton's frontend, its NVIDIA passes and the
     bundled ptxas all run on the CPU."""
     import os
-    import subprocess
-    import sys
 
     import triton
 

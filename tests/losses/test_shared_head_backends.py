@@ -2,7 +2,7 @@
 
 Shapes are multiples of no block size (B=37, D_s=96, D_t=64, C=1013); labels sit on block boundaries; a few rows
 are placed in ArcFace's fallback region (θ + m > π) and a few just outside it. The Triton backend runs here when
-it can (CUDA, or ``TRITON_INTERPRET=1`` as ``make test`` and ``tests/kernels/conftest.py`` set); its own tests are
+it can (CUDA, or ``TRITON_INTERPRET=1`` as ``tests/conftest.py`` sets without a GPU); its own tests are
 in tests/kernels. Also: the entry point's dispatch, a compiled training step without graph breaks, and the chunked
 backend's measured peak memory at C=200k.
 """
@@ -18,20 +18,17 @@ import sys
 import pytest
 import torch
 
+from edgekd.errors import MissingDependency
+from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
 from edgekd.kernels._launch import interpreting
 from edgekd.kernels._shared_head_autograd import make_loss_backend
-from edgekd.kernels._shared_head_math import NORM_EPS, SIN2_EPS
-from edgekd.losses import HeadSpec, LossWeights, list_loss_backends, resolve_backend, shared_head_loss
-from edgekd.losses import terms as terms_module
-from edgekd.losses.chunked import shared_head_chunked
-from edgekd.losses.reference import shared_head_loss_reference
+from edgekd.kernels.chunked import shared_head_chunked
+from edgekd.losses import LossWeights, list_loss_backends, load_backend, resolve_backend, shared_head_loss
 
-HEADS = {
-    "linear": HeadSpec("linear", 1.0, 0.0),
-    "cosine": HeadSpec("cosine", 64.0, 0.0),
-    "arcface": HeadSpec("arcface", 64.0, 0.5),
-    "cosface": HeadSpec("cosface", 64.0, 0.4),
-}
+# Every head kind with the field's margin (ArcFace 0.5, CosFace 0.4); the scale is 1 for linear heads.
+HEADS = {kind: HeadSpec(kind, 1.0 if kind == "linear" else 64.0, default_margin(kind)) for kind in HEAD_KINDS}
+BACKENDS = [name for name in list_loss_backends() if name != "auto"]
+BLOCKED = [name for name in BACKENDS if name != "reference"]  # every backend but the oracle
 ALL_TERMS = LossWeights(ce=1.0, kd=0.7, th_ce=0.3, th_kd=0.2, T=4.0)
 ONE_TERM = {name: LossWeights(**{"ce": 0.0, name: 0.6}, T=2.0) for name in ("ce", "kd", "th_ce", "th_kd")}
 GRADS = ("z_s", "W_s", "b_s", "z_st")
@@ -41,15 +38,15 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
 def _backend(name: str):
-    if name == "reference":
-        return shared_head_loss_reference
+    """The registered backend, except that chunked sweeps 128-class blocks (its default takes C=1013 in one)."""
     if name == "chunked":
         return make_loss_backend(shared_head_chunked, block_c=128)  # 8 blocks over C=1013, the last partial
-    if not TRITON_RUNNABLE:
+    if name == "triton" and not TRITON_RUNNABLE:
         pytest.skip("triton backend needs CUDA or TRITON_INTERPRET=1 (make test sets it)")
-    from edgekd.kernels.shared_head_op import shared_head_triton
-
-    return make_loss_backend(shared_head_triton, block_c=0)
+    try:
+        return load_backend(name)
+    except MissingDependency as exc:
+        pytest.skip(str(exc))
 
 
 def _device(name: str) -> torch.device:
@@ -135,11 +132,6 @@ def assert_matches_reference(backend, case, head, weights, dtype=torch.float32, 
     return worst
 
 
-def test_constants_agree_with_terms():
-    assert (NORM_EPS, SIN2_EPS) == (terms_module.NORM_EPS, terms_module.SIN2_EPS)
-    assert [HeadSpec(kind).kind_id for kind in terms_module.HEAD_KINDS] == [0, 1, 2, 3]
-
-
 def test_case_exercises_arcface_fallback():
     case, m = make_case(), HEADS["arcface"].m
     for z, W in (("z_s", "W_s"), ("z_st", "W_t")):
@@ -148,27 +140,27 @@ def test_case_exercises_arcface_fallback():
         assert (cos[:3] <= math.cos(math.pi - m)).all() and (cos[3:5] > math.cos(math.pi - m)).all()
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", BLOCKED)
 @pytest.mark.parametrize("kind", list(HEADS))
 def test_all_terms_match_reference(backend, kind):
     assert_matches_reference(backend, make_case(), HEADS[kind], ALL_TERMS)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", BLOCKED)
 @pytest.mark.parametrize("term", list(ONE_TERM))
 def test_each_term_alone_matches_reference(backend, term):
     kind = "linear" if term in ("kd", "th_ce") else "arcface"  # ce/th_kd on the margin head, the others on bias
     assert_matches_reference(backend, make_case(C=300), HEADS[kind], ONE_TERM[term])
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", BLOCKED)
 @pytest.mark.parametrize("shape", [dict(C=1), dict(B=1), dict(B=1, C=1)], ids=["C=1", "B=1", "B=1,C=1"])
 def test_edge_shapes(backend, shape):
     # With C=1 every loss and gradient is exactly zero; what is left is rounding noise scaled by s=64.
     assert_matches_reference(backend, make_case(**shape), HEADS["arcface"], ALL_TERMS, grad_floor=1.0)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", BLOCKED)
 def test_shared_embedding_sums_both_paths(backend):
     """Without a projection z_st is z_s: the gradient of z_s is the sum over student-head and teacher-head terms."""
     assert_matches_reference(backend, make_case(shared_embedding=True), HEADS["cosface"], ALL_TERMS)
@@ -241,7 +233,7 @@ def compiled_step_matches_eager(backend: str, device: str = "cpu"):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", BLOCKED)
 def test_compiled_training_step_has_no_graph_break(backend):
     _backend(backend)  # skips triton where it cannot run
     compiled_step_matches_eager(backend, str(_device(backend)))
@@ -249,7 +241,8 @@ def test_compiled_training_step_has_no_graph_break(backend):
 
 _PEAK_SCRIPT = r"""
 import json, re, sys, torch
-from edgekd.losses import HeadSpec, LossWeights, shared_head_loss
+from edgekd.heads import HeadSpec
+from edgekd.losses import LossWeights, shared_head_loss
 
 def rss(key):
     return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -319,7 +312,7 @@ def _tol(backend: str, dtype: torch.dtype) -> float:
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_on_cuda_matches_float64(backend, kind, dtype, record_property):
     """Odd shapes (B=37, D_s=96, D_t=64, C=1013), every term; the ArcFace case includes fallback rows."""
     worst = assert_matches_reference(backend, make_case(), HEADS[kind], ALL_TERMS, dtype, device="cuda",
@@ -340,7 +333,7 @@ def test_triton_on_cuda_matches_float64_at_gpu_tile_sizes(dtype, record_property
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_arcface_fallback_rows_on_cuda(backend, dtype):
     """Only rows at the fallback boundary: 0–2 have θ + m > π (the fallback), 3–4 lie just inside it."""
     case = make_case(B=5, C=300, seed=2)
@@ -350,7 +343,7 @@ def test_arcface_fallback_rows_on_cuda(backend, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", BLOCKED)
 def test_compiled_training_step_on_cuda_has_no_graph_break(backend):
     """torch.compile(fullgraph=True) of backbone + projection + loss + backward on CUDA, against eager."""
     compiled_step_matches_eager(backend, "cuda")

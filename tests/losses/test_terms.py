@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgekd.errors import EdgekdError
-from edgekd.losses import HeadSpec, LossWeights, shared_head_loss
+from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
+from edgekd.losses import LossWeights, shared_head_loss
 
 B, D, C = 6, 5, 9
 
@@ -52,14 +53,7 @@ def _np_kd(l_t, l_s, T):
 
 
 @pytest.mark.parametrize(
-    "spec",
-    [
-        HeadSpec("linear"),
-        HeadSpec("cosine", s=8.0, m=0.0),
-        HeadSpec("arcface", s=8.0, m=0.5),
-        HeadSpec("cosface", s=8.0, m=0.4),
-    ],
-    ids=lambda s: s.kind,
+    "spec", [HeadSpec(kind, s=8.0, m=default_margin(kind)) for kind in HEAD_KINDS], ids=lambda s: s.kind
 )
 def test_each_term_matches_numpy_float64(spec):
     z_s, z_t, W_s, W_t, b_s, b_t, labels = _inputs(linear=spec.kind == "linear")
@@ -83,7 +77,7 @@ def test_each_term_matches_numpy_float64(spec):
     assert total.item() == pytest.approx(sum(expected.values()), rel=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["linear", "arcface", "cosface"])
+@pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_gradients_match_finite_differences(kind):
     spec = HeadSpec(kind, s=4.0, m={"arcface": 0.5, "cosface": 0.3}.get(kind, 0.0))
     z_s, z_t, W_s, W_t, b_s, b_t, labels = _inputs(seed=1, linear=kind == "linear")

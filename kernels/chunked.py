@@ -1,11 +1,12 @@
-"""The ``chunked`` backend: pure PyTorch, sweeps the classes in blocks, never holds a ``(B, C)`` matrix.
+"""The ``chunked`` loss backend: pure PyTorch, sweeps the classes in blocks, never holds a ``(B, C)`` matrix.
 
 Forward: one sweep over class blocks keeps, per row, an online log-sum-exp of every logit matrix it needs
 (student CE logits with margin, student logits / T, teacher logits / T, teacher-head CE and KD logits) and the
 running ``Σ_j exp(a_j − max)(a_j − b_j)`` that gives KL(p_t ‖ p_x) at the end. Backward: a second sweep
 recomputes each block's logits, forms ``d loss / d logits`` from the saved log-sum-exps, and accumulates
 ``dz`` and writes ``dW``/``db`` block by block. Memory is O(B·block_c + C·D); accumulation is float32 (float64
-for float64 inputs). Registered as the ``edgekd::shared_head_chunked`` custom op and the ``chunked`` backend.
+for float64 inputs). The PyTorch fallback of the Triton kernels (any device): the ``edgekd::shared_head_chunked``
+custom op, and ``shared_head_loss_chunked``, which ``edgekd.losses`` registers as the ``chunked`` backend.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from edgekd.kernels._shared_head_math import (
     prepare_rows,
     row_norms,
 )
-from edgekd.losses.shared_head import register_loss_backend
 
 # Elements of one (B, block) fp32 block: 2^20 (4 MiB) keeps a handful of live blocks in tens of MiB.
 BLOCK_ELEMENTS = 1 << 20
@@ -115,7 +115,7 @@ def _setup(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms):
     """The sweeps a call needs: student head, teacher head on the student, teacher; None where unused."""
     acc = accum_dtype(z_s.dtype)
     if kind != KIND_LINEAR:
-        b_s = b_t = None  # normalized heads have no bias (terms.plain_logits)
+        b_s = b_t = None  # normalized heads have no bias (heads.margin.plain_logits)
     student = th = teacher = None
     if terms & (TERM_CE | TERM_KD):
         student = _Sweep(prepare_rows(z_s, W_s, b_s, labels, kind, s, m, acc, acc), W_s, b_s, kind, s, acc)
@@ -247,4 +247,4 @@ def _chunked_backward(grad, stats, z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, k
 
 
 shared_head_chunked = define_shared_head_op("shared_head_chunked", _chunked_forward, _chunked_backward)
-shared_head_loss_chunked = register_loss_backend("chunked", make_loss_backend(shared_head_chunked))
+shared_head_loss_chunked = make_loss_backend(shared_head_chunked)
