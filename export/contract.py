@@ -1,7 +1,7 @@
 """The input contract of an ONNX model: image size, normalization, embedding width and batch.
 
-An edgekd export records its contract in ``metadata_props`` (``edgekd.export.onnx.model_metadata``). A foreign file (an
-arcface_torch ``torch2onnx`` export, an insightface model-zoo model) records nothing, so the contract follows
+An edgekd export records its contract in ``metadata_props`` (``edgekd.export.passes.onnx.model_metadata``). A foreign
+file (an arcface_torch ``torch2onnx`` export, an insightface model-zoo model) records nothing, so the contract follows
 insightface's own conventions (``insightface.model_zoo.ArcFaceONNX``, reference/face.md §1.4 and §6.2):
 
 - the input size is the graph's input shape ``[N, C, H, W]``; the embedding width is the output's last axis;
@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 
 from edgekd.errors import EdgekdError
+from edgekd.export.passes.onnx import read_metadata
 
 __all__ = [
     "EDGEKD_SOURCE",
@@ -163,13 +164,20 @@ def contract_from_graph(
     )
 
 
-def read_contract(model: onnx.ModelProto) -> InputContract:
-    """The contract of a loaded ONNX model (see the module docstring)."""
-    from edgekd.export.onnx import read_metadata
+def read_contract(model: onnx.ModelProto, name: str | None = None) -> InputContract:
+    """The contract of a loaded ONNX model (see the module docstring).
 
-    input_shape, output_shape = graph_io(model)
-    names = [n.name for n in model.graph.node[:8]]
-    return contract_from_graph(input_shape, output_shape, read_metadata(model), names)
+    Raises:
+        EdgekdError: the graph is no image model; the one-line message starts with ``name`` when given.
+    """
+    try:
+        input_shape, output_shape = graph_io(model)
+        names = [n.name for n in model.graph.node[:8]]
+        return contract_from_graph(input_shape, output_shape, read_metadata(model), names)
+    except EdgekdError as exc:
+        if name is None:
+            raise
+        raise EdgekdError(f"{name}: {exc}") from None
 
 
 def _per_channel(values: Sequence[float], channels: int, option: str) -> tuple[float, ...]:

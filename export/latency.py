@@ -18,6 +18,7 @@ Method (reference/export.md §5):
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError, MissingDependency
+from edgekd.export.runtimes import BACKENDS, file_kind, open_runtime, ort_cuda_available
 
 __all__ = [
     "LATENCY_BACKENDS",
@@ -37,12 +40,12 @@ __all__ = [
     "time_cuda",
     "ModelSpec",
     "run_benchmark",
-    "format_table",
+    "format_latency_table",
     "plot_results",
     "RESULT_FIELDS",
 ]
 
-LATENCY_BACKENDS = ("torch", "torch-compile", "ort-cpu", "ort-cuda", "tensorrt")
+LATENCY_BACKENDS = tuple(name for name, backend in BACKENDS.items() if backend.timed)
 RESULT_FIELDS = (
     "model", "model_sha256", "backend", "precision", "device", "batch", "threads", "warmup_iters", "warmup_seconds",
     "iters", "seconds", "cuda_graph", "include_transfers", "status", "latency_ms", "throughput_items_per_s",
@@ -163,58 +166,54 @@ def _result(spec: ModelSpec, backend: str, batch: int, cfg: LatencyConfig, **kw)
     return row
 
 
+# what a backend runs (a ``FILE_KINDS`` key) -> why a model without one is skipped
+_NEEDS = {
+    "checkpoint": "needs a checkpoint (torch backends do not run ONNX files or engines)",
+    "onnx": "needs an ONNX model",
+    "engine": "needs a TensorRT .plan (edgekd export --trt)",
+}
+
+
+def _source(spec: ModelSpec, backend: str) -> torch.nn.Module | str | None:
+    """What ``backend`` runs of ``spec``: the module, the ONNX twin or the engine file; None when it has none."""
+    runs = BACKENDS[backend].runs
+    if runs == "checkpoint":
+        return spec.module
+    if runs == "onnx":
+        return spec.onnx
+    return spec.path if spec.path is not None and file_kind(spec.path) == runs else None
+
+
 def _applicable(spec: ModelSpec, backend: str) -> bool:
     """Whether ``backend`` can take this kind of model at all (availability aside)."""
-    if backend in ("torch", "torch-compile"):
-        return spec.module is not None
-    if backend in ("ort-cpu", "ort-cuda"):
-        return spec.onnx is not None
-    return spec.path is not None and Path(spec.path).suffix in (".plan", ".engine")
+    return _source(spec, backend) is not None
 
 
 def _device_of(backend: str, cfg: LatencyConfig) -> str:
-    if backend == "ort-cpu":
-        return "cpu"
-    if backend in ("ort-cuda", "tensorrt"):
-        return "cuda"
-    return cfg.device
+    return BACKENDS[backend].device or cfg.device
 
 
 def _open(spec: ModelSpec, backend: str, cfg: LatencyConfig, cuda_graph: bool):
-    """The Runtime for ``spec`` on ``backend``, or a skip reason (str)."""
-    from edgekd.export.runtime import OrtRuntime, TensorRTRuntime, TorchRuntime, ort_cuda_available
-
-    if backend in ("torch", "torch-compile"):
-        if spec.module is None:
-            return "needs a checkpoint (torch backends do not run ONNX files or engines)"
-        if backend == "torch-compile" and cfg.device == "cpu" and not _have_cxx():
-            return "torch.compile on CPU needs a C++ compiler (none found)"
-        return TorchRuntime(spec.module, device=cfg.device, compile=backend == "torch-compile", cuda_graph=cuda_graph)
-    if backend in ("ort-cpu", "ort-cuda"):
-        if spec.onnx is None:
-            return "needs an ONNX model"
-        if backend == "ort-cuda" and not ort_cuda_available():
-            return "no CUDA device for ONNX Runtime"
-        return OrtRuntime(
-            spec.onnx,
-            device="cuda" if backend == "ort-cuda" else "cpu",
-            threads=cfg.threads,
-            precision=spec.precision,
-            cpu_rewrites=cfg.ort_cpu_rewrites,
-        )
-    if backend == "tensorrt":
-        if spec.path is None or Path(spec.path).suffix not in (".plan", ".engine"):
-            return "needs a TensorRT .plan (edgekd export --trt)"
-        try:
-            return TensorRTRuntime(spec.path, precision=spec.precision)
-        except MissingDependency as exc:
-            return str(exc)
-    raise EdgekdError(f"unknown backend {backend!r}; choose from {', '.join(LATENCY_BACKENDS)}")
+    """The Runtime for ``spec`` on ``backend`` (one of ``LATENCY_BACKENDS``), or a skip reason (str)."""
+    source = _source(spec, backend)
+    if source is None:
+        return _NEEDS[BACKENDS[backend].runs]
+    if backend == "torch-compile" and cfg.device == "cpu" and not _have_cxx():
+        return "torch.compile on CPU needs a C++ compiler (none found)"
+    if backend == "ort-cuda" and not ort_cuda_available():
+        return "no CUDA device for ONNX Runtime"
+    return open_runtime(
+        source,
+        backend,
+        device=cfg.device,
+        threads=cfg.threads,
+        precision=spec.precision,
+        cuda_graph=cuda_graph,
+        cpu_rewrites=cfg.ort_cpu_rewrites,
+    )
 
 
 def _have_cxx() -> bool:
-    import shutil
-
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
 
 
@@ -276,6 +275,9 @@ def run_benchmark(
     an engine) are left out instead.
     """
     log = log or (lambda _m: None)
+    unknown = [b for b in backends if b not in LATENCY_BACKENDS]
+    if unknown:
+        raise EdgekdError(f"unknown backend {unknown[0]!r}; choose from {', '.join(LATENCY_BACKENDS)}")
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -332,7 +334,7 @@ def _ms(value: float | None, width: int = 10) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
+def format_latency_table(rows: Sequence[dict[str, Any]]) -> str:
     """The on-screen table: one line per (model, backend, batch); latencies in ms per batch, plus ms per image."""
     head = (
         f"{'model':<28} {'backend':<16} {'prec':<5} {'batch':>5} {'runs':>6} {'median ms':>10} {'p90 ms':>10} "
@@ -397,8 +399,6 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title:
         fig.legend(loc="lower center", ncol=min(3, len(keys)), fontsize=8, frameon=False)
     rows_of_legend = -(-len(keys) // 3) if keys else 0
     fig.tight_layout(rect=(0, 0.05 + 0.05 * rows_of_legend, 1, 1))
-    from edgekd.atomic import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -2,12 +2,13 @@
 
 ``forward`` is anything that maps a float32 normalized ``(B, C, H, W)`` torch tensor to ``(B, D)`` embeddings: an
 ``nn.Module`` in eval mode, a compiled module, or a runtime wrapper around ONNX Runtime / TensorRT (it may return a
-numpy array).
+numpy array). ``embed_batches`` is the one batched embedding loop; ``embed_images`` here, the resumable IJB pass
+(``edgekd.eval.ijb``) and the export gates (``edgekd.export.checks.gates``) all run through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,10 +20,12 @@ from edgekd.errors import EdgekdError
 from edgekd.eval.metrics import DEFAULT_FARS, flip_sum_normalize, roc_curve, tar_at_far, verification_10fold
 from edgekd.utils.progress import progress
 
-__all__ = ["embed_images", "evaluate_pairs"]
+__all__ = ["Forward", "embed_batches", "embed_images", "evaluate_pairs"]
+
+Forward = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 
 
-def _default_device(forward: Callable) -> torch.device:
+def _default_device(forward: Forward) -> torch.device:
     """The device of a module's first parameter or buffer; CPU for anything else."""
     if isinstance(forward, torch.nn.Module):
         for t in (*forward.parameters(), *forward.buffers()):
@@ -38,9 +41,9 @@ def _batch(images: torch.Tensor | Dataset, lo: int, hi: int) -> torch.Tensor:
     return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
 
 
-def _run(forward: Callable, x: torch.Tensor) -> np.ndarray:
+def _run(forward: Forward, x: torch.Tensor) -> np.ndarray:
     out = forward(x)
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)):  # (embedding, ...) from models that return extras
         out = out[0]
     out = out.detach().float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
@@ -48,8 +51,47 @@ def _run(forward: Callable, x: torch.Tensor) -> np.ndarray:
     return out
 
 
+def embed_batches(
+    forward: Forward,
+    batches: Iterable[torch.Tensor],
+    *,
+    flip: bool = False,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+) -> Iterator[np.ndarray]:
+    """The batched embedding loop: ``forward`` over each batch in turn, each under ``torch.inference_mode``.
+
+    Args:
+        forward: maps float32 normalized ``(B, C, H, W)`` images to ``(B, D)`` (a tensor, an array, or a tuple whose
+            first item is one).
+        batches: uint8 ``(B, C, H, W)`` images, normalized here with ``mean``/``std``; or, when ``mean`` is None,
+            images normalized already.
+        flip: yield ``f(x) + f(hflip(x))``, the raw sum (not normalized; the caller normalizes).
+        mean: per-channel mean of ``normalize`` (None: the batches are normalized).
+        std: per-channel std of ``normalize``.
+        device: where each batch goes before ``forward`` (default: a module's parameter device, else CPU).
+
+    Yields:
+        float32 ``(B, D)`` per batch.
+
+    Raises:
+        EdgekdError: ``forward`` returned something other than one ``(B, D)`` row per image.
+    """
+    dev = torch.device(device) if device is not None else _default_device(forward)
+    for batch in batches:
+        with torch.inference_mode():
+            x = batch.to(dev)
+            if mean is not None:
+                x = normalize(x, mean, std)
+            emb = _run(forward, x)
+            if flip:
+                emb = emb + _run(forward, hflip(x))
+        yield emb
+
+
 def embed_images(
-    forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
+    forward: Forward,
     images: torch.Tensor | Dataset,
     batch_size: int = 64,
     flip: bool = True,
@@ -78,22 +120,17 @@ def embed_images(
         raise EdgekdError("no images to embed")
     if batch_size < 1:
         raise EdgekdError(f"batch_size={batch_size} must be >= 1")
-    dev = torch.device(device) if device is not None else _default_device(forward)
     chunks = []
-    with torch.inference_mode(), progress(total=n, desc=desc, unit="img") as bar:
-        for lo in range(0, n, batch_size):
-            hi = min(lo + batch_size, n)
-            x = normalize(_batch(images, lo, hi).to(dev), mean, std)
-            emb = _run(forward, x)
-            if flip:
-                emb = emb + _run(forward, hflip(x))
+    batches = (_batch(images, lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size))
+    with progress(total=n, desc=desc, unit="img") as bar:
+        for emb in embed_batches(forward, batches, flip=flip, mean=mean, std=std, device=device):
             chunks.append(emb)
-            bar.update(hi - lo)
+            bar.update(len(emb))
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 def evaluate_pairs(
-    forward: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
+    forward: Forward,
     pairs: PairSet,
     mean: float | Sequence[float] = FACE_MEAN,
     std: float | Sequence[float] = FACE_STD,

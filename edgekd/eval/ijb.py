@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +20,14 @@ from torch.utils.data import DataLoader, Subset
 
 from edgekd.atomic import atomic_path, write_json
 from edgekd.data.ijb import IJBImages, IJBProtocol, load_ijb
-from edgekd.data.transforms import hflip, normalize
-from edgekd.errors import DataError, EdgekdError
+from edgekd.errors import DataError
+from edgekd.eval.embed import Forward, embed_batches
 from edgekd.eval.metrics import DEFAULT_FARS, roc_curve, tar_at_far
+from edgekd.eval.roc_plot import plot_roc
+from edgekd.utils.env import environment
 from edgekd.utils.progress import progress
 
 __all__ = ["embed_images_resumable", "image_features", "template_features", "pair_scores", "evaluate_ijb"]
-
-Forward = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 
 def _load_progress(path: Path) -> dict | None:
@@ -94,37 +94,19 @@ def embed_images_resumable(
         write_json(prog_path, state)
 
     loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, num_workers=num_workers)
-    batches = 0
-    if device is None and isinstance(forward, torch.nn.Module):
-        device = next((t.device for t in (*forward.parameters(), *forward.buffers())), None)
-    with torch.inference_mode():
-        for batch in progress(loader, total=len(loader), desc="embed", unit="batch"):
-            x = normalize(batch.to(device or "cpu"), mean, std)
-            emb = _to_numpy(forward(x))
-            if flip:
-                emb = emb + _to_numpy(forward(hflip(x)))
-            if emb.shape[0] != len(batch) or emb.ndim != 2:
-                raise EdgekdError(f"forward returned shape {emb.shape} for a batch of {len(batch)}; expected (B, D)")
-            if feats is None:
-                state["dim"] = int(emb.shape[1])
-                with atomic_path(feat_path) as tmp:  # sized file in place before any progress points at it
-                    np.memmap(tmp, np.float32, "w+", shape=(n, state["dim"])).flush()
-                feats = np.memmap(feat_path, np.float32, "r+", shape=(n, state["dim"]))
-            feats[done : done + len(emb)] = emb
-            done += len(emb)
-            batches += 1
-            if batches % save_every == 0:
-                save(done)
+    batches = progress(loader, total=len(loader), desc="embed", unit="batch")
+    for count, emb in enumerate(embed_batches(forward, batches, flip=flip, mean=mean, std=std, device=device), 1):
+        if feats is None:
+            state["dim"] = int(emb.shape[1])
+            with atomic_path(feat_path) as tmp:  # sized file in place before any progress points at it
+                np.memmap(tmp, np.float32, "w+", shape=(n, state["dim"])).flush()
+            feats = np.memmap(feat_path, np.float32, "r+", shape=(n, state["dim"]))
+        feats[done : done + len(emb)] = emb
+        done += len(emb)
+        if count % save_every == 0:
+            save(done)
     save(done)
     return np.memmap(feat_path, np.float32, "r", shape=(n, state["dim"]))
-
-
-def _to_numpy(out: torch.Tensor | np.ndarray | tuple) -> np.ndarray:
-    if isinstance(out, (tuple, list)):  # (embedding, ...) from models that return extras
-        out = out[0]
-    if isinstance(out, torch.Tensor):
-        return out.detach().float().cpu().numpy()
-    return np.asarray(out, dtype=np.float32)
 
 
 def image_features(
@@ -230,8 +212,6 @@ def evaluate_ijb(
     with atomic_path(paths["scores"]) as tmp, open(tmp, "wb") as f:
         np.save(f, scores)
     if plot:
-        from edgekd.eval.roc_plot import plot_roc
-
         fpr, tpr, _ = roc_curve(scores, labels)
         paths["roc_plot"] = str(work_dir / "roc.png")
         plot_roc({f"{proto.name} {model_key}".strip(): (fpr, tpr)}, paths["roc_plot"])
@@ -253,7 +233,5 @@ def evaluate_ijb(
         },  # fmt: skip
         "paths": paths,
     }
-    from edgekd.utils.env import environment
-
     write_json(paths["result"], {**result, "environment": environment()})
     return result

@@ -114,8 +114,8 @@ def test_eval_of_foreign_onnx_matches_the_checkpoint(files, kind, run_cli, tmp_p
 def test_foreign_onnx_embeddings_equal_torch(files, backbone, kind):
     from edgekd.data import create_pairs
     from edgekd.data.transforms import normalize
-    from edgekd.export.gates import cosine_rows
-    from edgekd.export.runtime import open_runtime
+    from edgekd.export.checks.gates import cosine_rows
+    from edgekd.export.runtimes import open_runtime
 
     runtime = open_runtime(files[kind], device="cpu")
     assert runtime.input_size == (3, SIZE, SIZE) and runtime.contract.embed_dim == 128

@@ -62,3 +62,44 @@ def test_evaluate_pairs_separable_pairs():
     assert res["accuracy"] == 1.0 and res["std"] == 0.0
     assert all(v == 1.0 for v in res["tar_at_far"].values())
     assert res["fpr"][0] == 0 and res["thresholds"][0] == np.inf and len(res["fpr"]) == len(res["tpr"])
+
+
+def test_embed_batches_normalizes_uint8_or_takes_normalized_batches():
+    from edgekd.eval.embed import embed_batches
+
+    model = _tiny_linear()
+    images = torch.randint(0, 256, (7, 3, 6, 6), dtype=torch.uint8)
+    x = (images.float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = model(x).numpy() + model(x.flip(-1)).numpy()
+    from_uint8 = list(embed_batches(model, images.split(3), flip=True, mean=0.5, std=0.5))
+    normalized = list(embed_batches(model, x.split(3), flip=True))
+    assert [len(e) for e in from_uint8] == [3, 3, 1]
+    np.testing.assert_allclose(np.concatenate(from_uint8), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(normalized), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_batched_embedding_loop_serves_eval_ijb_and_the_gates(monkeypatch, tmp_path):
+    """``embed_images``, the resumable IJB pass and the export gates all run the one loop, ``embed_batches``: each
+    reaches its per-batch step."""
+    import edgekd.eval.embed as embed
+    from edgekd.eval.ijb import embed_images_resumable
+    from edgekd.export.checks.gates import run_batched
+
+    calls = []
+    step = embed._run
+    monkeypatch.setattr(embed, "_run", lambda forward, x: calls.append(len(x)) or step(forward, x))
+    model = _tiny_linear()
+    images = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8)
+    normalized = (images.float() / 255 - 0.5) / 0.5
+
+    ref = embed_images(model, images, batch_size=2, flip=False, mean=0.5, std=0.5)
+    assert calls == [2, 2, 1]
+    resumable = embed_images_resumable(
+        model, list(images), tmp_path, key="k", batch_size=2, flip=False, mean=0.5, std=0.5
+    )
+    assert calls == [2, 2, 1] * 2
+    gated = run_batched(model, normalized, 2)
+    assert calls == [2, 2, 1] * 3
+    np.testing.assert_allclose(np.asarray(resumable), ref, rtol=1e-6)
+    np.testing.assert_allclose(gated, ref, rtol=1e-5, atol=1e-6)

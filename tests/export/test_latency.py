@@ -19,7 +19,7 @@ def test_stats_ms_known_samples():
 
 def test_percentiles_need_enough_runs():
     """p90 from 10 runs, p95 from 20, p99 from 100: fewer would report the maximum under another name."""
-    from edgekd.export.latency import DEFAULT_ITERS, format_table
+    from edgekd.export.latency import DEFAULT_ITERS, format_latency_table
 
     few = stats_ms(np.arange(1, 16) * 1_000_000)  # 15 runs
     assert few["p90"] is not None and few["p95"] is None and few["p99"] is None
@@ -29,7 +29,7 @@ def test_percentiles_need_enough_runs():
         "model": "m.onnx", "backend": "ort-cpu", "precision": "fp32", "batch": 8, "iters": 15, "status": "ok",
         "latency_ms": few, "throughput_items_per_s": 1.0, "cuda_graph": False, "e2e_ms": few, "device_ms": None,
     }  # fmt: skip
-    table = format_table([row])
+    table = format_latency_table([row])
     assert "median ms" in table and "ms/image" in table and "p99 needs 100 runs" in table
     assert f"{few['median'] / 8:.3f}" in table  # per image = per batch / batch
 
@@ -86,7 +86,7 @@ def test_benchmark_json_has_every_field(tmp_path, make_checkpoint, capsys):
 
 def test_unavailable_backends_are_reported_not_faked(tmp_path, make_checkpoint):
     from edgekd.export.latency import LatencyConfig, ModelSpec, run_benchmark
-    from edgekd.export.runtime import ort_cuda_available
+    from edgekd.export.runtimes import ort_cuda_available
 
     if ort_cuda_available():
         pytest.skip("a GPU is present; nothing to report as unavailable")

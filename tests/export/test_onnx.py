@@ -10,9 +10,10 @@ import onnx
 import pytest
 import torch
 
-from edgekd.export.onnx import INPUT_NAME, OUTPUT_NAME, read_metadata
-from edgekd.export.pipeline import ExportOptions, export_checkpoint
-from edgekd.export.runtime import OrtRuntime
+from edgekd.export.options import ExportOptions
+from edgekd.export.passes.onnx import INPUT_NAME, OUTPUT_NAME, read_metadata
+from edgekd.export.pipeline import export_checkpoint
+from edgekd.export.runtimes import OrtRuntime
 
 
 @pytest.mark.parametrize(("name", "size"), [("mbf", 112), ("r_tiny", 32)])
@@ -63,7 +64,7 @@ def test_export_fp32_batches_from_one_file(tmp_path, make_checkpoint, name, size
 
 def test_fold_batchnorm_into_gemm_is_exact():
     """BN -> flatten -> Gemm folds into the Gemm with the outputs unchanged."""
-    from edgekd.export.onnx import fold_batchnorm
+    from edgekd.export.passes.onnx import fold_batchnorm
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(

@@ -12,9 +12,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekd.export.onnx import export_onnx
-from edgekd.export.ort_cpu import decompose_prelu, rewrite_for_ort_cpu, split_grouped_conv
-from edgekd.export.runtime import OrtRuntime
+from edgekd.export.passes.onnx import export_onnx
+from edgekd.export.passes.ort_cpu import decompose_prelu, rewrite_for_ort_cpu, split_grouped_conv
+from edgekd.export.runtimes import OrtRuntime
 from edgekd.models import create_model
 
 
@@ -130,7 +130,8 @@ def test_ort_runtime_rewrites_mobilefacenet_at_load_only_when_asked():
 
 
 def test_export_can_bake_the_rewrites_and_gates_the_file_as_written(tmp_path, make_checkpoint):
-    from edgekd.export.pipeline import ExportOptions, export_checkpoint
+    from edgekd.export.options import ExportOptions
+    from edgekd.export.pipeline import export_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "mbf.safetensors", "mbf", input_size=112)
     out = tmp_path / "mbf.onnx"

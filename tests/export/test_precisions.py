@@ -8,7 +8,10 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from edgekd.errors import GateFailed
-from edgekd.export.pipeline import ExportOptions, export_checkpoint
+from edgekd.export.options import ExportOptions
+from edgekd.export.pipeline import export_checkpoint
+
+pytestmark = pytest.mark.slow  # a 400-step training run (the trained_student fixture), then gated exports
 
 
 def test_fp16_passes_its_gate(tmp_path, trained_student, student_gate_options):
@@ -75,11 +78,11 @@ def _scale_some_channels(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def test_broken_model_fails_and_leaves_no_file(tmp_path, monkeypatch, capsys, trained_student):
-    import edgekd.export.onnx as onnx_export
+    import edgekd.export.pipeline as pipeline
     from edgekd.cli import main
 
-    original = onnx_export.export_onnx
-    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: _scale_some_channels(original(*a, **k)))
+    original = pipeline.export_onnx
+    monkeypatch.setattr(pipeline, "export_onnx", lambda *a, **k: _scale_some_channels(original(*a, **k)))
     folder = tmp_path / "out"
     folder.mkdir()
     out = folder / "broken.onnx"

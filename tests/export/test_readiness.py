@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekd.export.readiness import check_readiness
+from edgekd.export.checks.readiness import check_readiness
 
 
 def _model(nodes, inits=(), opset=20, batch="batch", extra_domains=()):
@@ -60,7 +60,7 @@ def test_flags_trt_unfriendly_qdq():
 
 def test_clean_export_is_ready(tmp_path, capsys):
     from edgekd.cli import main
-    from edgekd.export.onnx import export_onnx, model_metadata, save_onnx
+    from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx
     from edgekd.models import create_model
 
     model = create_model("mbf_tiny", input_size=32).eval()

@@ -15,8 +15,8 @@ def _dims(value: onnx.ValueInfoProto) -> list:
 
 
 def test_static_batch_export_is_fixed_gated_and_runs_any_count(tmp_path, make_checkpoint, run_cli):
-    from edgekd.export.onnx import read_metadata
-    from edgekd.export.runtime import OrtRuntime
+    from edgekd.export.passes.onnx import read_metadata
+    from edgekd.export.runtimes import OrtRuntime
 
     ckpt = make_checkpoint(tmp_path / "m.safetensors", "mbf_tiny", input_size=32)
     out = tmp_path / "deploy" / "m.onnx"
@@ -67,7 +67,7 @@ def test_default_output_names_the_static_batch(tmp_path):
     ],
 )
 def test_insightface_routing_rule(size, batch, mean, expected):
-    from edgekd.export.insightface import insightface_problems
+    from edgekd.export.checks.insightface import insightface_problems
 
     problems = insightface_problems(size, mean=(mean,) * size[0], std=(0.5,) * size[0], batch=batch)
     assert len(problems) == len(expected), problems

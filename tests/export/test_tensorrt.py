@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from edgekd.errors import GateFailed
-from edgekd.export.tensorrt import census_from_layer_info, check_layer_precisions
+from edgekd.export.builders.tensorrt import census_from_layer_info, check_layer_precisions
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_TORCH_TRT = importlib.util.find_spec("torch_tensorrt") is not None
@@ -85,8 +85,9 @@ def test_layer_census_and_precision_check():
 def test_trt_engine_passes_gates(tmp_path, trained_student, student_gate_options, precision):
     import json
 
-    from edgekd.export.pipeline import ExportOptions, export_checkpoint
-    from edgekd.export.tensorrt import EngineProfile
+    from edgekd.export.builders.tensorrt import EngineProfile
+    from edgekd.export.options import ExportOptions
+    from edgekd.export.pipeline import export_checkpoint
 
     options = ExportOptions(
         precision=precision,
@@ -109,7 +110,8 @@ def test_trt_engine_passes_gates(tmp_path, trained_student, student_gate_options
 @pytest.mark.trt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_torch_tensorrt_route_passes_gates(tmp_path, trained_student, student_gate_options, precision):
-    from edgekd.export.pipeline import ExportOptions, export_checkpoint
+    from edgekd.export.options import ExportOptions
+    from edgekd.export.pipeline import export_checkpoint
 
     options = ExportOptions(precision=precision, trt=True, trt_via="torch-tensorrt", **student_gate_options)
     result = export_checkpoint(trained_student, tmp_path / f"s.{precision}.onnx", options)
@@ -120,7 +122,8 @@ def test_torch_tensorrt_route_passes_gates(tmp_path, trained_student, student_ga
 @pytest.mark.trt
 def test_trt_latency_backend(tmp_path, trained_student):
     from edgekd.export.latency import LatencyConfig, ModelSpec, run_benchmark
-    from edgekd.export.pipeline import ExportOptions, export_checkpoint
+    from edgekd.export.options import ExportOptions
+    from edgekd.export.pipeline import export_checkpoint
 
     result = export_checkpoint(trained_student, tmp_path / "s.onnx", ExportOptions(trt=True, gate_images=16))
     spec = ModelSpec(path=str(result.engine), name="s.plan", input_size=(3, 32, 32))

@@ -7,7 +7,8 @@ ONNX (reference/export.md §0, §2). A flag that is missing where it is needed i
 build; and whatever the version, the built engine's layers are read back through the engine inspector and the build
 fails when the requested precision is not what the convolutions run in.
 
-``tensorrt`` is imported inside the functions; without it a one-line ``MissingDependency`` says what to install.
+``tensorrt`` is imported through ``edgekd.export.optional_deps``; without it a one-line ``MissingDependency`` says what
+to install.
 """
 
 from __future__ import annotations
@@ -19,37 +20,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError, GateFailed, MissingDependency
+from edgekd.export.optional_deps import TRT_INSTALL_HINT, import_tensorrt, trt_major
 
 __all__ = [
-    "TRT_INSTALL_HINT",
-    "import_tensorrt",
-    "trt_major",
     "EngineProfile",
     "BuildResult",
     "build_engine",
     "layer_precisions",
+    "census_from_layer_info",
     "check_layer_precisions",
 ]
 
-TRT_INSTALL_HINT = "install the trt extra (pip install 'edgekd[trt]') on a machine with an NVIDIA GPU and driver"
 _COMPUTE_HINTS = ("conv", "gemm", "matrixmultiply", "fullyconnected")
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module, or a one-line ``MissingDependency`` when it (or a GPU for it) is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingDependency(f"TensorRT is not installed: {TRT_INSTALL_HINT}") from None
-    except OSError as exc:  # the wheel is there but libnvinfer / CUDA libraries are not loadable
-        raise MissingDependency(f"TensorRT cannot load its libraries ({exc}); {TRT_INSTALL_HINT}") from None
-    return trt
-
-
-def trt_major(trt) -> int:
-    """Major version of the imported TensorRT."""
-    return int(str(trt.__version__).split(".")[0])
 
 
 @dataclass
@@ -123,8 +109,6 @@ def build_engine(
         GateFailed: the engine's layers are not in the requested precision.
     """
     trt = import_tensorrt()
-    import torch
-
     if not torch.cuda.is_available():
         raise MissingDependency(f"building a TensorRT engine needs an NVIDIA GPU; none is visible. {TRT_INSTALL_HINT}")
     major = trt_major(trt)
@@ -162,8 +146,6 @@ def build_engine(
         raise EdgekdError("TensorRT failed to build the engine (see the TensorRT log lines above)")
     plan = bytes(serialized)
     if cache_path is not None:
-        from edgekd.atomic import atomic_path
-
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
 

@@ -25,11 +25,13 @@ from pathlib import Path
 import onnx
 
 from edgekd.errors import EdgekdError
+from edgekd.export.passes.onnx import name_batch_axis, set_metadata
 
-__all__ = ["QUANT_OP_TYPES", "WEIGHT_OP_TYPES", "Int8Options", "quantizable_nodes", "quantize_qdq"]
+__all__ = ["QUANT_OP_TYPES", "WEIGHT_OP_TYPES", "ACTIVATION_TYPES", "Int8Options", "quantizable_nodes", "quantize_qdq"]
 
 QUANT_OP_TYPES = ("Conv", "Gemm", "MatMul", "Add")
 WEIGHT_OP_TYPES = ("Conv", "Gemm", "MatMul")  # the "layers" that keep_first / keep_last count
+ACTIVATION_TYPES = ("int8", "uint8")  # symmetric (TensorRT), asymmetric (ONNX Runtime CPU)
 
 
 @dataclass
@@ -100,10 +102,11 @@ def quantize_qdq(model: onnx.ModelProto, calibration, options: Int8Options | Non
     Returns:
         The quantized model; its metadata says ``precision=int8`` plus the settings used.
     """
+    # onnxruntime is loaded when a model is quantized, not with edgekd.export (start-up time)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     options = options or Int8Options()
-    if options.activations not in ("int8", "uint8"):
+    if options.activations not in ACTIVATION_TYPES:
         raise EdgekdError("int8 activations must be 'int8' (TensorRT) or 'uint8' (ONNX Runtime CPU)")
     symmetric = options.activations == "int8"
     method = {
@@ -142,8 +145,6 @@ def quantize_qdq(model: onnx.ModelProto, calibration, options: Int8Options | Non
             raise EdgekdError(f"INT8 quantization failed: {str(exc).splitlines()[0][:300]}") from exc
         quantized = onnx.load(str(out))
     del quantized.graph.value_info[:]
-    from edgekd.export.onnx import name_batch_axis, set_metadata
-
     name_batch_axis(quantized)
     set_metadata(quantized, {p.key: p.value for p in model.metadata_props})
     set_metadata(

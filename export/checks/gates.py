@@ -13,7 +13,7 @@ A failed gate raises ``GateFailed``; the caller prints ``report.format()`` first
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from edgekd.errors import GateFailed
+from edgekd.eval.embed import Forward, embed_batches, evaluate_pairs
 
 __all__ = [
     "THRESHOLDS",
@@ -44,9 +45,7 @@ THRESHOLDS: dict[str, tuple[str, float]] = {
 }
 DEFAULT_GATE_BATCHES = (1, 8, 32)
 DEFAULT_MAX_DROP = 0.5  # points (percent) of accuracy and of TAR@FAR
-DEFAULT_FARS = (1e-3, 1e-2)
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
+GATE_FARS = (1e-3, 1e-2)  # the FARs at which the task gate compares TAR
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -59,14 +58,9 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def run_batched(forward: Forward, x: torch.Tensor, batch: int) -> np.ndarray:
-    """``forward`` over ``x: (N, C, H, W)`` in chunks of ``batch`` (the last chunk may be smaller) -> ``(N, D)``."""
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            out = forward(x[i : i + batch])
-            out = out.detach().float().cpu().numpy() if isinstance(out, torch.Tensor) else out
-            outs.append(np.asarray(out, dtype=np.float32))
-    return np.concatenate(outs)
+    """``forward`` over normalized ``x: (N, C, H, W)`` in chunks of ``batch`` (the last chunk may be smaller) ->
+    float32 ``(N, D)``, through ``edgekd.eval.embed.embed_batches``."""
+    return np.concatenate(list(embed_batches(forward, x.split(batch))))
 
 
 def _l2n(a: np.ndarray) -> np.ndarray:
@@ -228,7 +222,7 @@ def task_gate(
     std: Sequence[float],
     *,
     max_drop: float = DEFAULT_MAX_DROP,
-    fars: Sequence[float] = DEFAULT_FARS,
+    fars: Sequence[float] = GATE_FARS,
     batch_size: int = 64,
 ) -> GateReport:
     """Add the task gate to ``report``: accuracy and TAR@FAR of ``candidate`` within ``max_drop`` points of
@@ -237,7 +231,6 @@ def task_gate(
     Returns:
         ``report``, with ``task`` set and a failure appended when a metric dropped too far.
     """
-    from edgekd.eval.embed import evaluate_pairs
 
     def metrics(forward: Forward) -> dict[str, float]:
         result = evaluate_pairs(forward, pairs, mean=mean, std=std, batch_size=batch_size, device="cpu", fars=fars)

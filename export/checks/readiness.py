@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from edgekd.export.passes.onnx import load_onnx
+
 __all__ = ["TRT_SUPPORTED_OPS", "TRT_OPSET_RANGES", "Finding", "ReadinessReport", "check_readiness"]
 
 # Operators TensorRT's ONNX parser imports (support matrix of TensorRT 10.15 / 11.x, default domain).
@@ -88,8 +90,6 @@ class ReadinessReport:
 def check_readiness(model: onnx.ModelProto | str | os.PathLike, name: str | None = None) -> ReadinessReport:
     """Check ``model`` (a proto or a path) against TensorRT's ONNX parser rules; see the module docstring."""
     if not isinstance(model, onnx.ModelProto):
-        from edgekd.export.onnx import load_onnx
-
         name = name or str(model)
         model = load_onnx(model)
     graph = model.graph

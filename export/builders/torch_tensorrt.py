@@ -1,42 +1,28 @@
-"""The second TensorRT route: compile the PyTorch model with torch-tensorrt (dynamo path) instead of parsing ONNX.
+"""Compile the PyTorch model with torch-tensorrt (dynamo path) instead of parsing ONNX: ``--trt-via torch-tensorrt``.
 
 FP32 compiles the model as is; FP16 compiles ``x.half() -> model.half() -> out.float()``, so the precision is in
 the graph itself (torch-tensorrt >= 2.13 ignores ``enabled_precisions`` on the dynamo path, reference/export.md §3.2)
 and the interface stays float32. ``require_full_compilation`` keeps every op inside TensorRT. INT8 needs ModelOpt
 fake-quant modules and is not offered on this route; use the ONNX route (``--trt`` with ``--precision int8``).
 
-The compiled program is saved with ``torch_tensorrt.save`` (ExportedProgram format) and gated exactly like an engine
-built from ONNX. ``torch_tensorrt`` is imported inside the functions.
+The compiled program is saved with ``torch_tensorrt.save`` (ExportedProgram format); ``edgekd.export.engine`` gates it
+exactly like an engine built from ONNX, and ``edgekd.export.runtimes.torch_tensorrt`` runs it. ``torch_tensorrt`` is
+imported through ``edgekd.export.optional_deps``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgekd.errors import EdgekdError, MissingDependency
+from edgekd.export.builders.tensorrt import EngineProfile, census_from_layer_info
+from edgekd.export.optional_deps import TORCH_TRT_INSTALL_HINT, import_torch_tensorrt
 
-__all__ = ["import_torch_tensorrt", "compile_torch_tensorrt", "save_torch_tensorrt", "TorchTensorRTRuntime"]
-
-_HINT = (
-    "install the trt extra (pip install 'edgekd[trt]', torch-tensorrt matching torch's minor version) on a "
-    "machine with an NVIDIA GPU"
-)
-
-
-def import_torch_tensorrt():
-    """The ``torch_tensorrt`` module, or a one-line ``MissingDependency``."""
-    try:
-        import torch_tensorrt
-    except ImportError:
-        raise MissingDependency(f"torch-tensorrt is not installed: {_HINT}") from None
-    except (OSError, RuntimeError) as exc:  # ABI mismatch with torch, missing TensorRT libraries
-        raise MissingDependency(f"torch-tensorrt cannot load ({str(exc).splitlines()[0]}); {_HINT}") from None
-    return torch_tensorrt
+__all__ = ["compile_torch_tensorrt", "save_torch_tensorrt"]
 
 
 class _HalfWrapper(torch.nn.Module):
@@ -54,13 +40,13 @@ def compile_torch_tensorrt(
     model: torch.nn.Module,
     input_shape: tuple[int, int, int],
     precision: str,
-    profile,
+    profile: EngineProfile,
     *,
     workspace_bytes: int = 1 << 30,
     optimization_level: int = 3,
     timing_cache: str | os.PathLike | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Compile ``model`` for batches in ``profile`` (an ``EngineProfile``).
+    """Compile ``model`` for the batches in ``profile``.
 
     Returns:
         The compiled module (CUDA, float32 in/out) and a metadata dict (versions, settings, layer census if the
@@ -68,7 +54,7 @@ def compile_torch_tensorrt(
     """
     torch_trt = import_torch_tensorrt()
     if not torch.cuda.is_available():
-        raise MissingDependency(f"torch-tensorrt needs an NVIDIA GPU; none is visible. {_HINT}")
+        raise MissingDependency(f"torch-tensorrt needs an NVIDIA GPU; none is visible. {TORCH_TRT_INSTALL_HINT}")
     if precision not in ("fp32", "fp16"):
         raise EdgekdError("--trt-via torch-tensorrt builds fp32 and fp16 engines; for int8 use the ONNX route")
     module = model.eval().cuda()
@@ -105,8 +91,6 @@ def compile_torch_tensorrt(
 
 def _layer_census(compiled: torch.nn.Module) -> dict[str, Any]:
     """Merge the precision census of every TensorRT submodule that exposes ``get_layer_info``."""
-    from edgekd.export.tensorrt import census_from_layer_info
-
     merged: dict[str, Any] = {"layers": {}, "compute_layers": {}, "compute_total": 0, "detailed": False}
     found = False
     for sub in compiled.modules():
@@ -134,37 +118,3 @@ def save_torch_tensorrt(compiled: torch.nn.Module, path: str | os.PathLike, exam
     """Save the compiled program (ExportedProgram format, Python runtime) to ``path``."""
     torch_trt = import_torch_tensorrt()
     torch_trt.save(compiled, str(path), output_format="exported_program", arg_inputs=[example.cuda()])
-
-
-class TorchTensorRTRuntime:
-    """A saved torch-tensorrt program as a ``Runtime`` (see ``edgekd.export.runtime``)."""
-
-    backend = "torch-tensorrt"
-    device = "cuda"
-
-    def __init__(self, source: str | os.PathLike | torch.nn.Module, precision: str = "fp32") -> None:
-        from edgekd.export.runtime import TorchRuntime
-
-        if isinstance(source, torch.nn.Module):
-            module = source
-        else:
-            torch_trt = import_torch_tensorrt()
-            if not Path(source).is_file():
-                raise EdgekdError(f"torch-tensorrt program {source} does not exist")
-            module = torch_trt.load(str(source)).module()
-        self._inner = TorchRuntime(module, device="cuda")
-        self._inner.backend = self.backend
-        self.precision = precision
-
-    def __call__(self, x):
-        return self._inner(x)
-
-    def prepare(self, x):
-        return self._inner.prepare(x)
-
-    @property
-    def stream(self):
-        return self._inner.stream
-
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "device": self.device, "precision": self.precision}

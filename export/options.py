@@ -1,0 +1,70 @@
+"""What ``edgekd export`` can be told: ``ExportOptions``, with the INT8 pass's settings (``Int8Options``) and the
+engine's optimization profile (``EngineProfile``) nested as the passes and builders take them, and the names of the
+precisions and engine routes that the CLI offers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgekd.errors import EdgekdError
+from edgekd.export.builders.tensorrt import EngineProfile
+from edgekd.export.checks.gates import DEFAULT_GATE_BATCHES, DEFAULT_MAX_DROP
+from edgekd.export.passes.int8 import Int8Options
+
+__all__ = ["PRECISIONS", "ENGINE_ROUTES", "ExportOptions", "check_options"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_ROUTES = ("onnx", "torch-tensorrt")  # --trt-via: TensorRT's ONNX parser, or torch-tensorrt on the model
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``edgekd export`` can be told; the CLI maps its options onto these fields (``--keep-first``,
+    ``--keep-last`` and ``--int8-activations`` onto ``int8``, ``--trt-batch`` onto ``profile``)."""
+
+    precision: str = "fp32"
+    opset: int = 20
+    legacy_exporter: bool = False
+    static_batch: int | None = None  # fix the batch axis (NNAPI/CoreML/other fixed-shape runtimes); None: dynamic
+    ort_cpu_rewrites: bool = False  # bake edgekd.export.passes.ort_cpu's rewrites into the artifact
+    # gates
+    gate_batches: tuple[int, ...] = DEFAULT_GATE_BATCHES
+    gate_images: int = 64
+    real_images: str | None = None
+    gate_data: str = "synthetic"  # generated gate images: a synthetic spec (held-out identities are drawn)
+    min_cosine: float | None = None
+    pairs: str | None = None  # task-gate pairs; INT8 defaults to the built-in held-out synthetic pairs
+    max_drop: float = DEFAULT_MAX_DROP
+    seed: int = 0
+    # int8: the calibration source, then the Q/DQ placement
+    calib: str | None = None
+    calib_images: int = 128
+    calib_method: str = "percentile"
+    calib_cache: str | None = None
+    int8: Int8Options = field(default_factory=Int8Options)
+    # tensorrt
+    trt: bool = False
+    trt_via: str = "onnx"
+    profile: EngineProfile = field(default_factory=EngineProfile)
+    workspace_gib: float = 1.0
+    timing_cache: str | None = None
+    optimization_level: int = 3
+
+
+def check_options(options: ExportOptions) -> None:
+    """One-line errors for option values no export can use (the CLI's click types catch most of them earlier)."""
+    if options.precision not in PRECISIONS:
+        raise EdgekdError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.precision == "int8" and not options.calib:
+        raise EdgekdError("--precision int8 needs --calib SOURCE (an image folder, a dataset spec, or builtin)")
+    for option, value in (("--gate-images", options.gate_images), ("--calib-images", options.calib_images)):
+        if value < 1:
+            raise EdgekdError(f"{option} must be at least 1, got {value}")
+    if options.static_batch is not None and options.static_batch < 1:
+        raise EdgekdError(f"--static-batch must be at least 1, got {options.static_batch}")
+    if not options.gate_batches or min(options.gate_batches) < 1:
+        raise EdgekdError(f"--gate-batches must be positive integers, got {options.gate_batches}")
+    if options.min_cosine is not None and not -1.0 <= options.min_cosine <= 1.0:
+        raise EdgekdError(f"--min-cosine must lie in [-1, 1], got {options.min_cosine}")
+    if not 0.0 <= options.max_drop <= 100.0:
+        raise EdgekdError(f"--max-drop must lie in [0, 100] points, got {options.max_drop}")

@@ -1,0 +1,3 @@
+"""ONNX graph passes: PyTorch -> ONNX (``onnx``), and ONNX -> ONNX rewrites: an FP16-typed graph (``fp16``), an explicit
+Q/DQ INT8 graph (``int8``) and the exact ONNX Runtime CPU rewrites (``ort_cpu``). Each takes and returns an
+``onnx.ModelProto``; none of them writes a file or judges the result (that is ``edgekd.export.checks``)."""
