@@ -1,7 +1,8 @@
 """Training step time under CPU thread policies, on a quiet machine and on one whose cores are busy.
 
 Each (policy, load) cell runs in a fresh process, because OpenMP reads its wait policy once, when torch loads it.
-The load is made here: one busy Python process per usable CPU, started before the cell and killed after it.
+The load is made here: ``--load`` busy Python processes (default one per usable CPU), started before the cell
+and killed after it.
 Rounds interleave every cell, so a slow minute of the machine touches all of them alike; the table gives the median
 step time over rounds and the range.
 
@@ -15,6 +16,7 @@ is edgekd's default now (the usable CPUs, ``OMP_WAIT_POLICY=PASSIVE``); ``1-thre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,6 +32,9 @@ POLICIES = {
     "old": {"env": {}, "threads": None},
     "passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}, "threads": None},
     "1-thread": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}, "threads": 1},
+    # GNU OpenMP spins this many times at a barrier before it sleeps (default 300,000; PASSIVE means 0).
+    "spin-10k": {"env": {"GOMP_SPINCOUNT": "10000"}, "threads": None},
+    "spin-1k": {"env": {"GOMP_SPINCOUNT": "1000"}, "threads": None},
 }
 
 # One cell: the demo's student step (MobileFaceNet, 32x32, batch 64, ArcFace over 200 classes), eager.
@@ -61,19 +66,20 @@ print(json.dumps({"times": times[2:], "threads": torch.get_num_threads()}))
 """
 
 
-def start_load(n: int) -> list[subprocess.Popen]:
-    """``n`` processes that each keep one CPU busy until killed."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-
-
-def stop_load(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.kill()
-        p.wait()
+@contextlib.contextmanager
+def load_of(n: int):
+    """While active, ``n`` processes that each keep one CPU busy."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def policy_env(policy: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     env.update(POLICIES[policy]["env"])
     env["PYTHONPATH"] = str(ROOT)
     return env
@@ -112,10 +118,12 @@ def demo_cell(policy: str, timeout: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of the policies")
     parser.add_argument("--steps", type=int, default=8, help="steps per cell; the first 2 are warm-up")
     parser.add_argument("--load", type=int, default=len(os.sched_getaffinity(0)), help="busy processes when loaded")
     parser.add_argument("--demo", action="store_true", help="also time the demo end to end (minutes per cell)")
     parser.add_argument("--demo-timeout", type=float, default=900.0)
+    parser.add_argument("--demo-policies", default="old,passive", help="policies timed end to end with --demo")
     parser.add_argument("--json", default="runs/bench/thread_policy.json")
     parser.add_argument("--write-md", action="store_true", help="print the BENCHMARKS.md rows")
     args = parser.parse_args()
@@ -123,23 +131,17 @@ def main() -> None:
     results: dict = {"steps": {}, "demo": {}, "load_processes": args.load, "cpus": len(os.sched_getaffinity(0))}
     for r in range(args.rounds):
         for load in ("quiet", "loaded"):
-            for policy in POLICIES:
-                procs = start_load(args.load) if load == "loaded" else []
-                try:
+            for policy in args.policies.split(","):
+                with load_of(args.load if load == "loaded" else 0):
                     cell = step_cell(policy, args.steps)
-                finally:
-                    stop_load(procs)
                 key = f"{policy}/{load}"
                 results["steps"].setdefault(key, []).append(statistics.median(cell["times"]))
                 print(f"round {r + 1} {key}: {statistics.median(cell['times']) * 1e3:.0f} ms/step", flush=True)
     if args.demo:
         for load in ("quiet", "loaded"):
-            for policy in POLICIES:
-                procs = start_load(args.load) if load == "loaded" else []
-                try:
+            for policy in args.demo_policies.split(","):
+                with load_of(args.load if load == "loaded" else 0):
                     seconds = demo_cell(policy, args.demo_timeout)
-                finally:
-                    stop_load(procs)
                 results["demo"][f"{policy}/{load}"] = seconds
                 shown = f"{seconds:.0f} s" if seconds else f"> {args.demo_timeout:.0f} s (stopped)"
                 print(f"demo {policy}/{load}: {shown}", flush=True)
@@ -150,7 +152,7 @@ def main() -> None:
             "\n| policy | quiet ms/step, median (range) | loaded ms/step, median (range) | demo quiet | demo loaded |"
         )
         print("|---|---|---|---|---|")
-        for policy in POLICIES:
+        for policy in args.policies.split(","):
             cells = []
             for load in ("quiet", "loaded"):
                 xs = [t * 1e3 for t in results["steps"][f"{policy}/{load}"]]
