@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Everything but the tests marked slow (end-to-end runs, subprocess kills) or gpu (skipped without one anyway).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgekd kernels export calib tests bench
 	$(VENV)/bin/ruff format --check edgekd kernels export calib tests bench

@@ -39,12 +39,14 @@ import torch
 from edgekd.atomic import write_json
 from edgekd.bundle import Bundle, load_bundle, save_bundle
 from edgekd.calib import build_calibration_set, calibrate
-from edgekd.export.gates import cosine_rows, run_batched
-from edgekd.export.int8 import QUANT_OP_TYPES, Int8Options, quantize_qdq
+from edgekd.export.artifact import gate_inputs
+from edgekd.export.checks.gates import cosine_rows, run_batched
 from edgekd.export.latency import LatencyConfig, stats_ms, time_cpu
-from edgekd.export.onnx import save_onnx
-from edgekd.export.pipeline import ExportOptions, export_checkpoint, gate_inputs
-from edgekd.export.runtime import OrtRuntime, TorchRuntime
+from edgekd.export.options import ExportOptions
+from edgekd.export.passes.int8 import QUANT_OP_TYPES, Int8Options, quantize_qdq
+from edgekd.export.passes.onnx import save_onnx
+from edgekd.export.pipeline import export_checkpoint
+from edgekd.export.runtimes import OrtRuntime, TorchRuntime
 from edgekd.models import create_model
 from edgekd.utils.env import cpu_name, environment
 

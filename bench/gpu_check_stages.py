@@ -311,13 +311,16 @@ def stage_distill(ctx: Context) -> str:
 # ---------------------------------------------------------------------------------------------------- latency
 
 
+LATENCY_BACKENDS = ("torch", "ort-cpu", "torch-compile")  # of edgekd.export.latency's; compile last: slowest to start
+
+
 def stage_latency(ctx: Context) -> str:
     """edgekd.export.latency over torch eager, ONNX Runtime CPU and torch.compile (CUDA graphs too on a GPU)."""
     from export_latency import untrained_mbf
 
     from edgekd.bundle import load_bundle
     from edgekd.export.latency import LatencyConfig, ModelSpec, run_benchmark
-    from edgekd.export.onnx import export_onnx, model_metadata, save_onnx
+    from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx
 
     p, gpu = ctx.profile, ctx.profile.device == "cuda"
     model = load_bundle(untrained_mbf(ctx.work / "model.safetensors", p.latency_model)).backbone
@@ -329,7 +332,7 @@ def stage_latency(ctx: Context) -> str:
                         min_seconds=p.latency_seconds, device=p.device, cuda_graph=gpu)  # fmt: skip
     ctx.record.set(latency_config=asdict(cfg))
     status = "ok"
-    for backend in ("torch", "ort-cpu", "torch-compile"):  # compile last: it takes the longest to start
+    for backend in LATENCY_BACKENDS:
         for row in run_benchmark([spec], [backend], cfg, log=lambda m: print(m, flush=True)):
             ctx.record.add_row(row)
             if row["status"] != "ok" and not row["status"].startswith("skipped"):

@@ -45,8 +45,9 @@ from pathlib import Path
 
 import torch
 
+from edgekd.heads import HeadSpec
 from edgekd.kernels._launch import interpreting
-from edgekd.losses import HeadSpec, LossWeights, shared_head_loss
+from edgekd.losses import LossWeights, shared_head_loss
 
 CASES = {
     "plain_ce": (HeadSpec("linear", 1.0, 0.0), LossWeights(ce=1.0)),

@@ -32,8 +32,8 @@ from edgekd.distill.pipeline import build_trainee
 from edgekd.heads import create_head
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
-from edgekd.train.loop import TeacherSignal, fit
-from edgekd.train.teacher_cache import build_teacher_cache
+from edgekd.train.loop import fit
+from edgekd.train.teacher import Teacher
 
 DISTILL = LossWeights(ce=1.0, th_ce=1.0, l2e=1.0)  # TH-KD through the frozen teacher head, plus l2e
 STUDENT_ONLY = LossWeights(ce=1.0)
@@ -90,7 +90,7 @@ class ManyClasses(Dataset):
         return self.dataset.channels
 
 
-def teacher_signal(setting: Setting, teacher: Bundle, data, cfg: TrainConfig, work: Path) -> TeacherSignal | None:
+def frozen_teacher(setting: Setting, teacher: Bundle, data, cfg: TrainConfig, work: Path) -> Teacher | None:
     """The teacher side of a setting: its frozen backbone or embedding cache, and a frozen head over data's classes."""
     if setting.teacher == "none":
         return None
@@ -100,11 +100,8 @@ def teacher_signal(setting: Setting, teacher: Bundle, data, cfg: TrainConfig, wo
         head = create_head(cfg.head, teacher.backbone.embed_dim, data.num_classes, s=cfg.scale, m=cfg.margin)
     head = head.freeze()
     if setting.teacher == "live":
-        return TeacherSignal(backbone=teacher.backbone, head=head)
-    cfg_t = teacher.backbone.cfg
-    device = torch.device(cfg.device)
-    cache = build_teacher_cache(teacher.backbone.to(device), data, cfg_t.mean, cfg_t.std, work / "cache", device)
-    return TeacherSignal(head=head, cache=cache)
+        return Teacher(teacher.backbone, head)
+    return Teacher(teacher.backbone, head).with_cache(data, work / "cache", torch.device(cfg.device))
 
 
 def measure(setting: Setting, base: TrainConfig, dataset, teacher: Bundle, warmup: int, work: Path) -> dict:
@@ -118,8 +115,8 @@ def measure(setting: Setting, base: TrainConfig, dataset, teacher: Bundle, warmu
     run = Path(tempfile.mkdtemp(dir=work))
     try:
         student = build_trainee(cfg, data, embed_dim=teacher.backbone.embed_dim)
-        signal = teacher_signal(setting, teacher, data, cfg, work)
-        fit(student, cfg, DISTILL if signal is not None else STUDENT_ONLY, data, run, teacher=signal)
+        frozen = frozen_teacher(setting, teacher, data, cfg, work)
+        fit(student, cfg, DISTILL if frozen is not None else STUDENT_ONLY, data, run, teacher=frozen)
         rates = [json.loads(line)["images_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     except Exception as exc:  # one failing setting (out of memory at 1M classes, say) must not end the others
         text = str(exc).strip()

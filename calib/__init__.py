@@ -2,7 +2,7 @@
 
 ``calibrate(model, calib_set, method)`` returns the activation ranges for an FP32 ONNX model, computing them with
 ONNX Runtime's calibrators or reusing a cached result when the model, the data, the method and its settings are all
-unchanged. ``edgekd.export.int8`` turns the ranges into an explicit Q/DQ graph.
+unchanged. ``edgekd.export.passes.int8`` turns the ranges into an explicit Q/DQ graph.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import onnx
 
 from edgekd.calib.cache import CalibrationCache, cache_key, model_sha256
 from edgekd.calib.dataset import CalibrationSet, build_calibration_set
-from edgekd.calib.observers import METHODS, compute_ranges, resolve_settings
+from edgekd.calib.observers import CALIBRATION_METHODS, compute_ranges, resolve_settings
 
 __all__ = [
     "CalibrationResult",
     "CalibrationSet",
     "CalibrationCache",
-    "METHODS",
+    "CALIBRATION_METHODS",
     "build_calibration_set",
     "calibrate",
 ]

@@ -8,7 +8,6 @@ cache folder: ``<key>.json`` (ONNX Runtime's ``TensorsData`` JSON, which ``quant
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 
 from edgekd.atomic import write_json
 from edgekd.errors import EdgekdError
-from edgekd.utils.cache import cache_root, json_digest
+from edgekd.utils.cache import cache_root
+from edgekd.utils.hashing import content_digest, json_digest
 
 __all__ = ["CACHE_FORMAT", "default_cache_dir", "cache_key", "model_sha256", "CalibrationCache"]
 
@@ -30,7 +30,7 @@ def default_cache_dir() -> Path:
 
 def model_sha256(model, length: int = 32) -> str:
     """Content hash of an ``onnx.ModelProto`` (its deterministic serialization)."""
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:length]
+    return content_digest(model.SerializeToString(deterministic=True), length=length)
 
 
 def cache_key(model_hash: str, data_fingerprint: str, method: str, settings: dict[str, Any]) -> str:

@@ -8,14 +8,17 @@ expects (mean/std from its config), so calibration sees the deployment preproces
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgekd.data import create_dataset
+from edgekd.data.image_folder import IMAGE_EXTENSIONS, _decode
+from edgekd.data.transforms import normalize
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = ["CalibrationSet", "build_calibration_set", "BUILTIN_SOURCES", "BatchReader"]
 
@@ -83,8 +86,6 @@ class BatchReader:
 
 
 def _open_source(source: str, channels: int, image_size: int, count: int):
-    from edgekd.data import create_dataset
-
     if source in BUILTIN_SOURCES:
         # one image of each of the first `count` training identities, fresh nuisance draws (split val): what the
         # model will see, not what it memorized; rendering only these keeps it fast
@@ -102,8 +103,6 @@ class _FlatFolder:
     """A folder of images without class subfolders (common for calibration dumps)."""
 
     def __init__(self, root: Path, image_size: int, channels: int) -> None:
-        from edgekd.data.image_folder import IMAGE_EXTENSIONS, _decode
-
         self._decode = _decode
         self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
@@ -136,8 +135,6 @@ def build_calibration_set(
     Returns:
         The calibration set.
     """
-    from edgekd.data.transforms import normalize
-
     channels, height, width = cfg.input_size
     if height != width:
         raise DataError(f"calibration needs a square input size, the model takes {height}x{width}")
@@ -152,6 +149,5 @@ def build_calibration_set(
         raise DataError(f"calibration images are {tuple(batch.shape[1:])}, the model takes {tuple(cfg.input_size)}")
     images = normalize(batch, cfg.mean, cfg.std).numpy()
     images = np.ascontiguousarray(images, dtype=np.float32)
-    digest = hashlib.sha256(str(images.shape).encode())
-    digest.update(images.tobytes())
-    return CalibrationSet(images=images, source=str(source), fingerprint=digest.hexdigest()[:16])
+    fingerprint = content_digest(str(images.shape), images.tobytes())
+    return CalibrationSet(images=images, source=str(source), fingerprint=fingerprint)

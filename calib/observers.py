@@ -18,9 +18,9 @@ import onnx
 
 from edgekd.errors import EdgekdError
 
-__all__ = ["METHODS", "DEFAULT_SETTINGS", "resolve_settings", "compute_ranges"]
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_SETTINGS", "resolve_settings", "compute_ranges"]
 
-METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "minmax": {"symmetric": True, "moving_average": False},
@@ -31,8 +31,8 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
 
 def resolve_settings(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The method's default settings updated with ``overrides`` (unknown keys are an error)."""
-    if method not in METHODS:
-        raise EdgekdError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in CALIBRATION_METHODS:
+        raise EdgekdError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     settings = dict(DEFAULT_SETTINGS[method])
     for key, value in (overrides or {}).items():
         if key not in settings:

@@ -8,7 +8,6 @@ pattern here matches only what this module creates, so a user's own files are ne
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -114,12 +113,3 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
-    """The first ``length`` hex digits of the file's SHA-256 (identifies a checkpoint in caches and metadata)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]

@@ -18,8 +18,9 @@ from torch import nn
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import CheckpointError
-from edgekd.heads import ClassHead
-from edgekd.losses.terms import HeadSpec
+from edgekd.heads import ClassHead, HeadSpec
+from edgekd.models import create_model
+from edgekd.models.convert import load_arcface_torch_state_dict
 from edgekd.version import __version__
 
 
@@ -93,15 +94,12 @@ def load_bundle(path: str | os.PathLike, model: str | None = None, map_location:
     Raises:
         CheckpointError: the file is missing, unreadable, or does not fit the model it names.
     """
-    from edgekd.models import create_model
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the .safetensors file a training run wrote")
     if path.suffix != ".safetensors":
         if model is None:
             raise CheckpointError(f"{path} is a plain state_dict; say which architecture it is with --model (e.g. mbf)")
-        from edgekd.models.convert import load_arcface_torch_state_dict
 
         backbone = create_model(model)
         load_arcface_torch_state_dict(backbone, path)

@@ -7,30 +7,42 @@ for the ONNX Runtime backends). Unavailable backends (no GPU, no TensorRT) are l
 
 from __future__ import annotations
 
-from datetime import UTC
+import json
+import tempfile
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
+import torch
 
+from edgekd.atomic import write_json
+from edgekd.bundle import load_bundle
 from edgekd.cli.export import CHECKPOINT_SUFFIXES, EXPORTED_SUFFIXES, OutputFile, PositiveInts, existing_file
 from edgekd.errors import EdgekdError
-from edgekd.export.latency import DEFAULT_ITERS
-
-if TYPE_CHECKING:
-    from edgekd.export.latency import ModelSpec
+from edgekd.export.contract import EDGEKD_SOURCE, graph_precision, override_contract, read_contract
+from edgekd.export.latency import (
+    DEFAULT_ITERS,
+    LATENCY_BACKENDS,
+    LatencyConfig,
+    ModelSpec,
+    format_latency_table,
+    plot_results,
+    run_benchmark,
+)
+from edgekd.export.passes.onnx import export_onnx, load_onnx, model_metadata, read_metadata, save_onnx
+from edgekd.export.pipeline import INT8_CPU_NOTE
+from edgekd.export.runtimes import file_kind, open_runtime
+from edgekd.utils.env import environment
+from edgekd.utils.hashing import file_sha256
+from edgekd.version import __version__
 
 
 def _onnx_spec(path: Path, sha: str, image_size: int | None, log) -> ModelSpec:
     """A spec for an ONNX file: its contract from edgekd metadata or, for a foreign file, the graph and insightface's
     conventions; a graph with a fixed batch is timed at that batch only."""
-    from edgekd.export.contract import EDGEKD_SOURCE, graph_precision, override_contract
-    from edgekd.export.latency import ModelSpec
-    from edgekd.export.onnx import load_onnx, read_metadata
-    from edgekd.export.runtime import read_contract_or_fail
-
     proto = load_onnx(path)
-    contract = override_contract(read_contract_or_fail(proto, path.name), path.name, image_size=image_size)
+    contract = override_contract(read_contract(proto, path.name), path.name, image_size=image_size)
     if contract.source != EDGEKD_SOURCE:
         contract = _probed_batch(path, contract, log)
         log(f"note: {path.name} has no edgekd metadata; timing it as {contract.describe()}")
@@ -47,13 +59,9 @@ def _onnx_spec(path: Path, sha: str, image_size: int | None, log) -> ModelSpec:
 
 def _probed_batch(path: Path, contract, log):
     """``contract`` with the batch a foreign graph really runs (see ``OrtRuntime._probe_batch``)."""
-    from dataclasses import replace
-
-    from edgekd.export.runtime import OrtRuntime
-
     if contract.batch is not None or contract.graph_size is None:
         return contract
-    runtime = OrtRuntime(path, device="cpu", threads=1, cpu_rewrites=False)
+    runtime = open_runtime(path, "ort-cpu", threads=1, cpu_rewrites=False)
     for note in runtime.notes:
         log(f"note: {note}")
     return replace(contract, batch=runtime.contract.batch)
@@ -61,10 +69,6 @@ def _probed_batch(path: Path, contract, log):
 
 def _plan_spec(path: Path, sha: str) -> ModelSpec:
     """A spec for a TensorRT engine, whose input shape comes from the sidecar ``edgekd export --trt`` wrote."""
-    import json
-
-    from edgekd.export.latency import ModelSpec
-
     side = path.with_name(path.name + ".json")
     try:
         info = json.loads(side.read_text()) if side.is_file() else {}
@@ -82,9 +86,6 @@ def _plan_spec(path: Path, sha: str) -> ModelSpec:
 
 
 def _checkpoint_spec(path: Path, sha: str, arch: str | None) -> ModelSpec:
-    from edgekd.bundle import load_bundle
-    from edgekd.export.latency import ModelSpec
-
     backbone = load_bundle(path, model=arch).backbone.eval()
     return ModelSpec(
         path=str(path), name=path.name, module=backbone, sha256=sha, input_size=tuple(backbone.cfg.input_size)
@@ -93,8 +94,6 @@ def _checkpoint_spec(path: Path, sha: str, arch: str | None) -> ModelSpec:
 
 def _export_for_ort(spec: ModelSpec, tmpdir: str, log) -> None:
     """Export a checkpoint's backbone to a temporary FP32 ONNX file for the ONNX Runtime backends."""
-    from edgekd.export.onnx import export_onnx, model_metadata, save_onnx
-
     cfg = spec.module.cfg
     log(f"exporting {spec.name} to ONNX (fp32) for the ONNX Runtime backends")
     spec.onnx = str(Path(tmpdir) / f"{Path(spec.name).stem}.onnx")
@@ -103,14 +102,12 @@ def _export_for_ort(spec: ModelSpec, tmpdir: str, log) -> None:
 
 def _specs(models, arch, image_size, backends, tmpdir: str, log) -> list[ModelSpec]:
     """Every model read and checked first (a bad file fails before any export), then checkpoints exported for ORT."""
-    from edgekd.atomic import file_sha256
-
     specs = []
     for path in map(Path, models):
-        sha = file_sha256(path)
-        if path.suffix == ".onnx":
+        sha, kind = file_sha256(path), file_kind(path)
+        if kind == "onnx":
             specs.append(_onnx_spec(path, sha, image_size, log))
-        elif path.suffix in (".plan", ".engine"):
+        elif kind == "engine":
             specs.append(_plan_spec(path, sha))
         else:
             specs.append(_checkpoint_spec(path, sha, arch))
@@ -134,8 +131,6 @@ def _log_batch_limits(specs, batches: tuple[int, ...], log) -> None:
 
 
 def _log_int8_cpu_note(specs, backends, log) -> None:
-    from edgekd.export.pipeline import INT8_CPU_NOTE
-
     if "ort-cpu" in backends and any(spec.precision == "int8" and spec.onnx for spec in specs):
         log(f"note: {INT8_CPU_NOTE}")
 
@@ -153,7 +148,7 @@ def _log_int8_cpu_note(specs, backends, log) -> None:
     "--backend",
     "backends",
     multiple=True,
-    type=click.Choice(["torch", "torch-compile", "ort-cpu", "ort-cuda", "tensorrt"]),
+    type=click.Choice(LATENCY_BACKENDS),
     help="backends to time (repeatable; default: all that apply)",
 )
 @click.option("--batch", "batches", type=PositiveInts(), default="1,8", show_default=True, help="batch sizes")
@@ -226,17 +221,6 @@ def command(
     models, arch, backends, batches, image_size, device, threads, json_path, plot_path, seed, ort_graph, **timing
 ) -> None:
     """Time MODELS on every backend over a batch sweep; print a table, write JSON and a PNG plot."""
-    import tempfile
-    from dataclasses import asdict
-    from datetime import datetime
-
-    import torch
-
-    from edgekd.atomic import write_json
-    from edgekd.export.latency import LATENCY_BACKENDS, LatencyConfig, format_table, plot_results, run_benchmark
-    from edgekd.utils.env import environment
-    from edgekd.version import __version__
-
     if timing["max_iters"] < timing["iters"]:
         raise EdgekdError(f"--max-iters {timing['max_iters']} is below --iters {timing['iters']}")
     threads = threads or torch.get_num_threads()  # one stated count for torch and ONNX Runtime alike
@@ -254,7 +238,7 @@ def command(
         _log_batch_limits(specs, batches, click.echo)
         _log_int8_cpu_note(specs, chosen, click.echo)
         rows = run_benchmark(specs, chosen, cfg, log=click.echo, only_applicable=not backends)
-    click.echo(format_table(rows))
+    click.echo(format_latency_table(rows))
     report = {
         "tool": "edgekd benchmark-latency", "edgekd_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgekd.data.recordio import RecordIODataset, encode_image_file, pack_image_folder
+from edgekd.data.verification_bin import load_bin, write_bin
 from edgekd.errors import EdgekdError
 
 
@@ -26,8 +28,6 @@ def pack(image_folder: Path, out: Path, quality: int, skip_bad: bool) -> None:
 
     The files appear only when packing succeeds; a failure leaves nothing in OUT.
     """
-    from edgekd.data.recordio import pack_image_folder
-
     info = pack_image_folder(image_folder, out, quality=quality, skip_bad=skip_bad)
     click.echo(f"packed {info['images']} images of {info['classes']} identities into {info['rec']}")
     _report_skipped(info["skipped"])
@@ -69,9 +69,6 @@ def _read_pairs_file(pairs_file: Path) -> list[tuple[str, str, bool]]:
               help="JPEG quality for images that are not already RGB JPEGs")  # fmt: skip
 def pack_bin(pairs_file: Path, out: Path, root: Path | None, quality: int) -> None:
     """Write a verification .bin from PAIRS_FILE lines 'image_a image_b 0|1' (1 = same identity)."""
-    from edgekd.data.recordio import encode_image_file
-    from edgekd.data.verification_bin import write_bin
-
     rows = _read_pairs_file(pairs_file)
     root = root or pairs_file.parent
     encoded = []
@@ -91,12 +88,9 @@ def pack_bin(pairs_file: Path, out: Path, root: Path | None, quality: int) -> No
 def verify(path: Path, decode: bool) -> None:
     """Check a RecordIO file/folder or a .bin pair file; list bad records (exit 2 if there are any)."""
     if path.suffix == ".bin":
-        from edgekd.data.verification_bin import load_bin
-
         pairs = load_bin(path)
         click.echo(f"{path}: {len(pairs)} pairs, {pairs.num_genuine} genuine, images {tuple(pairs.images.shape)}")
         return
-    from edgekd.data.recordio import RecordIODataset
 
     ds = RecordIODataset(path, skip_bad=True)
     problems = ds.verify(decode_images=decode)

@@ -24,7 +24,9 @@ from edgekd.cli.options import (
     save_settings,
     train_config,
 )
-from edgekd.distill.methods import METHODS
+from edgekd.distill.methods import METHODS, method_weights
+from edgekd.distill.pipeline import training_dataset
+from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config
 from edgekd.losses import list_loss_backends
 from edgekd.utils.threads import set_threads
 
@@ -93,10 +95,6 @@ def command(**kwargs) -> None:
     With no --data this is the built-in demo (synthetic identities, a small cached teacher); the demo's values
     are marked "demo" below. An interrupted run continues with `edgekd distill --out OUT --resume`.
     """
-    from edgekd.distill.methods import method_weights
-    from edgekd.distill.pipeline import training_dataset
-    from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config
-
     values, resume = resolve_settings("distill", kwargs, SETTINGS, DEMO, default_out="runs/distill")
     cfg = train_config(values)
     overrides = {term: values[f"w_{term}"] for term in ("ce", "kd", "th_ce", "th_kd", "l2e")}

@@ -13,9 +13,20 @@ from typing import Any
 
 import click
 
+from edgekd.atomic import write_json
+from edgekd.bundle import load_bundle
 from edgekd.cli.export import CHECKPOINT_SUFFIXES, EXPORTED_SUFFIXES, OutputDir, PixelValues, existing_file
 from edgekd.cli.options import DeviceType
+from edgekd.data import create_dataset, create_pairs
 from edgekd.errors import EdgekdError
+from edgekd.eval.embed import evaluate_pairs
+from edgekd.eval.ijb import evaluate_ijb
+from edgekd.eval.report import REPORT_FARS, classify_bundle, format_tar_line, format_verification
+from edgekd.eval.roc_plot import plot_roc
+from edgekd.export.contract import EDGEKD_SOURCE, override_contract
+from edgekd.export.runtimes import file_kind, open_runtime
+from edgekd.utils.device import resolve_device
+from edgekd.utils.hashing import file_sha256
 
 
 @dataclass
@@ -36,9 +47,6 @@ class OpenedModel:
 
 def _open_exported(path: Path, device: str, image_size, mean, std, log) -> OpenedModel:
     """An ONNX file or engine with its input contract (recorded, or insightface's), overridden by the options."""
-    from edgekd.export.contract import EDGEKD_SOURCE, override_contract
-    from edgekd.export.runtime import open_runtime
-
     runtime = open_runtime(path, device=device)
     contract = getattr(runtime, "contract", None)
     if contract is None:  # a TensorRT engine: its sidecar JSON is the only record
@@ -64,9 +72,6 @@ def _open_exported(path: Path, device: str, image_size, mean, std, log) -> Opene
 
 def _open_checkpoint(path: Path, arch, device: str, image_size, mean, std) -> OpenedModel:
     """A checkpoint's backbone; its architecture fixes the input size, ``--mean``/``--std`` may override."""
-    from edgekd.bundle import load_bundle
-    from edgekd.train.loop import resolve_device
-
     bundle = load_bundle(path, model=arch)
     cfg = bundle.cfg
     c, h, w = cfg.input_size
@@ -162,16 +167,13 @@ def _check_pairs_exist(ctx, param, values):
 )
 def command(model_path, arch, pairs, ijb, data, split, batch_size, image_size, mean, std, device, out) -> None:
     """Evaluate MODEL (a checkpoint, a plain arcface_torch state_dict with --model, or an ONNX file)."""
-    from edgekd.atomic import write_json
-    from edgekd.train.loop import resolve_device
-
     if not (pairs or ijb or data):
         pairs = ("synthetic",)
     path = Path(model_path)
-    if path.suffix in EXPORTED_SUFFIXES:
-        model = _open_exported(path, device, image_size, mean, std, click.echo)
-    else:
+    if file_kind(path) == "checkpoint":
         model = _open_checkpoint(path, arch, device, image_size, mean, std)
+    else:
+        model = _open_exported(path, device, image_size, mean, std, click.echo)
     out = Path(out)
     report: dict = {"model": str(model_path), "input": model.describe()}
     curves = {}
@@ -185,8 +187,6 @@ def command(model_path, arch, pairs, ijb, data, split, batch_size, image_size, m
     if data:
         report[f"{data}:{split}"] = _classify(data, split, model, device, batch_size)
     if curves:
-        from edgekd.eval.roc_plot import plot_roc
-
         plot_roc(curves, out / "roc.png", title=f"Verification ROC of {path.name}")
         report["roc_plot"] = str(out / "roc.png")
     write_json(out / "eval.json", report)
@@ -195,10 +195,6 @@ def command(model_path, arch, pairs, ijb, data, split, batch_size, image_size, m
 
 def _evaluate_pairs(spec: str, model: OpenedModel, model_name: str, batch_size: int, device) -> tuple[dict, str]:
     """Verify one ``--pairs`` set, print its line, return the metrics and the ROC legend label."""
-    from edgekd.data import create_pairs
-    from edgekd.eval.embed import evaluate_pairs
-    from edgekd.eval.report import REPORT_FARS, format_verification
-
     c, h, _ = model.input_size
     synthetic = spec.strip().startswith("synthetic")
     pair_set = create_pairs(spec, image_size=h, **({"channels": c} if synthetic else {}))
@@ -221,10 +217,6 @@ def _pairs_report(result: dict) -> dict:
 
 
 def _evaluate_ijb(ijb: str, model: OpenedModel, model_path, out: Path, batch_size: int, device) -> dict:
-    from edgekd.atomic import file_sha256
-    from edgekd.eval.ijb import evaluate_ijb
-    from edgekd.eval.report import format_tar_line
-
     result = evaluate_ijb(
         model.forward,
         ijb,
@@ -241,9 +233,6 @@ def _evaluate_ijb(ijb: str, model: OpenedModel, model_path, out: Path, batch_siz
 
 
 def _classify(data: str, split: str, model: OpenedModel, device: str, batch_size: int) -> dict:
-    from edgekd.data import create_dataset
-    from edgekd.eval.report import classify_bundle
-
     if model.bundle is None or model.bundle.head is None:
         raise EdgekdError("classification accuracy needs an edgekd checkpoint with a head, not an exported model")
     result = classify_bundle(model.bundle, create_dataset(data, split=split), device=device, batch_size=batch_size)

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import click
 
+from edgekd.calib import CALIBRATION_METHODS
 from edgekd.errors import EdgekdError
+from edgekd.export.builders.tensorrt import EngineProfile
+from edgekd.export.checks.outputs import check_output_dir, check_output_file
+from edgekd.export.checks.readiness import check_readiness
+from edgekd.export.options import ENGINE_ROUTES, PRECISIONS, ExportOptions
+from edgekd.export.passes.int8 import ACTIVATION_TYPES, Int8Options
+from edgekd.export.pipeline import export_checkpoint
+from edgekd.export.runtimes import FILE_KINDS, file_kind
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
@@ -83,8 +91,6 @@ class OutputFile(click.ParamType):
         self.suffix = suffix
 
     def convert(self, value, param, ctx) -> str:
-        from edgekd.export.outputs import check_output_file
-
         check_output_file(value, self.suffix, _option_name(param))
         return str(value)
 
@@ -95,14 +101,12 @@ class OutputDir(click.ParamType):
     name = "DIR"
 
     def convert(self, value, param, ctx) -> str:
-        from edgekd.export.outputs import check_output_dir
-
         check_output_dir(value, _option_name(param))
         return str(value)
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
-EXPORTED_SUFFIXES = (".onnx", ".plan", ".engine")
+CHECKPOINT_SUFFIXES = FILE_KINDS["checkpoint"]
+EXPORTED_SUFFIXES = (*FILE_KINDS["onnx"], *FILE_KINDS["engine"])  # what eval and benchmark-latency run
 
 
 def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
@@ -130,7 +134,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 @click.argument(
     "checkpoint",
     type=click.Path(dir_okay=False),
-    callback=existing_file((*CHECKPOINT_SUFFIXES, ".onnx"), "checkpoint"),
+    callback=existing_file((*CHECKPOINT_SUFFIXES, *FILE_KINDS["onnx"]), "checkpoint"),
 )
 @click.option(
     "--out",
@@ -141,7 +145,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 @click.option("--model", "model_name", default=None, help="architecture of a plain arcface_torch .pt (e.g. mbf)")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "int8"]),
+    type=click.Choice(PRECISIONS),
     default="fp32",
     show_default=True,
     help="fp16: FP16-typed graph with FP32 I/O; int8: explicit Q/DQ graph (needs --calib)",
@@ -202,7 +206,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 @click.option("--calib-images", type=click.IntRange(min=1), default=128, show_default=True, help="calibration images")
 @click.option(
     "--calib-method",
-    type=click.Choice(["minmax", "entropy", "percentile"]),
+    type=click.Choice(CALIBRATION_METHODS),
     default="percentile",
     show_default=True,
     help="activation range estimator",
@@ -229,7 +233,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 )
 @click.option(
     "--int8-activations",
-    type=click.Choice(["int8", "uint8"]),
+    type=click.Choice(ACTIVATION_TYPES),
     default="int8",
     show_default=True,
     help="int8: symmetric (TensorRT) or asymmetric uint8 (ONNX Runtime CPU only)",
@@ -237,7 +241,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 @click.option("--trt", is_flag=True, help="also build a TensorRT engine (needs the trt extra and an NVIDIA GPU)")
 @click.option(
     "--trt-via",
-    type=click.Choice(["onnx", "torch-tensorrt"]),
+    type=click.Choice(ENGINE_ROUTES),
     default="onnx",
     show_default=True,
     help="build through TensorRT's ONNX parser or compile with torch-tensorrt",
@@ -267,12 +271,11 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="picks gate and calibration images")
 @click.pass_context
-def command(ctx, checkpoint, out, model_name, gate_batches, trt_batch, **kw) -> None:
+def command(
+    ctx, checkpoint, out, model_name, gate_batches, trt_batch, keep_first, keep_last, int8_activations, **kw
+) -> None:
     """Export CHECKPOINT to ONNX behind parity gates; nothing final is written if a gate fails."""
-    from edgekd.export.pipeline import ExportOptions, export_checkpoint
-    from edgekd.export.tensorrt import EngineProfile
-
-    if Path(checkpoint).suffix == ".onnx":
+    if file_kind(checkpoint) == "onnx":
         _readiness_only(checkpoint)
         return
     static = kw["static_batch"]
@@ -283,14 +286,13 @@ def command(ctx, checkpoint, out, model_name, gate_batches, trt_batch, **kw) -> 
         )
     if not trt_batch[0] <= trt_batch[1] <= trt_batch[2]:
         raise EdgekdError(f"--trt-batch needs min <= opt <= max, got {','.join(map(str, trt_batch))}")
-    options = ExportOptions(gate_batches=gate_batches, profile=EngineProfile(*trt_batch), **kw)
+    int8 = Int8Options(keep_first=keep_first, keep_last=keep_last, activations=int8_activations)
+    options = ExportOptions(gate_batches=gate_batches, int8=int8, profile=EngineProfile(*trt_batch), **kw)
     export_checkpoint(checkpoint, out, options, model_name=model_name, log=click.echo)
 
 
 def _readiness_only(path: str) -> None:
     """``edgekd export MODEL.onnx``: the TensorRT-readiness report; exit 2 when the model is not ready."""
-    from edgekd.export.readiness import check_readiness
-
     report = check_readiness(path, name=Path(path).name)
     click.echo(report.format())
     if not report.ready:

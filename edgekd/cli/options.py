@@ -27,6 +27,7 @@ import click
 from edgekd.atomic import write_json
 from edgekd.errors import EdgekdError
 from edgekd.heads import default_margin
+from edgekd.models import require_model
 from edgekd.train.config import TrainConfig
 from edgekd.version import __version__
 
@@ -67,8 +68,6 @@ class ModelName(click.ParamType):
     name = "model"
 
     def convert(self, value, param, ctx):
-        from edgekd.models import require_model
-
         try:
             require_model(value)
         except EdgekdError as exc:

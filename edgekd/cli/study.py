@@ -13,6 +13,9 @@ from pathlib import Path
 
 import click
 
+from edgekd.errors import EdgekdError
+from edgekd.study import build_profile, estimate_seconds, run_study, write_report
+
 
 @click.command("study")
 @click.option(
@@ -29,9 +32,6 @@ import click
 @click.option("--report-only", is_flag=True, help="rewrite REPRODUCTION.md and the plots from --out; train nothing")
 def command(quick, profile, out, seeds, datasets, fmnist_root, device, threads, plan_only, report_only) -> None:
     """Run (or resume) the reproduction study and write REPRODUCTION.md with tables and plots in --out."""
-    from edgekd.errors import EdgekdError
-    from edgekd.study import build_profile, estimate_seconds, run_study, write_report
-
     name = profile or ("quick" if quick else "full")
     out = Path(out or ("runs/study" if name == "full" else f"runs/study-{name}"))
     if report_only:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from edgekd.bundle import load_bundle
 from edgekd.cli.options import (
     DEMO,
     TRAIN_SETTINGS,
@@ -17,6 +18,8 @@ from edgekd.cli.options import (
     save_settings,
     train_config,
 )
+from edgekd.distill.pipeline import train_teacher, training_dataset
+from edgekd.errors import EdgekdError
 from edgekd.utils.threads import set_threads
 
 # A teacher is an iResNet-50 on real data; the demo's teacher is its small r_tiny at the demo's teacher length.
@@ -55,10 +58,6 @@ def command(**kwargs) -> None:
     With no --data it trains the demo's teacher on the built-in identities. An interrupted run continues with
     `edgekd teacher --out OUT --resume`.
     """
-    from edgekd.bundle import load_bundle
-    from edgekd.distill.pipeline import train_teacher, training_dataset
-    from edgekd.errors import EdgekdError
-
     values, resume = resolve_settings("teacher", kwargs, SETTINGS, TEACHER_DEMO, default_out="runs/teacher")
     cfg = train_config(values)
     out = Path(values["out"])

@@ -24,7 +24,13 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from edgekd.data.fashion_mnist import FashionMNIST
+from edgekd.data.image_folder import ImageFolder
 from edgekd.data.pairs import PairSet as PairSet
+from edgekd.data.pairs import synthetic_pairs
+from edgekd.data.recordio import RecordIODataset
+from edgekd.data.synthetic import SyntheticIdentities
+from edgekd.data.verification_bin import load_bin
 from edgekd.errors import DataError
 
 __all__ = ["create_dataset", "create_pairs", "parse_synthetic_spec", "PairSet"]
@@ -74,7 +80,6 @@ def _recordio(path: Path, split: str, kw: dict) -> Dataset:
         raise DataError(f"RecordIO data {path} has only a train split; evaluate faces with --pairs (.bin or synthetic)")
     if not path.is_file():
         raise DataError(f"RecordIO file {path} does not exist")
-    from edgekd.data.recordio import RecordIODataset
 
     return RecordIODataset(path, **kw)
 
@@ -97,15 +102,11 @@ def create_dataset(spec: str, split: str = "train", **kw) -> Dataset:
     if not spec:
         raise DataError("empty data spec; pass synthetic, fmnist, or a folder")
     if _is_synthetic(spec):
-        from edgekd.data.synthetic import SyntheticIdentities
-
         opts = {**kw, **parse_synthetic_spec(spec)}
         for key in _PAIR_KEYS:
             opts.pop(key, None)
         return SyntheticIdentities(split=split, **opts)
     if spec.split(":", 1)[0].lower() in _FMNIST_NAMES:
-        from edgekd.data.fashion_mnist import FashionMNIST
-
         return FashionMNIST(_fmnist_root(spec), split=split, **kw)
     if spec.startswith("rec:"):
         return _recordio(Path(spec[4:]).expanduser(), split, kw)
@@ -120,7 +121,6 @@ def create_dataset(spec: str, split: str = "train", **kw) -> Dataset:
         )
     if (path / "train.rec").is_file():
         return _recordio(path / "train.rec", split, kw)
-    from edgekd.data.image_folder import ImageFolder
 
     subdirs = {d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")}
     if subdirs and subdirs <= _SPLIT_DIRS:
@@ -149,8 +149,6 @@ def create_pairs(spec: str, **kw) -> PairSet:
     kw = {k: v for k, v in kw.items() if v is not None}
     spec = str(spec).strip()
     if _is_synthetic(spec):
-        from edgekd.data.pairs import synthetic_pairs
-
         opts = parse_synthetic_spec(spec)
         for key in ("identities", "images_per_identity"):  # these size the training data, not the pairs
             opts.pop(key, None)
@@ -161,7 +159,6 @@ def create_pairs(spec: str, **kw) -> PairSet:
     if path.suffix == ".bin":
         if not path.is_file():
             raise DataError(f"pair file {path} does not exist")
-        from edgekd.data.verification_bin import load_bin
 
         return load_bin(path, **kw)
     raise DataError(f"pairs {spec!r} are not synthetic[:k=v,...] or an insightface .bin file")

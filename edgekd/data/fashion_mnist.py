@@ -9,7 +9,6 @@ by a seeded permutation, and ``train`` is the rest (all 60,000 when ``val_size=0
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import struct
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = ["FashionMNIST", "DEFAULT_ROOT", "CLASSES", "read_idx"]
 
@@ -54,7 +54,7 @@ def _load(root: Path, stem: str) -> tuple[np.ndarray, bytes]:
                     data = f.read()
             except (OSError, EOFError) as e:
                 raise DataError(f"cannot read {path}: {e}") from None
-            return read_idx(data, str(path)), hashlib.sha1(data).digest()
+            return read_idx(data, str(path)), bytes.fromhex(content_digest(data, length=40, algorithm="sha1"))
     raise DataError(
         f"Fashion-MNIST file {stem}[.gz] not found in {root}; run `apt-get install dataset-fashion-mnist` "
         "or pass fmnist:/path/to/folder"
@@ -124,10 +124,9 @@ class FashionMNIST(Dataset):
         self.image_size = int(self.images.shape[-1])
         self.num_classes = len(CLASSES)
         self.classes = CLASSES
-        h = hashlib.sha1(img_digest + lab_digest)
         carve = "" if split == "test" else f"{val_size}:{seed}"
-        h.update(f"fmnist:v1:{split}:{carve}:{self.image_size}:{channels}".encode())
-        self.fingerprint = h.hexdigest()[:16]
+        meta = f"fmnist:v1:{split}:{carve}:{self.image_size}:{channels}"
+        self.fingerprint = content_digest(img_digest, lab_digest, meta, algorithm="sha1")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -7,7 +7,6 @@ faceness``) and ``<p>_template_pair_label.txt`` (``tid1 tid2 label``), where ``<
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch.utils.data import Dataset
 
 from edgekd.data.align import align_face
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = ["IJBProtocol", "IJBImages", "load_ijb", "PREFIXES"]
 
@@ -58,10 +58,8 @@ class IJBProtocol:
 
     def fingerprint(self) -> str:
         """Hash of the images, landmarks, templates and medias (what the embeddings depend on)."""
-        h = hashlib.sha256("\n".join(self.images).encode())
-        for arr in (self.landmarks, self.faceness, self.templates, self.medias):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()[:16]
+        arrays = (self.landmarks, self.faceness, self.templates, self.medias)
+        return content_digest("\n".join(self.images), (np.ascontiguousarray(a).tobytes() for a in arrays))
 
 
 def _find_prefix(meta: Path, prefix: str | None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = ["ImageFolder", "IMAGE_EXTENSIONS"]
 
@@ -117,11 +117,13 @@ class ImageFolder(Dataset):
 
     def _fingerprint(self) -> str:
         """Hash of the sorted relative paths, sizes, modification times, labels and the output format."""
-        h = hashlib.sha1(f"image-folder:v1:{self.image_size}:{self.channels}".encode())
-        for path, label in self.samples:
-            st = path.stat()
-            h.update(f"{path.relative_to(self.root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
-        return h.hexdigest()[:16]
+
+        def files():
+            for path, label in self.samples:
+                st = path.stat()
+                yield f"{path.relative_to(self.root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n"
+
+        return content_digest(f"image-folder:v1:{self.image_size}:{self.channels}", files(), algorithm="sha1")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -6,7 +6,6 @@ from every training identity of the same seed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from torch.utils.data import Dataset
 
 from edgekd.data.synthetic import SyntheticIdentities
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = ["PairSet", "synthetic_pairs"]
 
@@ -125,5 +125,5 @@ def synthetic_pairs(
         order.extend(pair[::-1] if flip else pair)
         issame.append(genuine)
     images = ds.tensor()[torch.as_tensor(order)]
-    fp = hashlib.sha1(json.dumps({"data": ds.fingerprint, "pairs": pairs}).encode()).hexdigest()[:16]
+    fp = content_digest(json.dumps({"data": ds.fingerprint, "pairs": pairs}), algorithm="sha1")
     return PairSet(images=images, issame=np.array(issame), name="synthetic", fingerprint=fp)

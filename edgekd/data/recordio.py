@@ -12,7 +12,6 @@ records ``N+1..N+K`` hold each class's ``[start, end)`` key range.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import os
@@ -28,7 +27,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from edgekd.atomic import atomic_path
+from edgekd.data.image_folder import ImageFolder
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = [
     "MAGIC",
@@ -315,9 +316,7 @@ class RecordIODataset(Dataset):
         self._idx_keys, self._idx_offsets = keys[order], offsets[order]
         self._file = _RecFile(self.rec_path)
         st = self.rec_path.stat()
-        digest = hashlib.sha256(self.idx_path.read_bytes())
-        digest.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
-        self.fingerprint = digest.hexdigest()[:16]
+        self.fingerprint = content_digest(self.idx_path.read_bytes(), f"|{st.st_size}|{st.st_mtime_ns}")
         self._num_classes: int | None = None
         self.keys = keys
         if self._offset_of(0) is not None:
@@ -522,8 +521,6 @@ def pack_image_folder(
     Returns:
         dict with ``rec``, ``idx``, ``images`` (packed), ``classes`` and ``skipped`` (``"<path>: <why>"`` per image).
     """
-    from edgekd.data.image_folder import ImageFolder
-
     # The folder reader's listing, so packed class ids equal ImageFolder's; image_size only skips its square check.
     listing = ImageFolder(folder, image_size=1)
     out_dir = Path(out_dir)

@@ -28,7 +28,6 @@ in fixed-size blocks on first access and kept in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = ["SyntheticIdentities", "SPLITS", "identity_params", "nuisance_params", "render_faces"]
 
@@ -276,7 +276,7 @@ class SyntheticIdentities(Dataset):
         self.image_size, self.seed, self.split = int(image_size), int(seed), split
         self.difficulty, self.channels = float(difficulty), int(channels)
         self.num_classes = self.identities
-        self.fingerprint = hashlib.sha1(json.dumps(self.params(), sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = content_digest(json.dumps(self.params(), sort_keys=True), algorithm="sha1")
         self._ident = identity_params(self.seed, _IDENTITY_STREAM[split], self.identities)
         self._nuis = nuisance_params(
             self.seed, _NUISANCE_STREAM[split], self.identities, self.images_per_identity, self.difficulty

@@ -13,6 +13,8 @@ import torch
 
 from edgekd.errors import DataError
 
+# Face models (MobileFaceNet, iResNet, arcface_torch's) take RGB as (x_255 - 127.5) / 127.5 = (x - 0.5) / 0.5 on the
+# [0, 1] scale (face.md §0.4); a one-channel model gets the same value once (models/_builder.py).
 FACE_MEAN = (0.5, 0.5, 0.5)
 FACE_STD = (0.5, 0.5, 0.5)
 
@@ -51,6 +53,15 @@ def normalize(batch: torch.Tensor, mean: float | Sequence[float], std: float | S
 def hflip(batch: torch.Tensor) -> torch.Tensor:
     """Mirror images left-right (the last axis); works for uint8 and float batches, ``(..., H, W)``."""
     return torch.flip(batch, dims=(-1,))
+
+
+def normalize_and_flip(
+    batch: torch.Tensor, mean: float | Sequence[float], std: float | Sequence[float], flips: torch.Tensor
+) -> torch.Tensor:
+    """``normalize`` a uint8 ``(B, C, H, W)`` batch, mirroring the images where ``flips`` ``(B,)`` (bool) is set."""
+    x = normalize(batch, mean, std)
+    mask = flips.to(batch.device).view(-1, *([1] * (batch.dim() - 1)))
+    return torch.where(mask, hflip(x), x)
 
 
 def random_hflip(batch: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -9,7 +9,6 @@ unpickler allocate more than the file holds.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -25,6 +24,7 @@ from edgekd.atomic import atomic_path
 from edgekd.data.pairs import PairSet
 from edgekd.data.recordio import decode_image
 from edgekd.errors import DataError
+from edgekd.utils.hashing import content_digest
 
 __all__ = ["load_bin", "write_bin"]
 
@@ -191,7 +191,7 @@ def load_bin(path: str | os.PathLike, image_size: int | None = None) -> PairSet:
             size = int(img.shape[1])
             img = decode_image(data, size, where, _HINT) if img.shape[1] != img.shape[2] else img
         images.append(img)
-    fingerprint = hashlib.sha256(raw).hexdigest()[:16] + (f"-{size}" if image_size else "")
+    fingerprint = content_digest(raw) + (f"-{size}" if image_size else "")
     return PairSet(torch.stack(images), np.asarray(issame, dtype=bool), path.stem, fingerprint)
 
 

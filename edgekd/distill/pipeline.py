@@ -14,19 +14,21 @@ import torch
 from torch import nn
 
 from edgekd.bundle import Bundle, load_bundle, save_bundle
+from edgekd.data import create_dataset
 from edgekd.errors import EdgekdError
 from edgekd.heads import ClassHead, create_head
 from edgekd.losses import LossWeights
+from edgekd.models import create_model
 from edgekd.train.config import TrainConfig
-from edgekd.train.loop import TeacherSignal, fit, resolve_device
-from edgekd.train.teacher_cache import build_teacher_cache
-from edgekd.utils.cache import cache_root, json_digest
+from edgekd.train.loop import fit
+from edgekd.train.teacher import Teacher
+from edgekd.utils.cache import cache_root
+from edgekd.utils.device import resolve_device
+from edgekd.utils.hashing import json_digest
 
 
 def training_dataset(cfg: TrainConfig):
     """The dataset ``cfg.data`` names, at ``cfg.image_size`` when one is set; it must hold one batch at least."""
-    from edgekd.data import create_dataset
-
     dataset = create_dataset(cfg.data, split="train", image_size=cfg.image_size)
     if len(dataset) < cfg.batch_size:
         raise EdgekdError(
@@ -38,8 +40,6 @@ def training_dataset(cfg: TrainConfig):
 
 def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bundle:
     """A fresh backbone + head for ``dataset``, seeded by ``cfg.seed``."""
-    from edgekd.models import create_model
-
     torch.manual_seed(cfg.seed)
     kwargs = {
         "input_size": cfg.image_size or dataset.image_size,
@@ -113,15 +113,16 @@ def default_teacher(cfg: TrainConfig, dataset) -> tuple[Path, bool]:
     return path, True
 
 
-def teacher_signal(
+def frozen_teacher(
     teacher: Bundle,
     student: Bundle,
     dataset,
     cfg: TrainConfig,
     weights: LossWeights,
     shared_head: ClassHead | None = None,
-) -> TeacherSignal:
-    """The frozen teacher as the student sees it: the shared head plus cached or live embeddings."""
+) -> Teacher:
+    """The frozen teacher as the student sees it: the shared head plus cached (``cfg.teacher_cache``) or live
+    embeddings; a head of other classes than the data's, or another input size than the student's, is an error."""
     head = shared_head if shared_head is not None else teacher.head
     if head is None and (weights.kd or weights.th_ce or weights.th_kd):
         raise EdgekdError("the teacher checkpoint has no head; TH-KD and KD need the teacher's classifier")
@@ -135,14 +136,10 @@ def teacher_signal(
             f"teacher input {teacher.cfg.input_size} and student input {student.cfg.input_size} "
             "differ; train both at the same --image-size"
         )
-    cache = None
+    frozen = Teacher(teacher.backbone, head)
     if cfg.teacher_cache:
-        device = resolve_device(cfg.device)
-        teacher.backbone.to(device)
-        cache = build_teacher_cache(
-            teacher.backbone, dataset, teacher.cfg.mean, teacher.cfg.std, cache_root() / "teacher_outputs", device
-        )
-    return TeacherSignal(backbone=None if cache is not None else teacher.backbone, head=head, cache=cache)
+        return frozen.with_cache(dataset, cache_root() / "teacher_outputs", resolve_device(cfg.device))
+    return frozen
 
 
 def add_projection(student: Bundle, teacher_dim: int, weights: LossWeights) -> None:
@@ -171,11 +168,11 @@ def distill_student(
     student = build_trainee(cfg, dataset)
     if init_head is not None:
         student.head.load_state_dict(init_head.state_dict())
-    signal = None
+    frozen = None
     if teacher is not None:
         add_projection(student, teacher.backbone.embed_dim, weights)
-        signal = teacher_signal(teacher, student, dataset, cfg, weights, shared_head)
-    result = fit(student, cfg, weights, dataset, run_dir, teacher=signal, resume=resume, desc=method or "student")
+        frozen = frozen_teacher(teacher, student, dataset, cfg, weights, shared_head)
+    result = fit(student, cfg, weights, dataset, run_dir, teacher=frozen, resume=resume, desc=method or "student")
     return _finish(
         student,
         result,

@@ -9,10 +9,13 @@ from pathlib import Path
 
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
+from edgekd.data import create_dataset, create_pairs
 from edgekd.distill.pipeline import default_teacher, distill_student, run_sh_kd, training_dataset
 from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, verify_bundle
+from edgekd.eval.roc_plot import plot_roc
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
+from edgekd.train.curves import plot_loss_curves
 
 
 @dataclass
@@ -47,8 +50,6 @@ def describe_weights(weights: LossWeights) -> str:
 
 def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, pairs: str | None) -> tuple[list[dict], dict]:
     """One result row per checkpoint (verification on face heads, top-1 on linear heads) and the ROC curves."""
-    from edgekd.data import create_dataset, create_pairs
-
     rows, curves = [], {}
     face = cfg.head != "linear"
     pair_set = create_pairs(pairs or cfg.data, image_size=cfg.image_size) if face else None
@@ -111,8 +112,6 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
         named["student"] = student_path
         report["results"], curves = evaluate_pair(named, job.cfg, job.pairs)
         if curves:
-            from edgekd.eval.roc_plot import plot_roc
-
             plot_roc(curves, job.out / "roc.png", title="teacher vs student (verification pairs)")
             report["plots"]["roc"] = str(job.out / "roc.png")
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -122,8 +121,6 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
 
 def _plot_losses(job: DistillJob, teacher_path: str | None, student_path: Path) -> Path:
     """``out/loss.png``: the training loss of the student and of every model trained for it."""
-    from edgekd.train.curves import plot_loss_curves
-
     runs = {"student": Path(student_path).parent / "metrics.jsonl"}
     if teacher_path:
         runs["teacher"] = Path(teacher_path).parent / "metrics.jsonl"

@@ -6,7 +6,8 @@ import torch
 
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize
-from edgekd.train.loop import resolve_device
+from edgekd.eval.embed import evaluate_pairs
+from edgekd.utils.device import resolve_device
 
 # FARs in comparison tables: a few thousand pairs resolve 1e-3; IJB-scale protocols print the full sweep.
 REPORT_FARS = (1e-3, 1e-2)
@@ -19,8 +20,6 @@ def parameter_count(module: torch.nn.Module) -> int:
 @torch.no_grad()
 def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int = 128) -> dict:
     """10-fold accuracy, TAR@FAR and the ROC curve ``roc: (fpr, tpr)`` of the flip-summed embeddings on ``pairs``."""
-    from edgekd.eval.embed import evaluate_pairs
-
     dev = resolve_device(device)
     backbone = bundle.backbone.to(dev).eval()
     result = evaluate_pairs(

@@ -13,11 +13,7 @@ from typing import Any
 
 from edgekd.errors import EdgekdError
 
-__all__ = ["ModelCfg", "FACE_MEAN", "FACE_STD", "resolve_input_size", "jsonable"]
-
-# Face models take RGB in [0, 1] normalized by (x - 0.5) / 0.5, i.e. (x_255 - 127.5) / 127.5 (face.md §0.4).
-FACE_MEAN = 0.5
-FACE_STD = 0.5
+__all__ = ["ModelCfg", "resolve_input_size", "jsonable"]
 
 CHANNEL_ORDERS = ("RGB", "BGR", "L")
 

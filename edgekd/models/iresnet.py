@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from edgekd.data.transforms import FACE_MEAN, FACE_STD
 from edgekd.errors import EdgekdError
 from edgekd.models._builder import build_model
-from edgekd.models._cfg import FACE_MEAN, FACE_STD, resolve_input_size
+from edgekd.models._cfg import resolve_input_size
 from edgekd.models._registry import register_model
 
 __all__ = ["IResNet", "IBasicBlock"]
@@ -139,7 +140,7 @@ class IResNet(nn.Module):
 
 
 def _create_iresnet(name: str, model_args: dict, **kwargs) -> IResNet:
-    return build_model(IResNet, name, {**model_args, **kwargs}, mean=(FACE_MEAN,), std=(FACE_STD,))
+    return build_model(IResNet, name, {**model_args, **kwargs}, mean=FACE_MEAN, std=FACE_STD)
 
 
 @register_model

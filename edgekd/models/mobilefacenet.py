@@ -18,9 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from edgekd.data.transforms import FACE_MEAN, FACE_STD
 from edgekd.errors import EdgekdError
 from edgekd.models._builder import build_model
-from edgekd.models._cfg import FACE_MEAN, FACE_STD, resolve_input_size
+from edgekd.models._cfg import resolve_input_size
 from edgekd.models._registry import register_model
 from edgekd.models.layers import GDC, ConvBlock, DepthWise, Residual
 
@@ -112,7 +113,7 @@ class MobileFaceNet(nn.Module):
 
 
 def _create_mbf(name: str, model_args: dict, **kwargs) -> MobileFaceNet:
-    return build_model(MobileFaceNet, name, {**model_args, **kwargs}, mean=(FACE_MEAN,), std=(FACE_STD,))
+    return build_model(MobileFaceNet, name, {**model_args, **kwargs}, mean=FACE_MEAN, std=FACE_STD)
 
 
 @register_model

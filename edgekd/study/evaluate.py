@@ -1,6 +1,6 @@
 """The study's data and evaluation: each plan's datasets loaded once, classification top-1 on a split, and face
-verification over every pair of held-out identities (TAR@FAR = 1e-3 / 1e-4 need many impostor pairs: N images of
-held-out identities give N·(N−1)/2 pairs from N forward passes, about two million from 2,000 images).
+verification over every pair of held-out identities (``edgekd.eval.metrics.verification_all_pairs``: TAR@FAR =
+1e-3 / 1e-4 need many impostor pairs, and N images of held-out identities give N·(N−1)/2 of them).
 """
 
 from __future__ import annotations
@@ -9,46 +9,35 @@ import numpy as np
 import torch
 
 from edgekd.bundle import Bundle
+from edgekd.data import create_dataset, parse_synthetic_spec
+from edgekd.data.synthetic import SyntheticIdentities
+from edgekd.eval.embed import embed_images
+from edgekd.eval.metrics import flip_sum_normalize, verification_all_pairs
+from edgekd.eval.report import classify_bundle
 from edgekd.study.grid import DatasetPlan
+from edgekd.utils.device import resolve_device
 
-__all__ = ["StudyData", "evaluate", "verify_identities", "REPORT_FARS"]
+__all__ = ["StudyData", "evaluate", "verify_identities", "STUDY_FARS"]
 
-REPORT_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
+# The FARs every face cell records (results.json ``tar@<far>``); REPRODUCTION.md reports 1e-3 and 1e-4 of them.
+STUDY_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
 VAL_SEED_OFFSET = 1  # validation identities are the held-out identities of data seed + 1: disjoint from test ones
 
 
 @torch.no_grad()
 def verify_identities(bundle: Bundle, images: torch.Tensor, labels: np.ndarray, device: str = "auto") -> dict:
-    """Verification over every pair of ``images`` (uint8 ``(N, C, H, W)``; ``labels (N,)`` their identities).
-
-    TAR@FAR is read off the ROC of all N·(N−1)/2 pairs (as IJB 1:1 protocols use every genuine and impostor
-    pair); the 10-fold accuracy uses all genuine pairs and as many impostor pairs drawn with a fixed seed,
-    interleaved so each fold is balanced. Embeddings are flip-summed and L2-normalized.
-    """
-    from edgekd.eval.embed import embed_images
-    from edgekd.eval.metrics import flip_sum_normalize, tar_at_far, verification_10fold
-    from edgekd.train.loop import resolve_device
-
+    """``verification_all_pairs`` of the flip-summed, L2-normalized embeddings of ``images`` (uint8
+    ``(N, C, H, W)``; ``labels (N,)`` their identities), as the study's results record it."""
     backbone = bundle.backbone.to(resolve_device(device)).eval()
     emb = flip_sum_normalize(embed_images(backbone, images, 256, True, bundle.cfg.mean, bundle.cfg.std))
-    a, b = np.triu_indices(len(emb), 1)
-    scores = (emb @ emb.T)[a, b]  # via the (N, N) Gram matrix: emb[a] would hold N²/2 rows of D floats
-    same = labels[a] == labels[b]
-    genuine = np.flatnonzero(same)
-    rng = np.random.default_rng(0)
-    impostor = rng.choice(np.flatnonzero(~same), size=min(len(genuine), int((~same).sum())), replace=False)
-    n = min(len(genuine), len(impostor))
-    pairs = np.empty(2 * n, dtype=np.int64)
-    pairs[0::2], pairs[1::2] = rng.permutation(genuine)[:n], impostor[:n]
-    folds = verification_10fold(emb[a[pairs]], emb[b[pairs]], same[pairs])
-    tar = tar_at_far(scores, same, REPORT_FARS)
+    result = verification_all_pairs(emb, labels, STUDY_FARS)
     out = {
-        "accuracy": folds["accuracy"],
-        "accuracy_std": folds["std"],
-        "genuine": int(same.sum()),
-        "impostor": int((~same).sum()),
+        "accuracy": result["accuracy"],
+        "accuracy_std": result["std"],
+        "genuine": result["genuine"],
+        "impostor": result["impostor"],
     }
-    out.update({f"tar@{far:g}": tar[far] for far in REPORT_FARS})
+    out.update({f"tar@{far:g}": result["tar_at_far"][far] for far in STUDY_FARS})
     return out
 
 
@@ -60,8 +49,6 @@ class StudyData:
         self._sets: dict[str, object] = {}
 
     def train(self):
-        from edgekd.data import create_dataset
-
         if "train" not in self._sets:
             self._sets["train"] = create_dataset(self.plan.data, split="train", image_size=self.plan.image_size)
         return self._sets["train"]
@@ -73,16 +60,11 @@ class StudyData:
         return self._sets[split]
 
     def _classification(self, split: str):
-        from edgekd.data import create_dataset
-
         ds = create_dataset(self.plan.data, split=split, image_size=self.plan.image_size)
         limit = self.plan.eval_limit
         return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit else ds
 
     def _heldout(self, split: str):
-        from edgekd.data import parse_synthetic_spec
-        from edgekd.data.synthetic import SyntheticIdentities
-
         opts = {k: v for k, v in parse_synthetic_spec(self.plan.data).items() if not k.startswith("pair")}
         opts.setdefault("image_size", self.plan.image_size or 112)
         identities, per_identity = self.plan.verify_val if split == "val" else self.plan.verify_test
@@ -97,6 +79,4 @@ def evaluate(bundle: Bundle, plan: DatasetPlan, data, device: str) -> dict:
     if plan.face:
         images, labels = data
         return verify_identities(bundle, images, labels, device)
-    from edgekd.eval.report import classify_bundle
-
     return classify_bundle(bundle, data, device=device)

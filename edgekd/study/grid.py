@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from edgekd.data import parse_synthetic_spec
 from edgekd.errors import EdgekdError
 
 __all__ = ["Variant", "Row", "Trainee", "DatasetPlan", "Profile", "PROFILES", "build_profile", "estimate_seconds"]
@@ -283,8 +284,6 @@ _FMNIST_TRAIN, _FMNIST_VAL, _FMNIST_TEST = 55_000, 5_000, 10_000
 
 def _train_images(plan: DatasetPlan) -> int:
     if plan.face:
-        from edgekd.data import parse_synthetic_spec
-
         opts = parse_synthetic_spec(plan.data)
         return opts.get("identities", 1000) * opts.get("images_per_identity", 20)
     return _FMNIST_TRAIN

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.atomic import atomic_path
+from edgekd.utils.env import environment
 
 __all__ = ["collect", "write_report", "mean_std", "format_weights"]
 
@@ -186,18 +187,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _environment() -> list[str]:
-    try:
-        from edgekd.utils.env import environment
-
-        env = environment()
-    except ImportError:  # older trees without edgekd.utils.env
-        import torch
-
-        env = {
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
-            "cpu": platform.processor(),
-            "threads": {"torch_threads": torch.get_num_threads()},
-        }
+    env = environment()
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     threads = env.get("threads", {})
     lines = [

@@ -31,12 +31,17 @@ from pathlib import Path
 
 from edgekd.atomic import atomic_path, write_json
 from edgekd.bundle import load_bundle
+from edgekd.data import create_dataset
+from edgekd.distill.methods import method_weights
+from edgekd.distill.pipeline import distill_student, run_sh_kd, train_teacher
 from edgekd.errors import DataError, EdgekdError
+from edgekd.eval.report import parameter_count
 from edgekd.losses import LossWeights
 from edgekd.study.evaluate import StudyData, evaluate
 from edgekd.study.grid import DatasetPlan, Profile, Row, Trainee, Variant
+from edgekd.study.report import write_report
 from edgekd.train.config import TrainConfig
-from edgekd.utils.cache import json_digest
+from edgekd.utils.hashing import json_digest
 
 __all__ = ["Cell", "StudyRunner", "run_study"]
 
@@ -65,7 +70,6 @@ class Cell:
     def weights(self) -> LossWeights:
         if self.row.is_teacher:
             return LossWeights(ce=1.0)
-        from edgekd.distill.methods import method_weights
 
         return method_weights(self.row.method, self.row.preset, self.plan.face, self.variant.overrides)
 
@@ -161,8 +165,6 @@ class StudyRunner:
 
     def _train(self, cell: Cell, folder: Path) -> tuple[Path, str]:
         """Train the cell's model (or find it trained); returns the checkpoint and its metrics.jsonl, relative."""
-        from edgekd.distill.pipeline import distill_student, run_sh_kd, train_teacher
-
         plan, seed, row = cell.plan, cell.seed, cell.row
         dataset = self._data[plan.name].train()
         s_cfg, t_cfg = self.config(plan, plan.student, seed), self.config(plan, plan.teacher, seed)
@@ -226,7 +228,6 @@ class StudyRunner:
         trained = time.perf_counter() - started
         bundle = load_bundle(folder / checkpoint)
         val = evaluate(bundle, cell.plan, self._data[cell.plan.name].eval_set("val"), self.device)
-        from edgekd.eval.report import parameter_count
 
         result = {
             "key": key,
@@ -312,7 +313,6 @@ def check_data(profile: Profile) -> None:
     for plan in profile.datasets:
         if plan.name != "fmnist":
             continue
-        from edgekd.data import create_dataset
 
         try:
             create_dataset(plan.data, split="test")
@@ -382,7 +382,5 @@ def run_study(
     shutil.rmtree(out / "cache", ignore_errors=True)  # teacher-embedding caches: every cell that reads them is done
     summary = {"cells": runner.total, "trained": runner.trained, "seconds": invocation["seconds"]}
     if report:
-        from edgekd.study.report import write_report
-
         summary["report"] = str(write_report(out))
     return summary

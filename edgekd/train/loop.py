@@ -1,7 +1,7 @@
 """``fit``: the training loop shared by teachers, students and every SH-KD stage.
 
-One step: normalize + flip a batch, get the teacher embedding (from the on-disk cache or a frozen
-forward pass), run the (compiled) loss function, check the loss is finite, clip, SGD step. Checkpoints every
+One step: normalize + flip a batch, ask the ``Teacher`` for its embeddings (it reads its cache or runs its frozen
+backbone), run the (compiled) loss function, check the loss is finite, clip, SGD step. Checkpoints every
 ``checkpoint_every`` steps make a killed run lose at most that much work; ``resume`` continues exactly.
 """
 
@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from edgekd.atomic import atomic_path
 from edgekd.bundle import Bundle
-from edgekd.data.transforms import hflip, normalize
+from edgekd.data.transforms import normalize_and_flip
 from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
-from edgekd.heads import ClassHead
 from edgekd.losses import LossWeights, resolve_backend, shared_head_loss
 from edgekd.train.checkpoint import (
     checkpoint_path,
@@ -34,17 +32,9 @@ from edgekd.train.checkpoint import (
 from edgekd.train.config import TrainConfig
 from edgekd.train.optim import build_optimizer, lr_factor, set_lr
 from edgekd.train.order import OrderSampler, StepOrder
-from edgekd.train.teacher_cache import TeacherCache
+from edgekd.train.teacher import Teacher
+from edgekd.utils.device import resolve_device
 from edgekd.utils.progress import progress
-
-
-@dataclass
-class TeacherSignal:
-    """What the student learns from: a frozen teacher backbone and/or its embedding cache, and the shared head."""
-
-    backbone: nn.Module | None = None
-    head: ClassHead | None = None
-    cache: TeacherCache | None = None
 
 
 @dataclass
@@ -55,21 +45,12 @@ class FitResult:
     stopped: bool
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EdgekdError(f"device {name!r} asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
-
-
 def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Steps of the whole run: ``cfg.steps`` if set, else ``epochs`` worth of full batches."""
     return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
-def make_loss_fn(trainee: Bundle, teacher: TeacherSignal | None, weights: LossWeights, backend: str):
+def make_loss_fn(trainee: Bundle, teacher: Teacher | None, weights: LossWeights, backend: str):
     """``loss_fn(x, labels, z_t) -> (total, terms)`` over the trainee's modules; this is what gets compiled."""
     backbone, head, projection = trainee.backbone, trainee.head, trainee.projection
     t_head = teacher.head if teacher is not None else None
@@ -94,12 +75,6 @@ def make_loss_fn(trainee: Bundle, teacher: TeacherSignal | None, weights: LossWe
         )
 
     return loss_fn
-
-
-def _normalize_and_flip(images: torch.Tensor, mean, std, flip_mask: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, C, H, W)`` → normalized float, mirrored where ``flip_mask`` ``(B, 1, 1, 1)`` is set."""
-    x = normalize(images, mean, std)
-    return torch.where(flip_mask, hflip(x), x)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -163,11 +138,14 @@ def fit(
     weights: LossWeights,
     dataset,
     run_dir: str | Path,
-    teacher: TeacherSignal | None = None,
+    teacher: Teacher | None = None,
     resume: bool = False,
     desc: str = "train",
 ) -> FitResult:
     """Train ``trainee`` (its parameters that require grad) on ``dataset`` with ``weights``; see module doc.
+
+    ``teacher`` is what a student learns from (None: the labels alone); ``fit`` puts it on the device and asks it for
+    ``z_t`` each step.
 
     SIGINT or SIGTERM during the run saves a checkpoint at the next step boundary and raises
     ``TrainingInterrupted`` (see ``StopSignals``).
@@ -182,7 +160,7 @@ def _fit(
     weights: LossWeights,
     dataset,
     run_dir: Path,
-    teacher: TeacherSignal | None,
+    teacher: Teacher | None,
     resume: bool,
     desc: str,
     signals: StopSignals,
@@ -194,9 +172,7 @@ def _fit(
     for module in modules:
         module.to(device).train()
     if teacher is not None:
-        for module in (teacher.backbone, teacher.head):
-            if module is not None:
-                module.to(device).eval().requires_grad_(False)
+        teacher.to(device)
     optimizer = build_optimizer([p for m in modules for p in m.parameters()], cfg.lr, cfg.momentum, cfg.weight_decay)
 
     start = 0
@@ -228,17 +204,9 @@ def _fit(
     for step, (images, labels) in enumerate(loader, start=start):
         indices, flips = order.batch(step)
         images = images.to(device, non_blocking=True)
-        flip_mask = flips.to(device)[:, None, None, None]
-        x = _normalize_and_flip(images, mean, std, flip_mask)
+        x = normalize_and_flip(images, mean, std, flips)
         labels = labels.to(device)
-        z_t = None
-        if teacher is not None and teacher.cache is not None:
-            z_t = teacher.cache.lookup(indices, flips).to(device, non_blocking=True)
-        elif teacher is not None and teacher.backbone is not None:
-            # The teacher sees the batch with its own normalization (timm teachers and face students differ).
-            x_t = _normalize_and_flip(images, teacher.backbone.cfg.mean, teacher.backbone.cfg.std, flip_mask)
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                z_t = teacher.backbone(x_t).float()
+        z_t = teacher.embed(images, indices, flips) if teacher is not None else None
         lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             total, terms = step_fn(x, labels, z_t)

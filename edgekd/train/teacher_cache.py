@@ -8,7 +8,6 @@ the input transform, so a changed teacher or changed data gets a new cache inste
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +16,12 @@ from torch import nn
 
 from edgekd.atomic import TEMP_FILE, atomic_path, remove_debris, write_json
 from edgekd.data.transforms import hflip, normalize
-from edgekd.utils.cache import json_digest
+from edgekd.utils.hashing import json_digest, module_fingerprint
 from edgekd.utils.progress import progress
 
 # The cache folder is shared by every run on the machine, so a temporary there may belong to a live writer; one
 # not written to for this long belongs to a killed one (a writer appends to it continuously until its rename).
 STALE_TEMPORARY_S = 15 * 60
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """SHA-256 (16 hex digits) over a module's state_dict names, shapes, dtypes and bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 def cache_key(teacher: nn.Module, dataset, mean, std) -> str:

@@ -18,7 +18,7 @@ from edgekd.models import create_model
 @pytest.fixture(scope="module")
 def tiny_onnx():
     """An untrained mbf_tiny at 32x32 exported to ONNX, and its config."""
-    from edgekd.export.onnx import export_onnx
+    from edgekd.export.passes.onnx import export_onnx
 
     torch.manual_seed(0)
     model = create_model("mbf_tiny", input_size=32).eval()
@@ -93,7 +93,7 @@ def test_calibration_set_sources(tmp_path, tiny_onnx):
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tiny_onnx):
-    from edgekd.export.int8 import quantize_qdq
+    from edgekd.export.passes.int8 import quantize_qdq
 
     model, cfg = tiny_onnx
     data = build_calibration_set("builtin", cfg, num_images=16)

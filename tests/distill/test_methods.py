@@ -9,7 +9,8 @@ from edgekd.distill.methods import METHODS, method_weights
 from edgekd.distill.pipeline import add_projection, build_trainee
 from edgekd.errors import EdgekdError
 from edgekd.train.config import TrainConfig
-from edgekd.train.loop import TeacherSignal, fit
+from edgekd.train.loop import fit
+from edgekd.train.teacher import Teacher
 
 
 def test_th_kd_code_preset_is_the_official_cifar_setting():
@@ -45,12 +46,12 @@ def test_each_method_logs_exactly_its_terms(method, tiny_faces, tmp_path):
     cfg = TrainConfig(model="mbf_tiny", batch_size=16, steps=2, compile=False, device="cpu", log_every=1)
     weights = method_weights(method, None, face=True)
     student = build_trainee(cfg, tiny_faces)
-    signal = None
+    frozen = None
     if METHODS[method].needs_teacher:
         teacher = build_trainee(replace(cfg, model="r_tiny", model_kwargs={"embed_dim": 64}, seed=4), tiny_faces)
         add_projection(student, 64, weights)
-        signal = TeacherSignal(backbone=teacher.backbone.eval(), head=teacher.head.freeze())
-    fit(student, cfg, weights, tiny_faces, tmp_path, teacher=signal)
+        frozen = Teacher(teacher.backbone.eval(), teacher.head.freeze())
+    fit(student, cfg, weights, tiny_faces, tmp_path, teacher=frozen)
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k for k in ("ce", "kd", "th_ce", "th_kd", "l2e") if k in logged} == set(weights.active())
     uses_teacher_width = bool(weights.th_ce or weights.th_kd or weights.l2e)

@@ -12,6 +12,7 @@ from edgekd.eval.metrics import (
     tar_at_far,
     top1_accuracy,
     verification_10fold,
+    verification_all_pairs,
 )
 
 
@@ -171,3 +172,19 @@ def test_plot_roc_writes_png_atomically(tmp_path):
     plot_roc({"student": (fpr, tpr), "teacher": (fpr, np.minimum(tpr + 0.1, 1))}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["roc.png"]
+
+
+def test_verification_all_pairs_scores_every_pair_once():
+    """5 identities x 3 images: 15 genuine and 90 impostor pairs; TAR@FAR as from a loop over all pairs."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 3)
+    emb = flip_sum_normalize(rng.normal(size=(15, 4)) + 2 * np.eye(5, 4)[labels])
+    out = verification_all_pairs(emb, labels, fars=(0.1, 0.3))
+    assert (out["genuine"], out["impostor"]) == (15, 90)
+    pairs = [(i, j) for i in range(15) for j in range(i + 1, 15)]
+    scores = np.array([emb[i] @ emb[j] for i, j in pairs])
+    same = np.array([labels[i] == labels[j] for i, j in pairs])
+    assert out["tar_at_far"] == pytest.approx(tar_at_far(scores, same, (0.1, 0.3)))
+    assert 0.5 < out["accuracy"] <= 1.0 and out["std"] >= 0.0
+    with pytest.raises(EdgekdError):
+        verification_all_pairs(emb, labels[:-1])

@@ -52,6 +52,7 @@ def _chosen_cells(profile, out):
             yield plan, row, out / Cell(plan, row, next(v for v in row.variants if v.label == label), 0).folder
 
 
+@pytest.mark.slow
 def test_tiny_study_runs_every_cell_reports_and_resumes(tmp_path, fmnist_root, run_cli, one_thread):
     out = tmp_path / "study"
     argv = ["study", "--profile", "tiny", "--out", str(out), "--fmnist-root", str(fmnist_root), "--device", "cpu"]

@@ -149,9 +149,8 @@ def test_kill_9_at_any_moment_then_resume_ends_bit_identical_and_clean(reference
     assert _hidden(out) == []
 
 
-@pytest.mark.parametrize(
-    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_checkpoint_prints_the_resume_command_and_resume_is_bit_identical(
     signum, reference, tmp_path, tmp_path_factory
 ):

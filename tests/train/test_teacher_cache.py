@@ -9,7 +9,8 @@ from edgekd.data.transforms import hflip, normalize
 from edgekd.distill.pipeline import build_trainee
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
-from edgekd.train.loop import TeacherSignal, fit
+from edgekd.train.loop import fit
+from edgekd.train.teacher import Teacher
 from edgekd.train.teacher_cache import build_teacher_cache
 
 CFG = TrainConfig(model="r_tiny", batch_size=16, steps=4, compile=False, device="cpu", log_every=1)
@@ -62,12 +63,12 @@ def test_training_with_cache_equals_training_with_live_teacher(tiny_faces, tmp_p
     )
     weights = LossWeights(ce=1, th_ce=1, th_kd=1, l2e=1)
     results = []
-    for name, signal in (
-        ("live", TeacherSignal(backbone=teacher.backbone, head=head)),
-        ("cached", TeacherSignal(head=head, cache=cache)),
+    for name, frozen in (
+        ("live", Teacher(teacher.backbone, head)),
+        ("cached", Teacher(teacher.backbone, head, cache=cache)),
     ):
         student = build_trainee(replace(CFG, model="mbf_tiny", seed=2), tiny_faces)
-        fit(student, replace(CFG, model="mbf_tiny"), weights, tiny_faces, tmp_path / name, teacher=signal)
+        fit(student, replace(CFG, model="mbf_tiny"), weights, tiny_faces, tmp_path / name, teacher=frozen)
         results.append(student.backbone.state_dict())
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
@@ -85,12 +86,31 @@ def test_live_teacher_sees_its_own_normalization(tiny_faces, tmp_path):
     )
     weights = LossWeights(ce=1, th_ce=1, l2e=1)
     results = []
-    for name, signal in (
-        ("live", TeacherSignal(backbone=teacher.backbone, head=head)),
-        ("cached", TeacherSignal(head=head, cache=cache)),
+    for name, frozen in (
+        ("live", Teacher(teacher.backbone, head)),
+        ("cached", Teacher(teacher.backbone, head, cache=cache)),
     ):
         student = build_trainee(replace(CFG, model="mbf_tiny", seed=2), tiny_faces)
-        fit(student, replace(CFG, model="mbf_tiny", steps=2), weights, tiny_faces, tmp_path / name, teacher=signal)
+        fit(student, replace(CFG, model="mbf_tiny", steps=2), weights, tiny_faces, tmp_path / name, teacher=frozen)
         results.append(student.backbone.state_dict())
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_embeds_with_its_own_normalization_and_flips_live_and_cached(tiny_faces, tmp_path):
+    """``Teacher.embed`` normalizes with the teacher's statistics (not the student's) and mirrors where asked, live
+    and from its cache alike; the cached teacher never runs its backbone."""
+    backbone = _teacher(tiny_faces)
+    mean, std = (0.3, 0.4, 0.5), (0.2,) * 3
+    object.__setattr__(backbone, "cfg", replace(backbone.cfg, mean=mean, std=std))
+    live = Teacher(backbone).to(torch.device("cpu"))
+    cached = live.with_cache(tiny_faces, tmp_path, torch.device("cpu"))
+    indices, flips = torch.tensor([3, 9, 40, 63]), torch.tensor([False, True, True, False])
+    images = torch.stack([tiny_faces[i][0] for i in indices.tolist()])
+    x = normalize(images, mean, std)
+    with torch.no_grad():
+        expected = torch.where(flips[:, None], backbone(hflip(x)), backbone(x))
+    torch.testing.assert_close(live.embed(images, indices, flips), expected)
+    cached.backbone = None  # a cached teacher must not need its backbone
+    torch.testing.assert_close(cached.embed(images, indices, flips), expected, rtol=1e-5, atol=1e-5)
+    assert (live.mean, live.std) == (mean, std) and live.cache is None and cached.cache is not None

@@ -13,8 +13,9 @@ from edgekd.heads import create_head
 from edgekd.losses import LossWeights
 from edgekd.train.checkpoint import latest_checkpoint, load_checkpoint
 from edgekd.train.config import TrainConfig
-from edgekd.train.loop import TeacherSignal, fit, make_loss_fn
+from edgekd.train.loop import fit, make_loss_fn
 from edgekd.train.optim import build_optimizer
+from edgekd.train.teacher import Teacher
 
 CFG = TrainConfig(
     model="mbf_tiny",
@@ -34,7 +35,7 @@ THKD = LossWeights(ce=1.0, kd=0.5, th_ce=1.0, th_kd=0.5, l2e=1.0, T=4.0)
 
 def _teacher(dataset):
     teacher = build_trainee(replace(CFG, model="r_tiny", seed=11), dataset)
-    return teacher, TeacherSignal(backbone=teacher.backbone.eval(), head=teacher.head.freeze())
+    return teacher, Teacher(teacher.backbone.eval(), teacher.head.freeze())
 
 
 def _student(dataset, teacher):
@@ -59,18 +60,18 @@ def _metrics(run_dir):
 
 
 def test_interrupted_and_resumed_run_ends_bit_identical(tiny_faces, tmp_path):
-    teacher, signal = _teacher(tiny_faces)
+    teacher, frozen = _teacher(tiny_faces)
     full = _student(tiny_faces, teacher)
-    fit(full, CFG, THKD, tiny_faces, tmp_path / "full", teacher=signal)
+    fit(full, CFG, THKD, tiny_faces, tmp_path / "full", teacher=frozen)
 
     part = _student(tiny_faces, teacher)
-    stopped = fit(part, replace(CFG, stop_after=4), THKD, tiny_faces, tmp_path / "cut", teacher=signal)
+    stopped = fit(part, replace(CFG, stop_after=4), THKD, tiny_faces, tmp_path / "cut", teacher=frozen)
     # A --stop-after run saves where it stops (step 4), not only at the schedule's checkpoints (every 3).
     assert stopped.stopped and latest_checkpoint(tmp_path / "cut").name == "step_0000004"
     # A fresh process would rebuild the modules from scratch before resuming: do the same.
     resumed = _student(tiny_faces, teacher)
     torch.manual_seed(1234)  # resume must not depend on the global RNG state at start
-    result = fit(resumed, CFG, THKD, tiny_faces, tmp_path / "cut", teacher=signal, resume=True)
+    result = fit(resumed, CFG, THKD, tiny_faces, tmp_path / "cut", teacher=frozen, resume=True)
     assert not result.stopped and result.steps == 6
 
     a, b = _state(full), _state(resumed)
@@ -88,11 +89,11 @@ def test_existing_run_needs_resume(tiny_faces, tmp_path):
 
 
 def test_frozen_teacher_and_shared_head_stay_bit_identical(tiny_faces, tmp_path):
-    teacher, signal = _teacher(tiny_faces)
+    teacher, frozen = _teacher(tiny_faces)
     before = _state(teacher)
     student = _student(tiny_faces, teacher)
     student_before = _state(student)
-    fit(student, CFG, THKD, tiny_faces, tmp_path, teacher=signal)
+    fit(student, CFG, THKD, tiny_faces, tmp_path, teacher=frozen)
     after = _state(teacher)
     for key in before:
         assert torch.equal(before[key], after[key]), key
@@ -124,13 +125,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_faces, tmp_path):
     assert all(torch.isfinite(p).all() for p in restored.backbone.parameters())
 
 
+@pytest.mark.slow  # torch.compile: seconds on a quiet CPU, a minute on a busy one
 def test_compiled_loss_has_no_graph_break_and_matches_eager(tiny_faces):
-    teacher, signal = _teacher(tiny_faces)
+    teacher, frozen = _teacher(tiny_faces)
     bundle = _student(tiny_faces, teacher)
     # float64 so that the compiled kernels' different summation order cannot hide a real difference
     for module in (bundle.backbone, bundle.head, teacher.backbone, teacher.head):
         module.double()
-    loss_fn = make_loss_fn(bundle, signal, THKD, "reference")
+    loss_fn = make_loss_fn(bundle, frozen, THKD, "reference")
     x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
     labels = torch.arange(8) % tiny_faces.num_classes
     with torch.no_grad():
