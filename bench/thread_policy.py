@@ -9,8 +9,10 @@ step time over rounds and the range.
     python bench/thread_policy.py --rounds 3 --write-md   # the numbers in BENCHMARKS.md ("Threads")
     python bench/thread_policy.py --demo                   # also `edgekd distill` (the demo) end to end
 
-Policies: ``old`` is what edgekd did before (torch's default threads, OpenMP's default wait policy); ``passive``
-is edgekd's default now (the usable CPUs, ``OMP_WAIT_POLICY=PASSIVE``); ``1-thread`` is one thread, passive.
+Policies: ``old`` is OpenMP's default wait policy (spin, then sleep) with torch's threads; ``passive`` always sets
+``OMP_WAIT_POLICY=PASSIVE``; ``adaptive`` is edgekd's default (passive only when the machine is busy at start,
+``edgekd.utils.threads.choose_wait_policy``); ``1-thread`` is one thread, passive; ``spin-*`` lower GNU OpenMP's
+spin count.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ POLICIES = {
     "passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}, "threads": None},
     "1-thread": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}, "threads": 1},
     # GNU OpenMP spins this many times at a barrier before it sleeps (default 300,000; PASSIVE means 0).
+    # edgekd's default: passive only when other processes keep half a CPU busy at start (choose_wait_policy).
+    "adaptive": {"env": {}, "threads": None, "adaptive": True},
     "spin-10k": {"env": {"GOMP_SPINCOUNT": "10000"}, "threads": None},
     "spin-1k": {"env": {"GOMP_SPINCOUNT": "1000"}, "threads": None},
 }
@@ -40,6 +44,9 @@ POLICIES = {
 # One cell: the demo's student step (MobileFaceNet, 32x32, batch 64, ArcFace over 200 classes), eager.
 STEP_SCRIPT = r"""
 import json, sys, time
+if sys.argv[3] == "adaptive":
+    from edgekd.utils.threads import choose_wait_policy
+    choose_wait_policy()
 import torch
 threads = json.loads(sys.argv[1])
 if threads:
@@ -88,7 +95,14 @@ def policy_env(policy: str) -> dict:
 def step_cell(policy: str, steps: int) -> dict:
     threads = json.dumps(POLICIES[policy]["threads"])
     out = subprocess.run(
-        [sys.executable, "-c", STEP_SCRIPT, threads, str(steps)],
+        [
+            sys.executable,
+            "-c",
+            STEP_SCRIPT,
+            threads,
+            str(steps),
+            "adaptive" if POLICIES[policy].get("adaptive") else "",
+        ],
         env=policy_env(policy),
         capture_output=True,
         text=True,
@@ -100,7 +114,7 @@ def step_cell(policy: str, steps: int) -> dict:
 def demo_cell(policy: str, timeout: float) -> float | None:
     """Seconds of `edgekd distill` (the demo, teacher included, fresh cache), or None past ``timeout``."""
     threads = POLICIES[policy]["threads"]
-    # The old policy: torch (and its OpenMP) loaded before edgekd's CLI could set the wait policy.
+    # The old policy: torch (and its OpenMP) loaded before edgekd's CLI could choose the wait policy.
     prelude = "import torch; " if policy == "old" else ""
     argv = ["distill", "--out", "OUT"] + (["--threads", str(threads)] if threads else [])
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ import warnings
 import click
 
 from edgekd.errors import EdgekdError, EdgekdWarning, TrainingInterrupted
-from edgekd.utils.threads import set_wait_policy
+from edgekd.utils.threads import choose_wait_policy
 from edgekd.version import __version__
 
 # Subcommand name -> module defining ``command``; imported only when that subcommand runs, so
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     # Before any subcommand imports torch: its OpenMP runtime reads the wait policy once, when it loads.
-    set_wait_policy()
+    if args and "--help" not in args:
+        choose_wait_policy()
     warnings.showwarning = _show_warning
     # Inductor's C++ build probes for CUDA and warns on CPU-only machines; that warning is noise to a user.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

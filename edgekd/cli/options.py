@@ -194,7 +194,7 @@ TRAIN_SETTINGS = [
         positive(int),
         "torch CPU threads",
         resumable=True,
-        shown_default="the usable CPUs, with passive OpenMP waits (README: Threads)",
+        shown_default="the usable CPUs; passive OpenMP waits on a busy machine (README: Threads)",
     ),
     Setting("checkpoint_every", positive(int), "steps between checkpoints", resumable=True),
     Setting("keep_checkpoints", positive(int), "newest checkpoints kept", resumable=True),
