@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from edgekd.bundle import load_bundle
 from edgekd.cli.options import (
     DEMO,
     TRAIN_SETTINGS,
@@ -25,8 +26,9 @@ from edgekd.cli.options import (
     train_config,
 )
 from edgekd.distill.methods import METHODS, method_weights
-from edgekd.distill.pipeline import training_dataset
+from edgekd.distill.pipeline import check_teacher_head, training_dataset
 from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config
+from edgekd.heads import HeadSpec
 from edgekd.losses import list_loss_backends
 from edgekd.utils.threads import set_threads
 
@@ -118,6 +120,10 @@ def command(**kwargs) -> None:
     )
     set_threads(values["threads"])
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
+    if values["teacher"] and values["method"] != "sh-kd" and (weights.kd or weights.th_ce or weights.th_kd):
+        teacher_head = load_bundle(values["teacher"]).head  # a teacher that does not fit fails before any writing
+        if teacher_head is not None:
+            check_teacher_head(teacher_head.spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
     click.echo(describe_settings(values, SETTINGS))
     save_settings(out, "distill", values, SETTINGS)
     report = run_distill(job, dataset, log=click.echo)

@@ -16,7 +16,7 @@ from torch import nn
 from edgekd.bundle import Bundle, load_bundle, save_bundle
 from edgekd.data import create_dataset
 from edgekd.errors import EdgekdError
-from edgekd.heads import ClassHead, create_head
+from edgekd.heads import ClassHead, HeadSpec, create_head
 from edgekd.losses import LossWeights
 from edgekd.models import create_model
 from edgekd.train.config import TrainConfig
@@ -113,6 +113,20 @@ def default_teacher(cfg: TrainConfig, dataset) -> tuple[Path, bool]:
     return path, True
 
 
+def check_teacher_head(teacher: HeadSpec, student: HeadSpec) -> None:
+    """Refuse a teacher head spec (kind, s, m) other than the student's.
+
+    The loss forms teacher and student logits with one head spec (SPEC §3 wants the teacher's own): a teacher trained
+    with another scale or margin would be silently rescored.
+    """
+    if teacher != student:
+        t, s = teacher, student
+        raise EdgekdError(
+            f"the teacher's head is {t.kind} s={t.s:g} m={t.m:g} but the student's is {s.kind} s={s.s:g} m={s.m:g}; "
+            f"train the student with the teacher's: --head {t.kind} --scale {t.s:g} --margin {t.m:g}"
+        )
+
+
 def frozen_teacher(
     teacher: Bundle,
     student: Bundle,
@@ -122,7 +136,8 @@ def frozen_teacher(
     shared_head: ClassHead | None = None,
 ) -> Teacher:
     """The frozen teacher as the student sees it: the shared head plus cached (``cfg.teacher_cache``) or live
-    embeddings; a head of other classes than the data's, or another input size than the student's, is an error."""
+    embeddings; a head of other classes than the data's, another head spec (kind, s, m) than the student's when a
+    term reads teacher logits, or another input size than the student's, is an error."""
     head = shared_head if shared_head is not None else teacher.head
     if head is None and (weights.kd or weights.th_ce or weights.th_kd):
         raise EdgekdError("the teacher checkpoint has no head; TH-KD and KD need the teacher's classifier")
@@ -131,6 +146,8 @@ def frozen_teacher(
             f"the teacher head has {head.num_classes} classes but the data has {dataset.num_classes}; "
             "use the data the teacher was trained on"
         )
+    if head is not None and student.head is not None and (weights.kd or weights.th_ce or weights.th_kd):
+        check_teacher_head(head.spec, student.head.spec)
     if tuple(teacher.cfg.input_size[1:]) != tuple(student.cfg.input_size[1:]):
         raise EdgekdError(
             f"teacher input {teacher.cfg.input_size} and student input {student.cfg.input_size} "

@@ -166,3 +166,15 @@ def test_teacher_fine_tunes_a_plain_arcface_torch_backbone_with_a_new_head(tmp_p
     trained = dict(teacher.backbone.named_parameters())
     moved = max((trained[k] - v).abs().max().item() for k, v in backbone.named_parameters())
     assert moved < 1e-6
+
+
+def test_a_teacher_trained_with_another_head_spec_is_refused_not_rescored(tmp_path, run_cli):
+    teacher = tmp_path / "teacher"
+    assert run_cli(["teacher", *TINY, "--steps", "1", "--scale", "32", "--out", str(teacher)])[0] == 0
+    out = tmp_path / "student"
+    argv = ["distill", *TINY, "--steps", "1", "--teacher", str(teacher / "teacher.safetensors"), "--scale", "16"]
+    code, _, err = run_cli([*argv, "--method", "kd", "--out", str(out)])
+    line = one_line_error(err)
+    assert code == 2 and "s=32" in line and "s=16" in line and "--scale 32" in line and not out.exists()
+    # With the teacher's spec it trains; vanilla reads no teacher logits, so its spec does not matter there.
+    assert run_cli([*argv[:-1], "32", "--method", "kd", "--no-eval", "--out", str(tmp_path / "ok")])[0] == 0
