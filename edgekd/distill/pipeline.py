@@ -7,7 +7,6 @@ A stage whose final file exists is skipped, so an interrupted pipeline restarts 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -221,8 +220,10 @@ def run_sh_kd(
     if i1 is None:
         return None
     teacher = load_bundle(i1)
+    # I2 on the run's own seed: the same initialization and data order as every other method's student (a study
+    # pairs SH-KD with them); I0 shares them too, as the plain student it is.
     return distill_student(
-        replace(student_cfg, seed=student_cfg.seed + 1),
+        student_cfg,
         weights,
         dataset,
         teacher,

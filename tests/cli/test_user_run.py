@@ -178,3 +178,13 @@ def test_a_teacher_trained_with_another_head_spec_is_refused_not_rescored(tmp_pa
     assert code == 2 and "s=32" in line and "s=16" in line and "--scale 32" in line and not out.exists()
     # With the teacher's spec it trains; vanilla reads no teacher logits, so its spec does not matter there.
     assert run_cli([*argv[:-1], "32", "--method", "kd", "--no-eval", "--out", str(tmp_path / "ok")])[0] == 0
+
+
+def test_sh_kd_final_student_uses_the_runs_seed_like_every_other_method(tmp_path, run_cli):
+    out = tmp_path / "shkd"
+    argv = ["distill", *TINY, "--method", "sh-kd", "--steps", "1", "--seed", "7", "--teacher-model", "r_tiny"]
+    code, _, err = run_cli([*argv, "--teacher-epochs", "1", "--no-eval", "--out", str(out)])
+    assert code == 0, err
+    for stage in ("i0", "i2"):
+        (state,) = (out / "sh_kd" / stage / "checkpoints").glob("step_*/state.json")
+        assert json.loads(state.read_text())["config"]["seed"] == 7, stage
