@@ -16,7 +16,7 @@ from edgekd.export.pipeline import export_checkpoint
 from edgekd.export.runtimes import OrtRuntime
 
 
-@pytest.mark.parametrize(("name", "size"), [("mbf", 112), ("r_tiny", 32)])
+@pytest.mark.parametrize(("name", "size"), [pytest.param("mbf", 112, marks=pytest.mark.slow), ("r_tiny", 32)])
 def test_export_fp32_batches_from_one_file(tmp_path, make_checkpoint, name, size):
     ckpt = make_checkpoint(tmp_path / f"{name}.safetensors", name, input_size=size)
     out = tmp_path / f"{name}.onnx"

@@ -105,6 +105,7 @@ def test_split_grouped_conv_leaves_other_convs_alone(shape, group, why):
     assert [n.op_type for n in split.graph.node] == ["Conv"]
 
 
+@pytest.mark.slow  # a 112x112 MobileFaceNet export (~8 s)
 def test_ort_runtime_rewrites_mobilefacenet_at_load_only_when_asked():
     torch.manual_seed(0)
     model = create_model("mbf", input_size=112).eval()  # arcface_torch's mbf: one Conv of 64 groups x 2 channels
@@ -129,6 +130,7 @@ def test_ort_runtime_rewrites_mobilefacenet_at_load_only_when_asked():
     assert OrtRuntime(proto.SerializeToString(), cpu_rewrites=False).rewrites == {}
 
 
+@pytest.mark.slow  # export plus gates of a MobileFaceNet (~8 s)
 def test_export_can_bake_the_rewrites_and_gates_the_file_as_written(tmp_path, make_checkpoint):
     from edgekd.export.options import ExportOptions
     from edgekd.export.pipeline import export_checkpoint

@@ -275,6 +275,7 @@ print(json.dumps({"probe": probe, "peak": peak, "bc_bytes": B * C * 4, "dw_bytes
 """
 
 
+@pytest.mark.slow  # ~7 s of subprocess peak-RSS measurement
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS accounting")
 def test_chunked_peak_memory_far_below_one_logit_matrix():
     """Measured peak resident memory of a chunked forward+backward at B=256, C=200k (D=32, all four terms).
