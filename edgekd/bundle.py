@@ -88,6 +88,29 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
     return path
 
 
+def read_bundle_meta(path: str | os.PathLike) -> dict:
+    """The edgekd metadata of a ``.safetensors`` bundle: the file's header only, no tensor is read."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors":
+        raise CheckpointError(f"{path} is a plain state_dict; say which architecture it is with --model (e.g. mbf)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("edgekd")
+    except Exception as exc:  # safetensors raises several types for a corrupt file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
+    if raw_meta is None:
+        raise CheckpointError(f"{path} has no edgekd metadata; for raw weights pass the architecture with --model")
+    return json.loads(raw_meta)
+
+
+def head_spec_of(meta: dict) -> HeadSpec | None:
+    """The head spec (kind, s, m) a bundle's metadata records, or None for a bundle without a head."""
+    if "head" not in meta:
+        return None
+    return HeadSpec(**{k: v for k, v in meta["head"].items() if k != "num_classes"})
+
+
 def load_bundle(path: str | os.PathLike, model: str | None = None, map_location: str = "cpu") -> Bundle:
     """Rebuild a bundle written by ``save_bundle``, or wrap a plain arcface_torch state_dict given ``model``.
 
@@ -97,30 +120,21 @@ def load_bundle(path: str | os.PathLike, model: str | None = None, map_location:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the .safetensors file a training run wrote")
-    if path.suffix != ".safetensors":
-        if model is None:
-            raise CheckpointError(f"{path} is a plain state_dict; say which architecture it is with --model (e.g. mbf)")
-
+    if path.suffix != ".safetensors" and model is not None:
         backbone = create_model(model)
         load_arcface_torch_state_dict(backbone, path)
         return Bundle(backbone=backbone.eval(), meta={"source": str(path)})
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    meta = read_bundle_meta(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("edgekd")
         tensors = load_file(str(path), device=map_location)
     except Exception as exc:  # safetensors raises several types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
-    if raw_meta is None:
-        raise CheckpointError(f"{path} has no edgekd metadata; for raw weights pass the architecture with --model")
-    meta = json.loads(raw_meta)
     backbone = create_model(meta["model"], **meta.get("model_kwargs", {}))
     head = projection = None
     if "head" in meta:
-        h = dict(meta["head"])
-        head = ClassHead(backbone.embed_dim, h.pop("num_classes"), HeadSpec(**h))
+        head = ClassHead(backbone.embed_dim, meta["head"]["num_classes"], head_spec_of(meta))
     if "projection" in meta:
         projection = nn.Linear(meta["projection"]["in"], meta["projection"]["out"], bias=False)
     bundle = Bundle(backbone=backbone, head=head, projection=projection, meta=meta)

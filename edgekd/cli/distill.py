@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgekd.bundle import load_bundle
+from edgekd.bundle import head_spec_of, read_bundle_meta
 from edgekd.cli.options import (
     DEMO,
     TRAIN_SETTINGS,
@@ -120,10 +120,11 @@ def command(**kwargs) -> None:
     )
     set_threads(values["threads"])
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
-    if values["teacher"] and values["method"] != "sh-kd" and (weights.kd or weights.th_ce or weights.th_kd):
-        teacher_head = load_bundle(values["teacher"]).head  # a teacher that does not fit fails before any writing
-        if teacher_head is not None:
-            check_teacher_head(teacher_head.spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
+    if values["teacher"] and values["method"] != "sh-kd" and weights.reads_teacher_head:
+        # A teacher whose head does not fit fails before the run folder is written; only its header is read here.
+        teacher_spec = head_spec_of(read_bundle_meta(values["teacher"]))
+        if teacher_spec is not None:
+            check_teacher_head(teacher_spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
     click.echo(describe_settings(values, SETTINGS))
     save_settings(out, "distill", values, SETTINGS)
     report = run_distill(job, dataset, log=click.echo)

@@ -138,14 +138,14 @@ def frozen_teacher(
     embeddings; a head of other classes than the data's, another head spec (kind, s, m) than the student's when a
     term reads teacher logits, or another input size than the student's, is an error."""
     head = shared_head if shared_head is not None else teacher.head
-    if head is None and (weights.kd or weights.th_ce or weights.th_kd):
+    if head is None and weights.reads_teacher_head:
         raise EdgekdError("the teacher checkpoint has no head; TH-KD and KD need the teacher's classifier")
     if head is not None and head.num_classes != dataset.num_classes:
         raise EdgekdError(
             f"the teacher head has {head.num_classes} classes but the data has {dataset.num_classes}; "
             "use the data the teacher was trained on"
         )
-    if head is not None and student.head is not None and (weights.kd or weights.th_ce or weights.th_kd):
+    if head is not None and student.head is not None and weights.reads_teacher_head:
         check_teacher_head(head.spec, student.head.spec)
     if tuple(teacher.cfg.input_size[1:]) != tuple(student.cfg.input_size[1:]):
         raise EdgekdError(

@@ -104,7 +104,7 @@ def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> Non
         )
     if (weights.ce or weights.kd) and W_s is None:
         raise EdgekdError("the ce and kd terms need a student head W_s; set their weights to 0 or pass W_s")
-    if (weights.th_ce or weights.th_kd or weights.kd) and W_t is None:
+    if weights.reads_teacher_head and W_t is None:
         raise EdgekdError("the kd, th_ce and th_kd terms need the teacher head W_t")
     if (weights.kd or weights.th_kd or weights.l2e) and z_t is None:
         raise EdgekdError("the kd, th_kd and l2e terms need the teacher embedding z_t")

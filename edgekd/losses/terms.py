@@ -36,6 +36,11 @@ class LossWeights:
         if self.T <= 0:
             raise EdgekdError(f"temperature T={self.T} must be > 0")
 
+    @property
+    def reads_teacher_head(self) -> bool:
+        """Whether a term forms logits with the teacher's head (kd: teacher logits; th_ce, th_kd: the shared head)."""
+        return bool(self.kd or self.th_ce or self.th_kd)
+
     def active(self) -> tuple[str, ...]:
         """Names of the terms with a non-zero weight, in ``TERM_NAMES`` order."""
         return tuple(name for name in TERM_NAMES if getattr(self, name) != 0)
