@@ -1,6 +1,6 @@
-"""Model bundles: a backbone, its head and projection, and their metadata in one ``.safetensors`` file.
+"""Model bundles: a backbone, its head, and their metadata in one ``.safetensors`` file.
 
-Keys are ``backbone.*`` (arcface_torch names for face models), ``head.*`` and ``projection.*``; the
+Keys are ``backbone.*`` (arcface_torch names for face models) and ``head.*``; the
 safetensors metadata entry ``edgekd`` holds JSON with the model name and kwargs, the head spec and class
 count, and whatever the writer adds (method, step, data fingerprint). ``load_bundle`` also accepts a plain
 arcface_torch state_dict (``.pt`` / ``.pth``) when told which model it is.
@@ -30,7 +30,6 @@ class Bundle:
 
     backbone: nn.Module
     head: ClassHead | None = None
-    projection: nn.Linear | None = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -40,12 +39,12 @@ class Bundle:
 
 def bundle_modules(bundle: Bundle) -> list[tuple[str, nn.Module]]:
     """The (key prefix, module) pairs the bundle holds."""
-    parts = (("backbone", bundle.backbone), ("head", bundle.head), ("projection", bundle.projection))
+    parts = (("backbone", bundle.backbone), ("head", bundle.head))
     return [(prefix, module) for prefix, module in parts if module is not None]
 
 
 def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
-    """All tensors of the bundle under ``backbone.`` / ``head.`` / ``projection.`` prefixes (contiguous, CPU)."""
+    """All tensors of the bundle under ``backbone.`` / ``head.`` prefixes (contiguous, CPU)."""
     return {
         f"{prefix}.{key}": value.detach().to("cpu").contiguous()
         for prefix, module in bundle_modules(bundle)
@@ -73,8 +72,6 @@ def bundle_meta(bundle: Bundle) -> dict:
     meta = {**bundle.meta, "model": cfg.name, "model_kwargs": dict(cfg.kwargs), "edgekd_version": __version__}
     if bundle.head is not None:
         meta["head"] = {**asdict(bundle.head.spec), "num_classes": bundle.head.num_classes}
-    if bundle.projection is not None:
-        meta["projection"] = {"in": bundle.projection.in_features, "out": bundle.projection.out_features}
     return meta
 
 
@@ -132,12 +129,12 @@ def load_bundle(path: str | os.PathLike, model: str | None = None, map_location:
     except Exception as exc:  # safetensors raises several types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
     backbone = create_model(meta["model"], **meta.get("model_kwargs", {}))
-    head = projection = None
+    head = None
     if "head" in meta:
         head = ClassHead(backbone.embed_dim, meta["head"]["num_classes"], head_spec_of(meta))
-    if "projection" in meta:
-        projection = nn.Linear(meta["projection"]["in"], meta["projection"]["out"], bias=False)
-    bundle = Bundle(backbone=backbone, head=head, projection=projection, meta=meta)
+    # A student trained with edgekd 0.1.0's side projection (a layer only the teacher-head terms read) carries
+    # ``projection.*`` tensors; nothing after training uses them, so they are left unread.
+    bundle = Bundle(backbone=backbone, head=head, meta=meta)
     load_bundle_tensors(bundle, tensors, str(path))
     backbone.eval()
     return bundle

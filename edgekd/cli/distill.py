@@ -25,7 +25,7 @@ from edgekd.cli.options import (
     save_settings,
     train_config,
 )
-from edgekd.distill.methods import METHODS, method_weights
+from edgekd.distill.methods import METHODS, method_weights, resolve_preset
 from edgekd.distill.pipeline import check_teacher_head, training_dataset
 from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config
 from edgekd.heads import HeadSpec
@@ -37,7 +37,7 @@ SETTINGS = TRAIN_SETTINGS + [
     Setting(
         "preset",
         click.STRING,
-        "weight preset: th-kd paper|code|face, sh-kd face|code",
+        "weight preset: th-kd paper|code|face, sh-kd face|code|official",
         shown_default="by head family, edgekd/distill/methods.py",
     ),
     Setting(
@@ -60,7 +60,10 @@ SETTINGS = TRAIN_SETTINGS + [
         "w_th_kd", non_negative(float), "weight of KL(teacher ‖ teacher head on student)", shown_default="the preset's"
     ),
     Setting("w_l2e", non_negative(float), "weight of the normalized-embedding L2 term", shown_default="the preset's"),
-    Setting("temperature", positive(float), "KD temperature T", shown_default="the preset's"),
+    Setting("temperature", positive(float), "KD temperature T (of kd)", shown_default="the preset's"),
+    Setting(
+        "th_temperature", positive(float), "temperature T_th of th_kd", shown_default="--temperature, else the preset's"
+    ),
     Setting(
         "loss_backend",
         click.Choice(list_loss_backends()),
@@ -76,6 +79,14 @@ SETTINGS = TRAIN_SETTINGS + [
     ),
     Setting(
         "pairs", click.STRING, "verification pairs of the final evaluation", resumable=True, shown_default="--data's"
+    ),
+    Setting(
+        "vanilla_baseline",
+        click.BOOL,
+        "also evaluate the vanilla student of these settings (trained once, then cached like the teacher)",
+        default=False,
+        resumable=True,
+        flag="--vanilla-baseline/--no-vanilla-baseline",
     ),
     Setting(
         "eval",
@@ -100,11 +111,12 @@ def command(**kwargs) -> None:
     values, resume = resolve_settings("distill", kwargs, SETTINGS, DEMO, default_out="runs/distill")
     cfg = train_config(values)
     overrides = {term: values[f"w_{term}"] for term in ("ce", "kd", "th_ce", "th_kd", "l2e")}
+    # One temperature given is both KL terms' (a matched T); --th-temperature sets th_kd's apart.
+    t_th = values["temperature"] if values["th_temperature"] is None else values["th_temperature"]
+    face = cfg.head != "linear"
+    preset = resolve_preset(values["method"], values["preset"], face)
     weights = method_weights(
-        values["method"],
-        values["preset"],
-        face=cfg.head != "linear",
-        overrides={**overrides, "T": values["temperature"]},
+        values["method"], preset, face=face, overrides={**overrides, "T": values["temperature"], "T_th": t_th}
     )
     out = Path(values["out"])
     job = DistillJob(
@@ -117,6 +129,8 @@ def command(**kwargs) -> None:
         pairs=values["pairs"],
         evaluate=values["eval"],
         resume=resume,
+        fresh_head=preset in METHODS[values["method"]].fresh_head_presets,
+        vanilla_baseline=values["vanilla_baseline"],
     )
     set_threads(values["threads"])
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written

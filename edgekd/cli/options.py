@@ -45,8 +45,9 @@ DEMO = {
     "epochs": 4.0,
     "warmup_steps": 20,
     "checkpoint_every": 100,
-    "teacher_model": "r_tiny",
-    "teacher_epochs": 8.0,
+    "teacher_model": "r18",
+    "teacher_epochs": 3.0,
+    "vanilla_baseline": True,
 }
 
 
@@ -296,7 +297,8 @@ def resolve_settings(
     if resume:
         saved = load_settings(out, command)
         _refuse_meaning_changes(saved, explicit, settings, command, out)
-        values = {**saved, **explicit}
+        # A setting newer than the run's settings.json takes its default, the value the run had in effect.
+        values = {**{s.key: s.real_default() for s in settings}, **saved, **explicit}
     else:
         if (out / SETTINGS_FILE).is_file():
             raise EdgekdError(

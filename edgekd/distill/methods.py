@@ -7,6 +7,9 @@ plus whether it needs a teacher. Presets:
 - ``th-kd``/``code``: the official CIFAR code (Alibaba-MIIL/HeadSharingKD): ce 1, kd 1.5, th_kd 0.02, T 4.
 - ``face``: CE through the shared head without KL terms (the form a KL over s = 64 margin logits, nearly
   one-hot, suggests); for SH-KD plus the embedding term.
+- ``sh-kd``/``official``: SH-KD's final stage as the official README runs it: a fresh trainable student head and
+  KD from the student-aware teacher, here with the L2E embedding term (the official face loss family, ``kde``);
+  the other SH-KD presets start the student's head from θ_s and distill through the teacher's head (θ_s, frozen).
 
 Which preset each head family gets by default comes from ``edgekd study`` (docs/results/study/REPRODUCTION.md),
 chosen on its validation splits, never its test splits:
@@ -37,6 +40,7 @@ class MethodSpec:
     presets: dict[str, dict[str, float]] = field(default_factory=dict)
     default_face: str = "default"
     default_classification: str = "default"
+    fresh_head_presets: frozenset[str] = frozenset()
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -66,14 +70,17 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "sh-kd",
-            "student-aware teacher (stages I0, I1, I2), then TH-KD through its head + l2e",
+            "student-aware teacher (stages I0, I1, I2), then the student: TH form (head from θ_s, terms through the "
+            "teacher's head) or official form (fresh head, KD + l2e)",
             True,
             {
                 "face": {"ce": 1.0, "th_ce": 0.5, "l2e": 10.0, "T": 4.0},
                 "code": {"ce": 1.0, "kd": 1.5, "th_kd": 0.02, "l2e": 1.0, "T": 4.0},
+                "official": {"ce": 1.0, "kd": 1.0, "l2e": 10.0, "T": 4.0},
             },
             default_face="face",
             default_classification="code",
+            fresh_head_presets=frozenset({"official"}),
         ),
     )
 }
@@ -85,12 +92,17 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def method_weights(name: str, preset: str | None, face: bool, overrides: dict[str, float] | None = None) -> LossWeights:
-    """The term weights of ``name`` under ``preset`` (default: by head family), with per-term ``overrides``."""
+def resolve_preset(name: str, preset: str | None, face: bool) -> str:
+    """``preset``, or the default preset of method ``name`` for the head family; an unknown one is an error."""
     spec = get_method(name)
     preset = preset or (spec.default_face if face else spec.default_classification)
     if preset not in spec.presets:
         raise EdgekdError(f"method {name} has no preset {preset!r}; choose one of {', '.join(spec.presets)}")
-    values = {"ce": 0.0, **spec.presets[preset]}
+    return preset
+
+
+def method_weights(name: str, preset: str | None, face: bool, overrides: dict[str, float] | None = None) -> LossWeights:
+    """The term weights of ``name`` under ``preset`` (default: by head family), with per-term ``overrides``."""
+    values = {"ce": 0.0, **get_method(name).presets[resolve_preset(name, preset, face)]}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return LossWeights(**values)

@@ -7,10 +7,10 @@ A stage whose final file exists is skipped, so an interrupted pipeline restarts 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from edgekd.bundle import Bundle, load_bundle, save_bundle
 from edgekd.data import create_dataset
@@ -101,14 +101,31 @@ def _frozen_copy(head: ClassHead) -> ClassHead:
 
 def default_teacher(cfg: TrainConfig, dataset) -> tuple[Path, bool]:
     """The teacher ``edgekd distill`` trains when none is given, cached by (config, data); (file, trained now)."""
-    key = json_digest({"cfg": cfg.to_dict(), "data": dataset.fingerprint})
-    run_dir = cache_root() / "teachers" / key
-    final = run_dir / "teacher.safetensors"
-    if final.is_file():
-        return final, False
-    path = train_teacher(cfg, dataset, run_dir, resume=True)
+    train = lambda run_dir: train_teacher(cfg, dataset, run_dir, resume=True)  # noqa: E731
+    return _cached_run("teachers", "teacher.safetensors", cfg, dataset, train)
+
+
+def default_vanilla(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> tuple[Path, bool]:
+    """The vanilla student (labels only) ``edgekd distill`` compares its student with: ``cfg`` at ``embed_dim``
+    (the distilled student's width), cached like the teacher by (config, data); (file, trained now)."""
+    kwargs = {**cfg.model_kwargs, **({"embed_dim": embed_dim} if embed_dim else {})}
+    cfg = replace(cfg, model_kwargs=kwargs, stop_after=None)  # stop_after belongs to the distilled student's run
+
+    def train(run_dir: Path) -> Path | None:
+        return distill_student(cfg, LossWeights(ce=1.0), dataset, None, run_dir, resume=True, method="vanilla")
+
+    return _cached_run("students", "student.safetensors", cfg, dataset, train)
+
+
+def _cached_run(kind: str, final: str, cfg: TrainConfig, dataset, train) -> tuple[Path, bool]:
+    # Keyed by every setting and the data: a run with other settings gets its own folder. An interrupted training
+    # resumes from its checkpoints on the next call.
+    run_dir = cache_root() / kind / json_digest({"cfg": cfg.to_dict(), "data": dataset.fingerprint})
+    if (run_dir / final).is_file():
+        return run_dir / final, False
+    path = train(run_dir)
     if path is None:
-        raise EdgekdError(f"teacher training in {run_dir} stopped early; rerun to continue it")
+        raise EdgekdError(f"training in {run_dir} stopped early; rerun to continue it")
     return path, True
 
 
@@ -158,10 +175,24 @@ def frozen_teacher(
     return frozen
 
 
-def add_projection(student: Bundle, teacher_dim: int, weights: LossWeights) -> None:
-    """Give the student a trainable D_s → D_t projection when widths differ and a teacher-width term is on."""
-    if student.backbone.embed_dim != teacher_dim and (weights.th_ce or weights.th_kd or weights.l2e):
-        student.projection = nn.Linear(student.backbone.embed_dim, teacher_dim, bias=False)
+def student_embed_dim(cfg: TrainConfig, teacher: Bundle | None, weights: LossWeights) -> int | None:
+    """The student's embedding width when the method fixes it: the teacher's, if a term reads the teacher's head or
+    embedding with the student's embedding (th_ce, th_kd, l2e); None leaves the model's own width.
+
+    Both heads read the student's one embedding, as in the official code: a side layer that only the teacher-head
+    terms saw would let them fit the frozen head on their own (with C ≤ D_t any C×D_s map is reachable) and would
+    constrain nothing the student's head reads. A width asked for with ``model_kwargs`` that differs is an error.
+    """
+    if teacher is None or not weights.needs_teacher_width:
+        return None
+    width = teacher.backbone.embed_dim
+    asked = cfg.model_kwargs.get("embed_dim")
+    if asked is not None and asked != width:
+        raise EdgekdError(
+            f"the student's embed_dim {asked} differs from the teacher's {width}, but the teacher-head and l2e terms "
+            f"read the student's embedding; use embed_dim {width} or a method without them (vanilla, kd)"
+        )
+    return width
 
 
 def distill_student(
@@ -181,12 +212,11 @@ def distill_student(
         raise EdgekdError(f"{final} exists already; choose a new --out or pass --resume")
     if final.is_file():
         return final
-    student = build_trainee(cfg, dataset)
+    student = build_trainee(cfg, dataset, embed_dim=student_embed_dim(cfg, teacher, weights))
     if init_head is not None:
         student.head.load_state_dict(init_head.state_dict())
     frozen = None
     if teacher is not None:
-        add_projection(student, teacher.backbone.embed_dim, weights)
         frozen = frozen_teacher(teacher, student, dataset, cfg, weights, shared_head)
     result = fit(student, cfg, weights, dataset, run_dir, teacher=frozen, resume=resume, desc=method or "student")
     return _finish(
@@ -205,14 +235,26 @@ def run_sh_kd(
     dataset,
     out: Path,
     teacher_init: Bundle | None = None,
+    fresh_head: bool = False,
+    temporary_student: Path | None = None,
 ) -> Path | None:
-    """SH-KD: I0 temporary student (keeps θ_s) → I1 teacher on frozen θ_s → I2 student distilled through θ_s.
+    """SH-KD: I0 temporary student (keeps θ_s) → I1 teacher on frozen θ_s → I2 student distilled from that teacher.
+
+    I2 has two forms. The TH form (``fresh_head=False``) starts the student's head from θ_s and lets the
+    teacher-head terms read the teacher's head (θ_s, frozen); the official form (``fresh_head=True``, the official
+    README's stage 3) trains a fresh head with KD from the student-aware teacher, its terms set by ``weights``.
+    ``temporary_student`` is an I0 student trained elsewhere (a vanilla student of the same settings), reused
+    instead of training one in ``out/sh_kd/i0``.
 
     Each stage checkpoints in its own folder, resumes from its newest checkpoint, and is skipped once its final
-    file exists; to rerun from a stage, delete its folder and the folders of the stages after it.
+    file exists; to rerun from a stage, delete its folder and the folders of the stages after it. I1 depends only
+    on θ_s, so both I2 forms can share one ``out`` (I2 goes to ``i2`` or ``i2_fresh``).
     """
     stages = out / "sh_kd"
-    i0 = distill_student(student_cfg, LossWeights(ce=1.0), dataset, None, stages / "i0", resume=True, method="sh-kd:i0")
+    i0 = temporary_student
+    if i0 is None:
+        plain = LossWeights(ce=1.0)
+        i0 = distill_student(student_cfg, plain, dataset, None, stages / "i0", resume=True, method="sh-kd:i0")
     if i0 is None:
         return None
     theta_s = load_bundle(i0).head
@@ -227,9 +269,9 @@ def run_sh_kd(
         weights,
         dataset,
         teacher,
-        stages / "i2",
+        stages / ("i2_fresh" if fresh_head else "i2"),
         resume=True,
         method="sh-kd",
-        init_head=theta_s,
+        init_head=None if fresh_head else theta_s,
         shared_head=teacher.head,
     )

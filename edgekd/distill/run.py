@@ -10,7 +10,14 @@ from pathlib import Path
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
 from edgekd.data import create_dataset, create_pairs
-from edgekd.distill.pipeline import default_teacher, distill_student, run_sh_kd, training_dataset
+from edgekd.distill.pipeline import (
+    default_teacher,
+    default_vanilla,
+    distill_student,
+    run_sh_kd,
+    student_embed_dim,
+    training_dataset,
+)
 from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, verify_bundle
 from edgekd.eval.roc_plot import plot_roc
 from edgekd.losses import LossWeights
@@ -31,6 +38,8 @@ class DistillJob:
     pairs: str | None = None
     evaluate: bool = True
     resume: bool = False
+    fresh_head: bool = False  # SH-KD's official final stage: a fresh student head (see run_sh_kd)
+    vanilla_baseline: bool = False  # also train (or reuse from the cache) the vanilla student, for the table
 
 
 def teacher_config(cfg: TrainConfig, model: str, epochs: float | None, lr: float | None) -> TrainConfig:
@@ -41,10 +50,12 @@ def teacher_config(cfg: TrainConfig, model: str, epochs: float | None, lr: float
 
 
 def describe_weights(weights: LossWeights) -> str:
-    """``ce=1, kd=1, T=4``: the active terms, and T only when a KL term uses it."""
-    terms = {k: v for k, v in weights.__dict__.items() if k != "T" and v}
-    if weights.kd or weights.th_kd:
+    """``ce=1, kd=1, T=4``: the active terms, and each temperature only when its KL term is on."""
+    terms = {k: v for k, v in weights.__dict__.items() if k not in ("T", "T_th") and v}
+    if weights.kd:
         terms["T"] = weights.T
+    if weights.th_kd:
+        terms["T_th"] = weights.T_th
     return ", ".join(f"{k}={v:g}" for k, v in terms.items())
 
 
@@ -81,6 +92,14 @@ def _teacher(job: DistillJob, dataset, log: Callable[[str], None]) -> str | None
     return str(path)
 
 
+def _vanilla(job: DistillJob, dataset, teacher, log: Callable[[str], None]) -> Path:
+    """The vanilla student at the distilled student's width, trained here or found in the cache."""
+    width = student_embed_dim(job.cfg, teacher, job.weights) if teacher is not None else None
+    path, trained = default_vanilla(job.cfg, dataset, embed_dim=width)
+    log(f"vanilla student: {'trained' if trained else 'reusing the cached'} {job.cfg.model} at {path}")
+    return path
+
+
 def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = print) -> dict:
     """Train (or reuse) a teacher, distill the student with the job's method, evaluate both; returns the report."""
     started = time.perf_counter()
@@ -90,7 +109,9 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     log(f"distilling {job.cfg.model} with {job.method}: {describe_weights(job.weights)}")
     if job.method == "sh-kd":
         init = load_bundle(teacher_path) if teacher_path else None
-        student_path = run_sh_kd(job.cfg, job.teacher_cfg, job.weights, dataset, job.out, teacher_init=init)
+        student_path = run_sh_kd(
+            job.cfg, job.teacher_cfg, job.weights, dataset, job.out, teacher_init=init, fresh_head=job.fresh_head
+        )
         teacher_path = str(job.out / "sh_kd" / "i1" / "teacher.safetensors")
     else:
         student_path = distill_student(
@@ -109,6 +130,8 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     report["plots"] = {"loss": str(_plot_losses(job, teacher_path, student_path))}
     if job.evaluate:
         named = {"teacher": Path(teacher_path)} if teacher_path else {}
+        if job.vanilla_baseline and job.method != "vanilla":
+            named["vanilla"] = _vanilla(job, dataset, teacher, log)
         named["student"] = student_path
         report["results"], curves = evaluate_pair(named, job.cfg, job.pairs)
         if curves:
@@ -137,8 +160,14 @@ def results_table(report: dict) -> str:
     if not rows:
         return ""
     metrics = [k for k in rows[0] if k not in ("role", "model", "params")]
+    names = {"vanilla": "vanilla student", "student": f"{report['method']} student"}
     shown = [
-        {**row, "params": f"{row['params'] / 1e6:.2f} M", **{k: f"{100.0 * row[k]:.2f}" for k in metrics}}
+        {
+            **row,
+            "role": names.get(row["role"], row["role"]),
+            "params": f"{row['params'] / 1e6:.2f} M",
+            **{k: f"{100.0 * row[k]:.2f}" for k in metrics},
+        }
         for row in rows
     ]
     columns = [("role", "role"), ("model", "model"), ("params", "params")]

@@ -24,7 +24,11 @@ def shared_head_loss_reference(
     head: HeadSpec,
     weights: LossWeights,
 ) -> dict[str, torch.Tensor]:
-    """The head terms (ce, kd, th_ce, th_kd) by direct formula; see ``shared_head_loss`` for the arguments."""
+    """The head terms (ce, kd, th_ce, th_kd) by direct formula; see ``shared_head_loss`` for the arguments.
+
+    Like every backend it forms both KL terms at ``weights.T``; ``shared_head_loss`` gives th_kd its own ``T_th``
+    by calling the backend once per temperature (``backend_calls``).
+    """
     # The teacher side is frozen by definition: no gradient reaches W_t, b_t or z_t even if they require one.
     W_t, b_t, z_t = (t.detach() if t is not None else None for t in (W_t, b_t, z_t))
     terms: dict[str, torch.Tensor] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -97,7 +98,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return "triton"
 
 
-def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> None:
+def _check_inputs(z_s, labels, W_s, W_t, z_t, weights: LossWeights) -> None:
     if z_s.ndim != 2 or labels.ndim != 1 or labels.shape[0] != z_s.shape[0]:
         raise EdgekdError(
             f"shared_head_loss needs z_s (B, D) and labels (B,); got {tuple(z_s.shape)} and {tuple(labels.shape)}"
@@ -106,21 +107,41 @@ def _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights: LossWeights) -> Non
         raise EdgekdError("the ce and kd terms need a student head W_s; set their weights to 0 or pass W_s")
     if weights.reads_teacher_head and W_t is None:
         raise EdgekdError("the kd, th_ce and th_kd terms need the teacher head W_t")
-    if (weights.kd or weights.th_kd or weights.l2e) and z_t is None:
+    if weights.reads_teacher_embedding and z_t is None:
         raise EdgekdError("the kd, th_kd and l2e terms need the teacher embedding z_t")
     if W_s is not None and W_s.shape[1] != z_s.shape[1]:
         raise EdgekdError(f"student head width {W_s.shape[1]} != student embedding width {z_s.shape[1]}")
-    if (weights.th_ce or weights.th_kd) and W_t.shape[1] != z_st.shape[1]:
+    if (weights.th_ce or weights.th_kd) and W_t.shape[1] != z_s.shape[1]:
         raise EdgekdError(
-            f"teacher head width {W_t.shape[1]} != width {z_st.shape[1]} of the student embedding "
-            "fed to it; add a projection (D_s != D_t)"
+            f"the teacher head reads {W_t.shape[1]}-d embeddings but the student's are {z_s.shape[1]}-d; "
+            f"build the student at the teacher's width (embed_dim {W_t.shape[1]})"
         )
     if (weights.kd or weights.th_kd) and W_t.shape[1] != z_t.shape[1]:
         raise EdgekdError(f"teacher head width {W_t.shape[1]} != teacher embedding width {z_t.shape[1]}")
-    if weights.l2e and z_st.shape[1] != z_t.shape[1]:
-        raise EdgekdError(f"l2e compares widths {z_st.shape[1]} and {z_t.shape[1]}; add a projection (D_s != D_t)")
+    if weights.l2e and z_s.shape[1] != z_t.shape[1]:
+        raise EdgekdError(
+            f"l2e compares the student's {z_s.shape[1]}-d embedding with the teacher's {z_t.shape[1]}-d one; "
+            f"build the student at the teacher's width (embed_dim {z_t.shape[1]})"
+        )
     if W_s is not None and W_t is not None and W_s.shape[0] != W_t.shape[0]:
         raise EdgekdError(f"student head has {W_s.shape[0]} classes but the teacher head {W_t.shape[0]}")
+
+
+def backend_calls(weights: LossWeights) -> list[LossWeights]:
+    """The head terms split into backend calls of one temperature each: backends form kd and th_kd at ``T``.
+
+    kd and th_kd at different temperatures need the teacher's softmax twice; the chunked and Triton sweeps hold one
+    (its log-sum-exp per row), so th_kd then gets a second call that recomputes the teacher logits (one more
+    B×C×D_t product) instead of a second set of per-row statistics in every kernel.
+    """
+    head_terms = replace(weights, l2e=0.0)
+    if not weights.th_kd:
+        return [head_terms]
+    if not weights.kd:
+        return [replace(head_terms, T=weights.T_th)]
+    if weights.T == weights.T_th:
+        return [head_terms]
+    return [replace(head_terms, th_kd=0.0), LossWeights(ce=0.0, th_kd=weights.th_kd, T=weights.T_th, T_th=weights.T_th)]
 
 
 def shared_head_loss(
@@ -132,7 +153,6 @@ def shared_head_loss(
     W_t: torch.Tensor | None = None,
     b_t: torch.Tensor | None = None,
     z_t: torch.Tensor | None = None,
-    z_st: torch.Tensor | None = None,
     head: HeadSpec,
     weights: LossWeights,
     backend: str = "auto",
@@ -145,10 +165,8 @@ def shared_head_loss(
         W_s: (C, D_s) student head (trainable, may be None when ce and kd are off); b_s: (C,) its bias.
         W_t: (C, D_t) frozen teacher head; b_t: (C,) its bias. Never receive gradients.
         z_t: (B, D_t) teacher embedding; no gradient.
-        z_st: (B, D_t) the student embedding in teacher width (after the student-side projection) used by
-            th_ce, th_kd and l2e; defaults to ``z_s`` when the widths match.
         head: how logits are formed (kind, s, m); shared by both heads.
-        weights: term weights and the temperature T.
+        weights: term weights and the temperatures T (kd) and T_th (th_kd).
         backend: ``auto``, ``reference``, ``chunked`` or ``triton``.
 
     Returns:
@@ -156,11 +174,13 @@ def shared_head_loss(
         here: under torch.compile (inductor, torch 2.14) returning ``term.detach()`` beside a total that simplifies
         to the same buffer (one term, weight 1) drops the total's gradient; detach them after the call.
     """
-    z_st = z_s if z_st is None else z_st
-    _check_inputs(z_s, labels, W_s, W_t, z_t, z_st, weights)
+    _check_inputs(z_s, labels, W_s, W_t, z_t, weights)
     name = resolve_backend(backend, z_s.device)
-    terms = LOSS_BACKENDS[name](z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, head, weights)
+    terms: dict[str, torch.Tensor] = {}
+    for call in backend_calls(weights):
+        # Both heads read the student's one embedding (the official code's design): z_s is also the backends' z_st.
+        terms.update(LOSS_BACKENDS[name](z_s, labels, W_s, b_s, z_s, W_t, b_t, z_t, head, call))
     if weights.l2e:
-        terms["l2e"] = l2_embedding(z_st, z_t)
+        terms["l2e"] = l2_embedding(z_s, z_t)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, terms

@@ -20,7 +20,11 @@ TERM_NAMES = ("ce", "kd", "th_ce", "th_kd", "l2e")
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the five terms and the KD temperature. A zero weight means the term is not computed."""
+    """Weights of the five terms and the two KL temperatures. A zero weight means the term is not computed.
+
+    ``T`` is kd's temperature and ``T_th`` th_kd's: the official code sets them apart (``--kd_T``, ``--kdth_t``),
+    both 4 by default.
+    """
 
     ce: float = 1.0
     kd: float = 0.0
@@ -28,18 +32,30 @@ class LossWeights:
     th_kd: float = 0.0
     l2e: float = 0.0
     T: float = 4.0
+    T_th: float = 4.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not math.isfinite(value) or value < 0:
                 raise EdgekdError(f"loss weight {name}={value} must be a finite number >= 0")
-        if self.T <= 0:
-            raise EdgekdError(f"temperature T={self.T} must be > 0")
+        for name in ("T", "T_th"):
+            if getattr(self, name) <= 0:
+                raise EdgekdError(f"temperature {name}={getattr(self, name)} must be > 0")
 
     @property
     def reads_teacher_head(self) -> bool:
         """Whether a term forms logits with the teacher's head (kd: teacher logits; th_ce, th_kd: the shared head)."""
         return bool(self.kd or self.th_ce or self.th_kd)
+
+    @property
+    def reads_teacher_embedding(self) -> bool:
+        """Whether a term reads the teacher embedding z_t (kd, th_kd: the teacher's logits; l2e)."""
+        return bool(self.kd or self.th_kd or self.l2e)
+
+    @property
+    def needs_teacher_width(self) -> bool:
+        """Whether a term reads the student embedding at the teacher's width (th_ce, th_kd: the teacher head; l2e)."""
+        return bool(self.th_ce or self.th_kd or self.l2e)
 
     def active(self) -> tuple[str, ...]:
         """Names of the terms with a non-zero weight, in ``TERM_NAMES`` order."""

@@ -1,7 +1,7 @@
 """Exact-resume checkpoints: trainable weights, optimizer state, RNG and the data position, written atomically.
 
-Layout: ``<run>/checkpoints/step_0000200/`` with ``bundle.safetensors`` (the trainee: backbone, head,
-projection), ``optimizer.safetensors`` (optimizer tensors plus the RNG state) and ``state.json`` (step,
+Layout: ``<run>/checkpoints/step_0000200/`` with ``bundle.safetensors`` (the trainee: backbone and
+head), ``optimizer.safetensors`` (optimizer tensors plus the RNG state) and ``state.json`` (step,
 config, optimizer param groups). A checkpoint is written into a hidden temporary folder and renamed into place,
 and an old one is hidden before it is deleted, so a killed run never leaves a half-written or half-deleted
 checkpoint in view; ``latest_checkpoint`` only sees complete folders. What a killed run leaves under hidden

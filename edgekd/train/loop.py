@@ -52,23 +52,20 @@ def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 def make_loss_fn(trainee: Bundle, teacher: Teacher | None, weights: LossWeights, backend: str):
     """``loss_fn(x, labels, z_t) -> (total, terms)`` over the trainee's modules; this is what gets compiled."""
-    backbone, head, projection = trainee.backbone, trainee.head, trainee.projection
+    backbone, head = trainee.backbone, trainee.head
     t_head = teacher.head if teacher is not None else None
     uses_student_head = bool(weights.ce or weights.kd)
     backend = resolve_backend(backend, next(backbone.parameters()).device)
 
     def loss_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
-        z_s = backbone(x)
-        z_st = projection(z_s) if projection is not None else None
         return shared_head_loss(
-            z_s,
+            backbone(x),
             labels,
             W_s=head.weight if uses_student_head else None,
             b_s=head.bias if uses_student_head else None,
             W_t=t_head.weight if t_head is not None else None,
             b_t=t_head.bias if t_head is not None else None,
             z_t=z_t,
-            z_st=z_st,
             head=head.spec,
             weights=weights,
             backend=backend,
@@ -168,7 +165,7 @@ def _fit(
     device = resolve_device(cfg.device)
     order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip)
     total_steps = total_steps_of(cfg, order.steps_per_epoch)
-    modules = [m for m in (trainee.backbone, trainee.head, trainee.projection) if m is not None]
+    modules = [m for m in (trainee.backbone, trainee.head) if m is not None]
     for module in modules:
         module.to(device).train()
     if teacher is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgekd.distill.methods import METHODS, method_weights
-from edgekd.distill.pipeline import add_projection, build_trainee
+from edgekd.distill.pipeline import build_trainee, student_embed_dim
 from edgekd.errors import EdgekdError
 from edgekd.train.config import TrainConfig
 from edgekd.train.loop import fit
@@ -45,16 +45,14 @@ def test_each_method_logs_exactly_its_terms(method, tiny_faces, tmp_path):
 
     cfg = TrainConfig(model="mbf_tiny", batch_size=16, steps=2, compile=False, device="cpu", log_every=1)
     weights = method_weights(method, None, face=True)
-    student = build_trainee(cfg, tiny_faces)
-    frozen = None
+    teacher = frozen = None
     if METHODS[method].needs_teacher:
         teacher = build_trainee(replace(cfg, model="r_tiny", model_kwargs={"embed_dim": 64}, seed=4), tiny_faces)
-        add_projection(student, 64, weights)
         frozen = Teacher(teacher.backbone.eval(), teacher.head.freeze())
+    student = build_trainee(cfg, tiny_faces, embed_dim=student_embed_dim(cfg, teacher, weights))
     fit(student, cfg, weights, tiny_faces, tmp_path, teacher=frozen)
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k for k in ("ce", "kd", "th_ce", "th_kd", "l2e") if k in logged} == set(weights.active())
-    uses_teacher_width = bool(weights.th_ce or weights.th_kd or weights.l2e)
-    assert (student.projection is not None) == uses_teacher_width  # 128-d student, 64-d teacher
-    if student.projection is not None:
-        assert torch.isfinite(student.projection.weight).all()
+    # mbf_tiny embeds to 128 by default; a term that reads it with the 64-d teacher's head or embedding makes it 64.
+    assert student.backbone.embed_dim == (64 if weights.needs_teacher_width else 128)
+    assert all(torch.isfinite(p).all() for p in student.backbone.parameters())

@@ -187,11 +187,11 @@ def test_entry_point_dispatch_and_l2e():
     case = {k: v if k == "labels" else v.float() for k, v in make_case(C=50).items()}
     w = LossWeights(ce=1.0, kd=0.5, th_ce=0.25, th_kd=0.1, l2e=0.3, T=3.0)
     out = {}
+    W_s = case["W_t"] + 0.05 * case["W_s"][:, : case["W_t"].shape[1]]  # teacher width: both heads read z_s
     for backend in ("reference", "auto"):
-        z_s = case["z_s"].clone().requires_grad_()
-        z_st = case["z_st"] * 1.0
-        total, terms = shared_head_loss(z_s, case["labels"], W_s=case["W_s"], W_t=case["W_t"], z_t=case["z_t"],
-                                        z_st=z_st, head=HEADS["arcface"], weights=w, backend=backend)  # fmt: skip
+        z_s = case["z_st"].clone().requires_grad_()
+        total, terms = shared_head_loss(z_s, case["labels"], W_s=W_s, W_t=case["W_t"], z_t=case["z_t"],
+                                        head=HEADS["arcface"], weights=w, backend=backend)  # fmt: skip
         total.backward()
         out[backend] = (total.detach(), terms, z_s.grad)
     torch.testing.assert_close(out["auto"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
@@ -200,20 +200,20 @@ def test_entry_point_dispatch_and_l2e():
 
 
 def compiled_step_matches_eager(backend: str, device: str = "cpu"):
-    """A training step (backbone, projection, loss, backward) under torch.compile(fullgraph=True) vs eager."""
+    """A training step (backbone, loss, backward) under torch.compile(fullgraph=True) vs eager."""
     torch.manual_seed(0)
-    backbone, proj = torch.nn.Linear(12, 16).to(device), torch.nn.Linear(16, 24).to(device)
-    W_s = torch.nn.Parameter(torch.randn(50, 16, device=device) * 0.1)
+    backbone = torch.nn.Linear(12, 24).to(device)
+    W_s = torch.nn.Parameter(torch.randn(50, 24, device=device) * 0.1)
     W_t = torch.randn(50, 24, device=device) * 0.1
     x, z_t = torch.randn(8, 12, device=device), torch.randn(8, 24, device=device)
     labels = torch.randint(0, 50, (8,), device=device)
     head, weights = HEADS["arcface"], LossWeights(ce=1.0, kd=0.5, th_ce=0.3, th_kd=0.2, l2e=0.1, T=4.0)
-    params = [W_s, *backbone.parameters(), *proj.parameters()]
+    params = [W_s, *backbone.parameters()]
 
     def step(x, z_t, labels):
         z_s = backbone(x)
-        total, _ = shared_head_loss(z_s, labels, W_s=W_s, W_t=W_t, z_t=z_t, z_st=proj(z_s), head=head,
-                                    weights=weights, backend=backend)  # fmt: skip
+        total, _ = shared_head_loss(z_s, labels, W_s=W_s, W_t=W_t, z_t=z_t, head=head, weights=weights,
+                                    backend=backend)  # fmt: skip
         return total
 
     def grads(fn):
@@ -346,5 +346,48 @@ def test_arcface_fallback_rows_on_cuda(backend, dtype):
 @needs_cuda
 @pytest.mark.parametrize("backend", BLOCKED)
 def test_compiled_training_step_on_cuda_has_no_graph_break(backend):
-    """torch.compile(fullgraph=True) of backbone + projection + loss + backward on CUDA, against eager."""
+    """torch.compile(fullgraph=True) of backbone + loss + backward on CUDA, against eager."""
     compiled_step_matches_eager(backend, "cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kd_and_th_kd_at_their_own_temperatures(backend):
+    """kd at T = 2 and th_kd at T_th = 5 through the entry point, against the KL formulas written out in float64."""
+    _backend(backend)  # skips triton where it cannot run
+    device, head = _device(backend), HEADS["cosface"]
+    case = make_case(B=9, C=300, seed=5, shared_embedding=True)  # D_s = D_t: both heads read z_s
+    weights = LossWeights(ce=1.0, kd=0.7, th_ce=0.3, th_kd=0.4, T=2.0, T_th=5.0)
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    z_s = case["z_s"].to(device, dtype).requires_grad_()
+    W_s = case["W_s"].to(device, dtype).requires_grad_()
+    W_t, z_t, labels = case["W_t"].to(device, dtype), case["z_t"].to(device, dtype), case["labels"].to(device)
+    total, terms = shared_head_loss(z_s, labels, W_s=W_s, W_t=W_t, z_t=z_t, head=head, weights=weights, backend=backend)
+    grads = torch.autograd.grad(total, (z_s, W_s))
+
+    z, ws = case["z_s"].clone().requires_grad_(), case["W_s"].clone().requires_grad_()
+    cos = lambda a, w: torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(w, dim=1).T  # noqa: E731
+    teacher = head.s * cos(case["z_t"], case["W_t"])
+
+    def kl(student_logits, T):
+        log_p_t, log_p = (torch.log_softmax(logits / T, dim=1) for logits in (teacher, student_logits))
+        return T * T * (log_p_t.exp() * (log_p_t - log_p)).sum(1).mean()
+
+    def ce(logits):
+        margin = torch.zeros_like(logits).scatter_(1, case["labels"][:, None], head.s * head.m)
+        return torch.nn.functional.cross_entropy(logits - margin, case["labels"])
+
+    expected = {
+        "ce": ce(head.s * cos(z, ws)),
+        "kd": kl(head.s * cos(z, ws), 2.0),
+        "th_ce": ce(head.s * cos(z, case["W_t"])),
+        "th_kd": kl(head.s * cos(z, case["W_t"]), 5.0),
+    }
+    expected_total = sum(getattr(weights, name) * value for name, value in expected.items())
+    expected_grads = torch.autograd.grad(expected_total, (z, ws))
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert terms.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name].double().cpu(), value.detach(), rtol=rtol, atol=rtol)
+    for got, want in zip(grads, expected_grads, strict=True):
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double().cpu() / scale, want / scale, rtol=rtol, atol=rtol * 10)

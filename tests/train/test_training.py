@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgekd.bundle import Bundle
-from edgekd.distill.pipeline import build_trainee
+from edgekd.distill.pipeline import build_trainee, student_embed_dim
 from edgekd.errors import EdgekdError, TrainingDiverged
 from edgekd.heads import create_head
 from edgekd.losses import LossWeights
@@ -39,16 +39,13 @@ def _teacher(dataset):
 
 
 def _student(dataset, teacher):
-    student = build_trainee(CFG, dataset)
-    if student.backbone.embed_dim != teacher.backbone.embed_dim:
-        student.projection = torch.nn.Linear(student.backbone.embed_dim, teacher.backbone.embed_dim, bias=False)
-    return student
+    return build_trainee(CFG, dataset, embed_dim=student_embed_dim(CFG, teacher, THKD))
 
 
 def _state(bundle: Bundle) -> dict:
     return {
         f"{p}.{k}": v.clone()
-        for p, m in (("b", bundle.backbone), ("h", bundle.head), ("p", bundle.projection))
+        for p, m in (("b", bundle.backbone), ("h", bundle.head))
         if m is not None
         for k, v in m.state_dict().items()
     }
@@ -137,7 +134,7 @@ def test_compiled_loss_has_no_graph_break_and_matches_eager(tiny_faces):
     labels = torch.arange(8) % tiny_faces.num_classes
     with torch.no_grad():
         z_t = teacher.backbone.eval()(x)
-    params = [p for m in (bundle.backbone, bundle.head, bundle.projection) if m is not None for p in m.parameters()]
+    params = [p for m in (bundle.backbone, bundle.head) for p in m.parameters()]
     eager, _ = loss_fn(x, labels, z_t)
     grads_eager = torch.autograd.grad(eager, params)
     torch._dynamo.reset()
