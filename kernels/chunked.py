@@ -7,6 +7,10 @@ recomputes each block's logits, forms ``d loss / d logits`` from the saved log-s
 ``dz`` and writes ``dW``/``db`` block by block. Memory is O(B·block_c + C·D); accumulation is float32 (float64
 for float64 inputs). The PyTorch fallback of the Triton kernels (any device): the ``edgekd::shared_head_chunked``
 custom op, and ``shared_head_loss_chunked``, which ``edgekd.losses`` registers as the ``chunked`` backend.
+
+The forward is two steps so that a class-sharded head (``edgekd.distributed``) runs the same math: ``sweep_partials``
+returns raw per-row partials of one class range, ``merge_partials`` merges the partials of disjoint ranges (one
+range here, one per rank there). ``sweep_backward`` takes the merged statistics, so it works on any one range.
 """
 
 from __future__ import annotations
@@ -34,10 +38,18 @@ from edgekd.kernels._shared_head_math import (
     HeadRows,
     accum_dtype,
     inv_clamped,
+    kl_rows,
+    merge_lse,
     normalize_backward,
     prepare_rows,
     row_norms,
 )
+
+# Rows of the per-row partials of a sweep over a class range, ``(N_PARTIALS, B)``: ``(max, Σ exp(x − max))`` pairs at
+# P and P + 1 for each log-sum-exp, the KL sums ``Σ exp(a − max_a)(a − b)`` of kd and th_kd, and each row's CE target
+# logit with its margin (0 where the range does not hold the label). Rows 0–11 follow the Triton forward's partials.
+P_CE_S, P_KD_S, P_T, P_K_S, P_K_TH, P_CE_TH, P_KD_TH, P_TGT_S, P_TGT_TH = 0, 2, 4, 6, 7, 8, 10, 12, 13
+N_PARTIALS = 14
 
 # Elements of one (B, block) fp32 block: 2^20 (4 MiB) keeps a handful of live blocks in tens of MiB.
 BLOCK_ELEMENTS = 1 << 20
@@ -111,6 +123,21 @@ class _OnlineLSE:
         return self.m + torch.log(self.s)
 
 
+def _prepare(z, W, b, labels, kind, s, m, acc) -> HeadRows:
+    """``prepare_rows`` for labels that may fall outside ``W``'s classes (a class shard, labels local to it).
+
+    Such rows have no target in this range: their target logit is 0 (the owner's shard supplies it in the merge)
+    and their margin derivative 1; the sweep never substitutes it (``_Targets.hit``). The gather is clamped.
+    """
+    if labels is None:
+        return prepare_rows(z, W, b, None, kind, s, m, acc, acc)
+    owned = (labels >= 0) & (labels < W.shape[0])
+    rows = prepare_rows(z, W, b, labels.clamp(0, W.shape[0] - 1), kind, s, m, acc, acc)
+    rows.t_ce = torch.where(owned, rows.t_ce, 0.0)
+    rows.dphi = torch.where(owned, rows.dphi, 1.0)
+    return rows
+
+
 def _setup(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms):
     """The sweeps a call needs: student head, teacher head on the student, teacher; None where unused."""
     acc = accum_dtype(z_s.dtype)
@@ -118,16 +145,22 @@ def _setup(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms):
         b_s = b_t = None  # normalized heads have no bias (heads.margin.plain_logits)
     student = th = teacher = None
     if terms & (TERM_CE | TERM_KD):
-        student = _Sweep(prepare_rows(z_s, W_s, b_s, labels, kind, s, m, acc, acc), W_s, b_s, kind, s, acc)
+        student = _Sweep(_prepare(z_s, W_s, b_s, labels, kind, s, m, acc), W_s, b_s, kind, s, acc)
     if terms & (TERM_TH_CE | TERM_TH_KD):
-        th = _Sweep(prepare_rows(z_st, W_t, b_t, labels, kind, s, m, acc, acc), W_t, b_t, kind, s, acc)
+        th = _Sweep(_prepare(z_st, W_t, b_t, labels, kind, s, m, acc), W_t, b_t, kind, s, acc)
     if terms & (TERM_KD | TERM_TH_KD):
-        teacher = _Sweep(prepare_rows(z_t.detach(), W_t, b_t, None, kind, s, m, acc, acc), W_t, b_t, kind, s, acc)
+        teacher = _Sweep(_prepare(z_t.detach(), W_t, b_t, None, kind, s, m, acc), W_t, b_t, kind, s, acc)
     C = (W_s if W_s is not None else W_t).shape[0]
     return acc, C, student, th, teacher
 
 
-def _chunked_forward(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c):
+def sweep_partials(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c) -> torch.Tensor:
+    """Raw per-row partials ``(N_PARTIALS, B)`` of the classes of ``W_s``/``W_t``: the whole head or one shard.
+
+    Arguments as the ``edgekd::shared_head_chunked`` op; ``labels`` index the rows of the given matrices and may
+    fall outside them (a shard: those rows have no target here). ``merge_partials`` turns partials of disjoint class
+    ranges into the losses and per-row statistics of their union.
+    """
     acc, C, student, th, teacher = _setup(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms)
     B = z_s.shape[0]
     block = block_c if block_c > 0 else default_block_c(B, C)
@@ -154,26 +187,53 @@ def _chunked_forward(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, 
             if terms & ce_bit:
                 lse[f"ce_{name}"].update(targets.put(logits, sweep.rows.t_ce), inplace=True)
 
-    used = {
-        "ce_s": terms & TERM_CE,
-        "kd_s": terms & TERM_KD,
-        "t": teacher is not None,
-        "ce_th": terms & TERM_TH_CE,
-        "kd_th": terms & TERM_TH_KD,
-    }
-    zeros = torch.zeros(B, dtype=acc, device=z_s.device)
-    stats = torch.stack([lse[k].lse() if used[k] else zeros for k in used], 1)
-    losses = torch.zeros(4, dtype=acc, device=z_s.device)
-    if terms & TERM_CE:
-        losses[0] = (stats[:, LSE_CE_S] - student.rows.t_ce).mean()
-    if terms & TERM_TH_CE:
-        losses[2] = (stats[:, LSE_CE_TH] - th.rows.t_ce).mean()
-    for k, name, col in ((1, "s", LSE_KD_S), (3, "th", LSE_KD_TH)):
-        if terms & (TERM_KD if k == 1 else TERM_TH_KD):
-            kl = k_sum[name] / lse["t"].s - (stats[:, LSE_T] - stats[:, col])
-            losses[k] = T * T * kl.mean()
+    part = torch.zeros(N_PARTIALS, B, dtype=acc, device=z_s.device)
+    for row, key in ((P_CE_S, "ce_s"), (P_KD_S, "kd_s"), (P_T, "t"), (P_CE_TH, "ce_th"), (P_KD_TH, "kd_th")):
+        part[row], part[row + 1] = lse[key].m, lse[key].s
+    part[P_K_S], part[P_K_TH] = k_sum["s"], k_sum["th"]
+    for row, sweep in ((P_TGT_S, student), (P_TGT_TH, th)):
+        if sweep is not None:
+            part[row] = sweep.rows.t_ce
+    return part
+
+
+def merge_partials(part: torch.Tensor, terms: int, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(losses (4,), stats (B, 5))`` from the partials ``(n_split, N_PARTIALS, B)`` of disjoint class ranges.
+
+    Each log-sum-exp is ``merge_lse`` of the ranges' ``(max, sum)``; the KL sums ``Σ exp(a − m_r)(a − b)`` are
+    rescaled to the teacher's global max like its sum; a row's target logit is the one range holding its label (the
+    others hold 0). With one range the merge is exact: every rescaling factor is ``exp(0) = 1``.
+    """
+    B = part.shape[2]
+    zeros = part.new_zeros(B)
+    lse_rows = (
+        (P_CE_S, terms & TERM_CE),
+        (P_KD_S, terms & TERM_KD),
+        (P_T, terms & (TERM_KD | TERM_TH_KD)),
+        (P_CE_TH, terms & TERM_TH_CE),
+        (P_KD_TH, terms & TERM_TH_KD),
+    )  # in the column order of stats (LSE_CE_S, LSE_KD_S, LSE_T, LSE_CE_TH, LSE_KD_TH)
+    stats = torch.stack([merge_lse(part[:, p], part[:, p + 1]) if used else zeros for p, used in lse_rows], 1)
     assert stats.shape[1] == N_STATS
+    losses = part.new_zeros(4)
+    if terms & TERM_CE:
+        losses[0] = (stats[:, LSE_CE_S] - part[:, P_TGT_S].sum(0)).mean()
+    if terms & TERM_TH_CE:
+        losses[2] = (stats[:, LSE_CE_TH] - part[:, P_TGT_TH].sum(0)).mean()
+    if terms & (TERM_KD | TERM_TH_KD):
+        m_t = part[:, P_T]
+        rescale = torch.exp(m_t - m_t.max(0).values)  # (n_split, B): each range's teacher max to the global one
+        s_t = (part[:, P_T + 1] * rescale).sum(0)
+        for k, bit, col, row in ((1, TERM_KD, LSE_KD_S, P_K_S), (3, TERM_TH_KD, LSE_KD_TH, P_K_TH)):
+            if terms & bit:
+                k_sum = (part[:, row] * rescale).sum(0)
+                losses[k] = T * T * kl_rows(k_sum, s_t, stats[:, LSE_T], stats[:, col]).mean()
     return losses, stats
+
+
+def _chunked_forward(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c):
+    part = sweep_partials(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c)
+    return merge_partials(part[None], terms, T)
 
 
 def _head_grad(sweep, logits, targets, p_t, stats, grad, ce_col, kd_col, g_ce, g_kd, T, B):
@@ -191,7 +251,14 @@ def _head_grad(sweep, logits, targets, p_t, stats, grad, ce_col, kd_col, g_ce, g
     return g.mul_(sweep.scale) if sweep.scale != 1.0 else g
 
 
-def _chunked_backward(grad, stats, z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, need):
+def sweep_backward(grad, stats, z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, need):
+    """``(dz_s, dz_st, dW_s, db_s)`` of the classes of ``W_s``/``W_t`` given the merged per-row ``stats``.
+
+    Arguments as the ``edgekd::shared_head_chunked_bwd`` op. Every gradient of a logit needs only its row's global
+    log-sum-exps, so with the stats of a union of class ranges (``merge_partials``) and labels local to one range
+    this is that range's share: ``dW_s``/``db_s`` of its classes complete, ``dz`` its contribution to the sum over
+    ranges. Losses are means over the ``B`` rows given here.
+    """
     acc, C, student, th, teacher = _setup(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms)
     B = z_s.shape[0]
     block = block_c if block_c > 0 else default_block_c(B, C)
@@ -246,5 +313,5 @@ def _chunked_backward(grad, stats, z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, k
     return dz_s, dz_st, dW_s, db_s
 
 
-shared_head_chunked = define_shared_head_op("shared_head_chunked", _chunked_forward, _chunked_backward)
+shared_head_chunked = define_shared_head_op("shared_head_chunked", _chunked_forward, sweep_backward)
 shared_head_loss_chunked = make_loss_backend(shared_head_chunked)
