@@ -59,8 +59,14 @@ def describe_weights(weights: LossWeights) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in terms.items())
 
 
-def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, pairs: str | None) -> tuple[list[dict], dict]:
-    """One result row per checkpoint (verification on face heads, top-1 on linear heads) and the ROC curves."""
+def evaluate_pair(
+    named: dict[str, Path], cfg: TrainConfig, pairs: str | None, combined: float | None = None
+) -> tuple[list[dict], dict]:
+    """One result row per checkpoint (verification on face heads, top-1 on linear heads) and the ROC curves.
+
+    ``combined``: α of the TH-KD paper's combined prediction p′ = (1 − α)·p_s + α·p_th; on linear heads the student
+    then gets a second row, ``student p′``, read through the teacher's head (``named["teacher"]``).
+    """
     rows, curves = [], {}
     face = cfg.head != "linear"
     pair_set = create_pairs(pairs or cfg.data, image_size=cfg.image_size) if face else None
@@ -74,9 +80,13 @@ def evaluate_pair(named: dict[str, Path], cfg: TrainConfig, pairs: str | None) -
             row["acc"] = result["accuracy"]
             for far in REPORT_FARS:
                 row[f"tar@{far:g}"] = result["tar_at_far"].get(str(far), float("nan"))
-        else:
-            row.update(classify_bundle(bundle, test_set, device=cfg.device))
-        rows.append(row)
+            rows.append(row)
+            continue
+        shared = load_bundle(named["teacher"]).head if role == "student" and combined is not None else None
+        result = classify_bundle(bundle, test_set, device=cfg.device, shared_head=shared, alpha=combined or 0.0)
+        rows.append({**row, "top1": result["top1"]})
+        if "top1_p′" in result:
+            rows.append({**row, "role": "student p′", "top1": result["top1_p′"]})
     return rows, curves
 
 
@@ -90,6 +100,15 @@ def _teacher(job: DistillJob, dataset, log: Callable[[str], None]) -> str | None
     verb = "trained" if trained else "reusing the cached"
     log(f"teacher: {verb} {t.model} ({length}) at {path}")
     return str(path)
+
+
+def _combined_alpha(job: DistillJob) -> float | None:
+    """α^TH of the paper's p′ for a TH-KD student trained with CE through the teacher head: th_ce's share of the
+    CE weight (0.5 under the ``paper`` preset); None when there is no such term or the teacher head is not TH-KD's."""
+    w = job.weights
+    if job.method != "th-kd" or not w.th_ce:
+        return None
+    return w.th_ce / (w.ce + w.th_ce)
 
 
 def _vanilla(job: DistillJob, dataset, teacher, log: Callable[[str], None]) -> Path:
@@ -133,7 +152,7 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
         if job.vanilla_baseline and job.method != "vanilla":
             named["vanilla"] = _vanilla(job, dataset, teacher, log)
         named["student"] = student_path
-        report["results"], curves = evaluate_pair(named, job.cfg, job.pairs)
+        report["results"], curves = evaluate_pair(named, job.cfg, job.pairs, _combined_alpha(job))
         if curves:
             plot_roc(curves, job.out / "roc.png", title="teacher vs student (verification pairs)")
             report["plots"]["roc"] = str(job.out / "roc.png")
@@ -160,7 +179,11 @@ def results_table(report: dict) -> str:
     if not rows:
         return ""
     metrics = [k for k in rows[0] if k not in ("role", "model", "params")]
-    names = {"vanilla": "vanilla student", "student": f"{report['method']} student"}
+    names = {
+        "vanilla": "vanilla student",
+        "student": f"{report['method']} student",
+        "student p′": f"{report['method']} student p′",
+    }
     shown = [
         {
             **row,

@@ -7,6 +7,7 @@ import torch
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize
 from edgekd.eval.embed import evaluate_pairs
+from edgekd.eval.metrics import combined_prediction
 from edgekd.utils.device import resolve_device
 
 # FARs in comparison tables: a few thousand pairs resolve 1e-3; IJB-scale protocols print the full sweep.
@@ -34,18 +35,30 @@ def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int =
 
 
 @torch.no_grad()
-def classify_bundle(bundle: Bundle, dataset, device: str = "auto", batch_size: int = 256) -> dict:
-    """Top-1 accuracy of backbone + own head on ``dataset``."""
+def classify_bundle(
+    bundle: Bundle, dataset, device: str = "auto", batch_size: int = 256, shared_head=None, alpha: float = 0.0
+) -> dict:
+    """Top-1 accuracy of backbone + own head on ``dataset``; with ``shared_head`` (the frozen teacher head TH-KD
+    trained the student through) also of the paper's combined prediction p′ = (1 − α)·p_s + α·p_th, as ``top1_p′``.
+    """
     if bundle.head is None:
         raise ValueError("classification accuracy needs a checkpoint with a head")
     dev = resolve_device(device)
     backbone, head = bundle.backbone.to(dev).eval(), bundle.head.to(dev).eval()
-    correct = 0
+    shared = shared_head.to(dev).eval() if shared_head is not None else None
+    correct = correct_combined = 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     for images, labels in loader:
-        x = normalize(images.to(dev), bundle.cfg.mean, bundle.cfg.std)
-        correct += (head(backbone(x)).argmax(1).cpu() == labels).sum().item()
-    return {"top1": correct / len(dataset)}
+        z = backbone(normalize(images.to(dev), bundle.cfg.mean, bundle.cfg.std))
+        logits = head(z)
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        if shared is not None:
+            p = combined_prediction(logits.cpu(), shared(z).cpu(), alpha)
+            correct_combined += (torch.from_numpy(p).argmax(1) == labels).sum().item()
+    result = {"top1": correct / len(dataset)}
+    if shared is not None:
+        result["top1_p′"] = correct_combined / len(dataset)
+    return result
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
