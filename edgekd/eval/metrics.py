@@ -8,6 +8,8 @@
   with threshold ``inf``), because IJB TAR@FAR is read off that curve.
 - ``tar_at_far``: for each target FAR, the TPR at the ROC point whose FPR is nearest to it; ties go to the larger
   TPR, as insightface's search over the flipped arrays does.
+- ``combined_prediction``: the TH-KD paper's test-time mix p′ = (1 − α)·softmax(l_s) + α·softmax(l_th) of the
+  student head and the frozen teacher head read on the student embedding.
 - ``verification_all_pairs``: every pair of labelled embeddings (an IJB-style 1:1 protocol without templates), for
   held-out identities where no pair list exists; TAR@FAR over all pairs, 10-fold accuracy on balanced pairs.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "roc_curve",
     "tar_at_far",
     "top1_accuracy",
+    "combined_prediction",
 ]
 
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -258,3 +261,29 @@ def top1_accuracy(logits_or_pred, labels) -> float:
     if len(y) == 0:
         raise EdgekdError("top-1 accuracy of an empty set")
     return float(np.mean(pred == y))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def combined_prediction(student_logits, teacher_head_logits, alpha: float) -> np.ndarray:
+    """The TH-KD paper's combined prediction ``p′ = (1 − α)·softmax(l_s) + α·softmax(l_th)``.
+
+    Args:
+        student_logits: ``(N, C)`` logits of the student's own head.
+        teacher_head_logits: ``(N, C)`` logits of the frozen teacher head applied to the student embedding.
+        alpha: α^TH in [0, 1]; 0 gives the student head's probabilities, 1 the teacher head's.
+
+    Returns:
+        float64 ``(N, C)`` class probabilities (rows sum to 1).
+    """
+    ls = _numpy(student_logits).astype(np.float64)
+    lt = _numpy(teacher_head_logits).astype(np.float64)
+    if ls.ndim != 2 or ls.shape != lt.shape:
+        raise EdgekdError(f"student logits {ls.shape} and teacher-head logits {lt.shape} must be the same (N, C)")
+    if not 0.0 <= alpha <= 1.0:
+        raise EdgekdError(f"alpha={alpha} must be in [0, 1]")
+    return (1.0 - alpha) * _softmax(ls) + alpha * _softmax(lt)
