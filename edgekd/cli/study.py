@@ -1,5 +1,6 @@
-"""``edgekd study``: the method grid (teacher, vanilla, KD, L2E, TH-KD code/paper, SH-KD) over seeds on Fashion-MNIST
-and the built-in synthetic identities, with validation-split selection, then ``REPRODUCTION.md`` and plots.
+"""``edgekd study``: classifier-sharing KD (TH-KD, SH-KD) against KD and KD+L2E on Fashion-MNIST, every row at one
+temperature and KD weight, over paired seeds, with capacity and convergence gates and validation-only selection;
+then ``REPRODUCTION.md`` and plots.
 
 Rerunning the same command resumes: finished cells are skipped and a cell cut off mid-training continues from its
 last checkpoint.
@@ -15,23 +16,21 @@ import click
 
 from edgekd.errors import EdgekdError
 from edgekd.study import build_profile, estimate_seconds, run_study, write_report
+from edgekd.study.grid import ROWS, SWEPT
 
 
 @click.command("study")
-@click.option(
-    "--quick", is_flag=True, help="the short profile: 1 seed, short schedules, no sweep (under 10 min on 2 CPU cores)"
-)
+@click.option("--quick", is_flag=True, help="the short profile: 1 seed, small grids, relaxed gates (under 10 min)")
 @click.option("--profile", type=click.Choice(["tiny", "quick", "full"]), default=None, hidden=True)
 @click.option("--out", default=None, help="study folder (default runs/study, or runs/study-quick with --quick)")
-@click.option("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 3, or 1 with --quick)")
-@click.option("--datasets", default=None, help="comma-separated subset of: fmnist, synthetic (default both)")
+@click.option("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 5, or 1 with --quick)")
 @click.option("--fmnist-root", default=None, help="folder of the Fashion-MNIST idx files (default: the Debian path)")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @click.option("--plan", "plan_only", is_flag=True, help="print the cells and the time estimate; train nothing")
 @click.option("--report-only", is_flag=True, help="rewrite REPRODUCTION.md and the plots from --out; train nothing")
-def command(quick, profile, out, seeds, datasets, fmnist_root, device, threads, plan_only, report_only) -> None:
-    """Run (or resume) the reproduction study and write REPRODUCTION.md with tables and plots in --out."""
+def command(quick, profile, out, seeds, fmnist_root, device, threads, plan_only, report_only) -> None:
+    """Run (or resume) the study and write REPRODUCTION.md with tables and plots in --out."""
     name = profile or ("quick" if quick else "full")
     out = Path(out or ("runs/study" if name == "full" else f"runs/study-{name}"))
     if report_only:
@@ -39,8 +38,7 @@ def command(quick, profile, out, seeds, datasets, fmnist_root, device, threads, 
             raise EdgekdError(f"{out} holds no study (no study.json); run `edgekd study --out {out}` first")
         click.echo(f"report: {write_report(out)}")
         return
-    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets is not None else None
-    grid = build_profile(name, seeds=seeds, datasets=names, fmnist_root=fmnist_root)
+    grid = build_profile(name, seeds=seeds, fmnist_root=fmnist_root)
     if threads is not None:
         if threads < 1:
             raise EdgekdError(f"--threads {threads} must be at least 1")
@@ -48,25 +46,29 @@ def command(quick, profile, out, seeds, datasets, fmnist_root, device, threads, 
 
         torch.set_num_threads(threads)
     estimate = estimate_seconds(grid)
-    known = [v for v in estimate.values() if v is not None]
     click.echo(
-        f"study profile {name}: {', '.join(d.name for d in grid.datasets)}, {grid.seeds} seed(s); "
-        + (f"estimated {sum(known) / 60:.0f} min of one-thread CPU time" if known else "no time estimate")
+        f"study profile {name}: Fashion-MNIST, {grid.seeds} seed(s); "
+        + (f"estimated {estimate / 60:.0f} min on 2 CPU cores" if estimate is not None else "no time estimate")
         + f"; folder {out}"
     )
     if plan_only:
-        for plan in grid.datasets:
-            click.echo(f"{plan.name}: teacher {plan.teacher.model}, student {plan.student.model}")
-            for row in plan.rows:
-                labels = ", ".join(v.label for v in row.variants)
-                rest = f"; seeds 1..{grid.seeds - 1}: the one chosen on val" if grid.seeds > 1 else ""
-                click.echo(f"  {row.key:<12} seed 0: {labels}{rest}")
+        t, s = grid.teacher, grid.student
+        click.echo(
+            f"teacher {t.model} {t.model_kwargs}, {t.epochs} epochs; student {s.model} {s.model_kwargs}, "
+            f"{s.epochs} epochs, at the teacher's width; {grid.train_images or 55000} training images"
+        )
+        sweeps = grid.sweeps
+        for row in ROWS:
+            param = SWEPT.get(row)
+            values = ", ".join(f"{v:g}" for v in getattr(sweeps, param)) if param else ""
+            note = f"seed 0 sweeps {param} over {values}; " if param else ""
+            click.echo(f"  {row:<15} {note}seeds 0..{grid.seeds - 1} at the chosen values")
         return
     command_line = shlex.join(["edgekd", *sys.argv[1:]]) if Path(sys.argv[0]).name == "edgekd" else ""
     summary = run_study(
         grid,
         out,
-        command=command_line or _rebuild(name, out, seeds, datasets, fmnist_root),
+        command=command_line or _rebuild(name, out, seeds, fmnist_root),
         device=device,
         log=click.echo,
     )
@@ -76,7 +78,7 @@ def command(quick, profile, out, seeds, datasets, fmnist_root, device, threads, 
     )
 
 
-def _rebuild(name: str, out: Path, seeds, datasets, fmnist_root) -> str:
+def _rebuild(name: str, out: Path, seeds, fmnist_root) -> str:
     """The command line as a user would type it, for runs started in-process (tests, python -m)."""
     parts = ["edgekd", "study"]
     if name == "quick":
@@ -86,8 +88,6 @@ def _rebuild(name: str, out: Path, seeds, datasets, fmnist_root) -> str:
     parts += ["--out", str(out)]
     if seeds is not None:
         parts += ["--seeds", str(seeds)]
-    if datasets is not None:
-        parts += ["--datasets", datasets]
     if fmnist_root is not None:
         parts += ["--fmnist-root", fmnist_root]
     return shlex.join(parts)

@@ -29,9 +29,9 @@ FMNIST_STD = 0.3530
 class ConvBnReLU(nn.Sequential):
     """3×3 conv (no bias) -> BatchNorm2d -> ReLU. Keys: ``conv.weight``, ``bn.*``."""
 
-    def __init__(self, in_c: int, out_c: int) -> None:
+    def __init__(self, in_c: int, out_c: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_c, out_c, kernel_size=3, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_c, out_c, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(out_c)
         self.act = nn.ReLU(inplace=True)
 
@@ -47,6 +47,7 @@ class SmallCNN(nn.Module):
         embed_dim: D, the embedding width.
         input_size: ``S``, ``(H, W)`` or ``(C, H, W)``; default 1×28×28.
         in_chans: input channels (1 unless given).
+        stem_stride: stride of the first conv (2 halves the first stage's resolution: about 4× less work there).
     """
 
     def __init__(
@@ -56,21 +57,25 @@ class SmallCNN(nn.Module):
         embed_dim: int = 128,
         input_size: int | Sequence[int] | None = None,
         in_chans: int | None = None,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
-        if not widths or min(widths) < 1 or depth < 1 or embed_dim < 1:
-            raise EdgekdError(f"SmallCNN needs widths >= 1, depth >= 1, embed_dim >= 1; got {widths}, {depth}")
+        if not widths or min(widths) < 1 or depth < 1 or embed_dim < 1 or stem_stride < 1:
+            raise EdgekdError(
+                f"SmallCNN needs widths >= 1, depth >= 1, embed_dim >= 1, stem_stride >= 1; got {widths}, {depth}, "
+                f"{embed_dim}, {stem_stride}"
+            )
         self.input_size = resolve_input_size(input_size, in_chans, (1, 28, 28))
-        min_side = 2 ** (len(widths) - 1)
+        min_side = stem_stride * 2 ** (len(widths) - 1)
         if min(self.input_size[1:]) < min_side:
             raise EdgekdError(f"SmallCNN with {len(widths)} stages needs inputs of at least {min_side}×{min_side}")
         self.embed_dim = embed_dim
         stages, in_c = [], self.input_size[0]
         for i, w in enumerate(widths):
             blocks = [] if i == 0 else [nn.MaxPool2d(2)]
-            for _ in range(depth):
-                blocks.append(ConvBnReLU(in_c, w))
+            for j in range(depth):
+                blocks.append(ConvBnReLU(in_c, w, stride=stem_stride if i == 0 and j == 0 else 1))
                 in_c = w
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

@@ -1,5 +1,6 @@
-"""The reproduction study behind ``edgekd study``: a grid of methods × datasets × seeds run through the distill
-pipeline (``grid``: the profiles as data; ``runner``: resumable cells; ``report``: REPRODUCTION.md and plots)."""
+"""The study behind ``edgekd study``: classifier-sharing KD against KD and KD+L2E at one temperature, over paired
+seeds (``grid``: rows, weights and profiles as data; ``runner``: gates, selection and resumable cells; ``stats``:
+paired differences and t-tests; ``report``: REPRODUCTION.md and plots)."""
 
 from edgekd.study.grid import PROFILES as PROFILES
 from edgekd.study.grid import build_profile as build_profile

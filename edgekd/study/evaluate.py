@@ -1,82 +1,122 @@
-"""The study's data and evaluation: each plan's datasets loaded once, classification top-1 on a split, and face
-verification over every pair of held-out identities (``edgekd.eval.metrics.verification_all_pairs``: TAR@FAR =
-1e-3 / 1e-4 need many impostor pairs, and N images of held-out identities give N·(N−1)/2 of them).
+"""The study's data and evaluation.
+
+Data: a fixed random subset of the Fashion-MNIST training split (``TrainSubset``; the 5,000-image validation split
+is carved out of the training set first, so no model ever trains on it) and the ``val`` / ``test`` splits as
+tensors.
+
+Evaluation of a student: top-1 of its own head (``top1``), of the frozen teacher head read on its embedding
+(``top1_th``: how well the teacher's classifier reads the student's representation) and, for the TH-KD paper row,
+of the paper's combined prediction p′ = (1 − α)·p_s + α·p_th (``top1_pprime``,
+``edgekd.eval.metrics.combined_prediction``). ``val_curve`` evaluates a run's per-epoch checkpoints on ``val``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from edgekd.bundle import Bundle
-from edgekd.data import create_dataset, parse_synthetic_spec
-from edgekd.data.synthetic import SyntheticIdentities
-from edgekd.eval.embed import embed_images
-from edgekd.eval.metrics import flip_sum_normalize, verification_all_pairs
-from edgekd.eval.report import classify_bundle
-from edgekd.study.grid import DatasetPlan
+from edgekd.bundle import Bundle, load_bundle
+from edgekd.data import create_dataset
+from edgekd.data.transforms import normalize
+from edgekd.eval.metrics import combined_prediction, top1_accuracy
+from edgekd.heads import ClassHead
+from edgekd.train.checkpoint import CHECKPOINT_NAME, checkpoint_folders
 from edgekd.utils.device import resolve_device
+from edgekd.utils.hashing import content_digest
 
-__all__ = ["StudyData", "evaluate", "verify_identities", "STUDY_FARS"]
+__all__ = ["TrainSubset", "StudyData", "logits", "evaluate_student", "evaluate_teacher", "val_curve"]
 
-# The FARs every face cell records (results.json ``tar@<far>``); REPRODUCTION.md reports 1e-3 and 1e-4 of them.
-STUDY_FARS = (1e-2, 1e-3, 1e-4, 1e-5)
-VAL_SEED_OFFSET = 1  # validation identities are the held-out identities of data seed + 1: disjoint from test ones
+SUBSET_SEED = 12345  # the training subset is the same for every seed and row
 
 
-@torch.no_grad()
-def verify_identities(bundle: Bundle, images: torch.Tensor, labels: np.ndarray, device: str = "auto") -> dict:
-    """``verification_all_pairs`` of the flip-summed, L2-normalized embeddings of ``images`` (uint8
-    ``(N, C, H, W)``; ``labels (N,)`` their identities), as the study's results record it."""
-    backbone = bundle.backbone.to(resolve_device(device)).eval()
-    emb = flip_sum_normalize(embed_images(backbone, images, 256, True, bundle.cfg.mean, bundle.cfg.std))
-    result = verification_all_pairs(emb, labels, STUDY_FARS)
-    out = {
-        "accuracy": result["accuracy"],
-        "accuracy_std": result["std"],
-        "genuine": result["genuine"],
-        "impostor": result["impostor"],
-    }
-    out.update({f"tar@{far:g}": result["tar_at_far"][far] for far in STUDY_FARS})
-    return out
+class TrainSubset(torch.utils.data.Dataset):
+    """``n`` images of ``dataset`` drawn by a seeded permutation (kept in their original order); None keeps all."""
+
+    def __init__(self, dataset, n: int | None, seed: int = SUBSET_SEED) -> None:
+        total = len(dataset)
+        if n is None or n >= total:
+            index = np.arange(total)
+        else:
+            index = np.sort(np.random.default_rng(seed).permutation(total)[:n])
+        self.images = dataset.images[torch.from_numpy(index)]
+        self.labels = dataset.labels[torch.from_numpy(index)]
+        self.num_classes, self.image_size, self.channels = dataset.num_classes, dataset.image_size, dataset.channels
+        self.classes = getattr(dataset, "classes", None)
+        self.fingerprint = content_digest(dataset.fingerprint, f"subset:{len(index)}:{seed}", algorithm="sha1")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
 
 
 class StudyData:
-    """The datasets of one plan, loaded once per study invocation."""
+    """The profile's training subset and evaluation splits, loaded once per study invocation."""
 
-    def __init__(self, plan: DatasetPlan) -> None:
-        self.plan = plan
-        self._sets: dict[str, object] = {}
+    def __init__(self, data: str, train_images: int | None, eval_limit: int | None = None) -> None:
+        self.data, self.train_images, self.eval_limit = data, train_images, eval_limit
+        self._train: TrainSubset | None = None
+        self._eval: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def train(self):
-        if "train" not in self._sets:
-            self._sets["train"] = create_dataset(self.plan.data, split="train", image_size=self.plan.image_size)
-        return self._sets["train"]
+    def train(self) -> TrainSubset:
+        if self._train is None:
+            self._train = TrainSubset(create_dataset(self.data, split="train"), self.train_images)
+        return self._train
 
-    def eval_set(self, split: str):
-        """``val`` or ``test``: a Dataset (classification) or ``(images, labels)`` of held-out identities (face)."""
-        if split not in self._sets:
-            self._sets[split] = self._heldout(split) if self.plan.face else self._classification(split)
-        return self._sets[split]
-
-    def _classification(self, split: str):
-        ds = create_dataset(self.plan.data, split=split, image_size=self.plan.image_size)
-        limit = self.plan.eval_limit
-        return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit else ds
-
-    def _heldout(self, split: str):
-        opts = {k: v for k, v in parse_synthetic_spec(self.plan.data).items() if not k.startswith("pair")}
-        opts.setdefault("image_size", self.plan.image_size or 112)
-        identities, per_identity = self.plan.verify_val if split == "val" else self.plan.verify_test
-        seed = opts.pop("seed", 0) + (VAL_SEED_OFFSET if split == "val" else 0)
-        opts.update(identities=identities, images_per_identity=per_identity)
-        ds = SyntheticIdentities(**opts, seed=seed, split="heldout")
-        return ds.tensor(), ds.labels.numpy()
+    def eval_set(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images uint8 (N, C, H, W), labels (N,))`` of ``val`` or ``test`` (first ``eval_limit`` images)."""
+        if split not in self._eval:
+            ds = create_dataset(self.data, split=split)
+            n = len(ds) if self.eval_limit is None else min(self.eval_limit, len(ds))
+            self._eval[split] = (ds.images[:n], ds.labels[:n])
+        return self._eval[split]
 
 
-def evaluate(bundle: Bundle, plan: DatasetPlan, data, device: str) -> dict:
-    """Top-1 of the bundle's own head (classification) or ``verify_identities`` (face), on ``StudyData.eval_set``."""
-    if plan.face:
-        images, labels = data
-        return verify_identities(bundle, images, labels, device)
-    return classify_bundle(bundle, data, device=device)
+@torch.no_grad()
+def logits(
+    bundle: Bundle, images: torch.Tensor, teacher_head: ClassHead | None = None, device: str = "cpu", batch: int = 500
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of the bundle's own head and (if given) of ``teacher_head`` on the bundle's embeddings, ``(N, C)``."""
+    dev = resolve_device(device)
+    backbone, head = bundle.backbone.to(dev).eval(), bundle.head.to(dev).eval()
+    t_head = teacher_head.to(dev).eval() if teacher_head is not None else None
+    own, shared = [], []
+    for start in range(0, len(images), batch):
+        x = normalize(images[start : start + batch].to(dev), bundle.cfg.mean, bundle.cfg.std)
+        z = backbone(x)
+        own.append(head(z).float().cpu())
+        if t_head is not None:
+            shared.append(t_head(z).float().cpu())
+    return torch.cat(own).numpy(), torch.cat(shared).numpy() if t_head is not None else None
+
+
+def evaluate_student(
+    bundle: Bundle, data: tuple[torch.Tensor, torch.Tensor], teacher_head: ClassHead, alpha: float | None, device: str
+) -> dict:
+    """``top1`` (own head), ``top1_th`` (teacher head on the student embedding), ``top1_pprime`` when ``alpha``."""
+    images, labels = data
+    own, shared = logits(bundle, images, teacher_head, device)
+    out = {"top1": top1_accuracy(own, labels), "top1_th": top1_accuracy(shared, labels)}
+    if alpha is not None:
+        out["top1_pprime"] = top1_accuracy(combined_prediction(own, shared, alpha), labels)
+    return out
+
+
+def evaluate_teacher(bundle: Bundle, data: tuple[torch.Tensor, torch.Tensor], device: str) -> dict:
+    images, labels = data
+    return {"top1": top1_accuracy(logits(bundle, images, None, device)[0], labels)}
+
+
+def val_curve(run_dir: Path, steps_per_epoch: int, data: tuple[torch.Tensor, torch.Tensor], device: str) -> list[float]:
+    """Validation top-1 of the run's own head after each epoch, read from its per-epoch checkpoints."""
+    images, labels = data
+    curve = []
+    for folder in checkpoint_folders(Path(run_dir)):
+        step = int(CHECKPOINT_NAME.fullmatch(folder.name).group(1))
+        if step % steps_per_epoch == 0:
+            bundle = load_bundle(folder / "bundle.safetensors")
+            curve.append(top1_accuracy(logits(bundle, images, None, device)[0], labels))
+    return curve

@@ -1,19 +1,29 @@
-"""Run a study profile cell by cell through the distill pipeline; every cell resumes, and so does the study.
+"""Run the study cell by cell through the distill pipeline; every cell resumes, and so does the study.
+
+Order (``StudyRunner.run``):
+
+1. **capacity by size**: teacher and student are built (nothing trains) and the parameter ratio is checked;
+2. the teacher (seed 0) and the seed-0 vanilla student train; **gates** (``Gates``): the teacher's validation
+   top-1 must beat the vanilla student's by the profile's margin and the vanilla student's validation curve must
+   be flat. ``gates.json`` records the numbers; a failed gate stops the study before any distilled student trains;
+3. **selection** on the validation split, seed 0: T over ``kd``; then λ (``kd+th``), α (``th-kd/paper``) and β
+   (``kd+l2e``) at that T; ``selection.json`` records every score and the choice;
+4. every row at the chosen hyper-parameters on every seed (seed 0's chosen sweep cells are reused), each chosen
+   cell evaluated once on the test split (``test.json``); SH-KD's student-aware teacher of seed k
+   (``seed<k>/sh-teacher``) trains on seed k's vanilla student's head θ_s and serves both SH-KD forms.
 
 Layout under ``out``::
 
-    study.json                          the profile as data, and every invocation (command, start, wall time)
-    cache/teacher_outputs/              teacher-embedding caches (EDGEKD_CACHE_DIR points here; removed at the end)
-    <dataset>/selection.json            validation scores of each row's variants and the one chosen
-    <dataset>/seed<k>/teacher/          teacher.safetensors, metrics.jsonl, result.json, test.json
-    <dataset>/seed<k>/<row>/<variant>/  student.safetensors (sh-kd: sh_kd/{i0,i1,i2}/), result.json, test.json
+    study.json                        the profile as data, and every invocation (command, start, wall time)
+    gates.json, selection.json        step 2 and step 3
+    cache/                            teacher-embedding caches (EDGEKD_CACHE_DIR points here; removed at the end)
+    teacher/                          teacher.safetensors, metrics.jsonl, result.json, test.json
+    seed<k>/sh-teacher/               the student-aware teacher (SH-KD stage I1) of seed k
+    seed<k>/<row>/<hp label>/         student.safetensors (sh-kd: sh_kd/{i1,i2|i2_fresh}), result.json, test.json
 
-A cell is one training run plus its validation evaluation; it is skipped once its ``result.json`` exists (a cell
-killed half-way continues from its last checkpoint, which is deleted once the cell is done). ``test.json`` holds
-the single test-split evaluation of a row's chosen cell. Protocol per dataset: seed 0 trains every variant of a
-row, the best validation score picks one, and seeds 1.. train only that one. Shared work: the teacher of a
-(dataset, seed) serves all its rows; SH-KD stage I0 is the vanilla cell of the same seed (the same training run),
-and the sweep variants of SH-KD share stages I0 and I1, so only I2 differs between them.
+A cell is one training run plus its evaluation on the validation split (and its per-epoch validation curve from
+per-epoch checkpoints); it is skipped once its ``result.json`` exists. A cell killed half-way continues from its
+last checkpoint; the checkpoints are deleted once the cell's result is written.
 """
 
 from __future__ import annotations
@@ -32,61 +42,77 @@ from pathlib import Path
 from edgekd.atomic import atomic_path, write_json
 from edgekd.bundle import load_bundle
 from edgekd.data import create_dataset
-from edgekd.distill.methods import method_weights
-from edgekd.distill.pipeline import distill_student, run_sh_kd, train_teacher
+from edgekd.distill.pipeline import build_trainee, distill_student, run_sh_kd, train_teacher
 from edgekd.errors import DataError, EdgekdError
 from edgekd.eval.report import parameter_count
 from edgekd.losses import LossWeights
-from edgekd.study.evaluate import StudyData, evaluate
-from edgekd.study.grid import DatasetPlan, Profile, Row, Trainee, Variant
+from edgekd.study.evaluate import StudyData, evaluate_student, evaluate_teacher, val_curve
+from edgekd.study.grid import (
+    ROWS,
+    SWEPT,
+    Profile,
+    Trainee,
+    cell_folder,
+    hp_label,
+    paper_alpha,
+    row_params,
+    row_weights,
+)
 from edgekd.study.report import write_report
+from edgekd.study.stats import flat_gain
 from edgekd.train.config import TrainConfig
 from edgekd.utils.hashing import json_digest
 
-__all__ = ["Cell", "StudyRunner", "run_study"]
+__all__ = ["Cell", "StudyRunner", "run_study", "GateError", "STUDY_FILE"]
 
 STUDY_FILE = "study.json"
 
 
+class GateError(EdgekdError):
+    """A capacity or convergence gate failed: the study stops before any distilled student trains."""
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the grid: a row's variant on one dataset and seed."""
+    """One training run: ``row`` is ``teacher``, ``sh-teacher`` (SH-KD stage I1 of ``seed``), ``vanilla-long`` (the
+    convergence check) or a student row."""
 
-    plan: DatasetPlan
-    row: Row
-    variant: Variant
+    row: str
     seed: int
+    hp: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def student(cls, row: str, seed: int, hp: dict[str, float]) -> Cell:
+        return cls(row, seed, tuple((k, float(hp[k])) for k in row_params(row)))
+
+    @property
+    def params(self) -> dict[str, float]:
+        return dict(self.hp)
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.row in ("teacher", "sh-teacher")
 
     @property
     def folder(self) -> Path:
-        base = Path(self.plan.name) / f"seed{self.seed}"
-        return base / "teacher" if self.row.is_teacher else base / self.row.key.replace("/", "_") / self.variant.label
+        return cell_folder(self.row, self.seed, self.params)
 
     @property
     def name(self) -> str:
-        tag = "" if len(self.row.variants) == 1 else f" [{self.variant.label}]"
-        return f"{self.plan.name} seed {self.seed} {self.row.key}{tag}"
+        label = f" [{hp_label(self.params)}]" if self.hp else ""
+        return f"seed {self.seed} {self.row}{label}"
 
-    def weights(self) -> LossWeights:
-        if self.row.is_teacher:
+    def weights(self, kd: float) -> LossWeights:
+        if self.is_teacher or self.row == "vanilla-long":
             return LossWeights(ce=1.0)
-
-        return method_weights(self.row.method, self.row.preset, self.plan.face, self.variant.overrides)
-
-    def key(self) -> str:
-        """Hash of everything that decides this cell's numbers; a stored result with another key is not reused."""
-        plan = {k: v for k, v in dataclasses.asdict(self.plan).items() if k != "rows"}
-        return json_digest(
-            {
-                "plan": plan,
-                "weights": dataclasses.asdict(self.weights()),
-                "seed": self.seed,
-                "row": [self.row.method, self.row.preset],
-            }
-        )
+        return row_weights(self.row, self.params, kd)
 
 
-# --------------------------------------------------------------------------------------------- the runner
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -94,6 +120,8 @@ def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
+    except FileExistsError:
+        pass
     except OSError:
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
@@ -113,8 +141,17 @@ def _cache_dir(path: Path) -> Iterator[None]:
             os.environ["EDGEKD_CACHE_DIR"] = old
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def weight_items(weights: dict) -> str:
+    """``ce 1, kd 1, th_kd 1, T 4``: the non-zero terms, and the temperatures their KL terms use."""
+    items = [f"{k} {weights[k]:g}" for k in ("ce", "kd", "th_ce", "th_kd", "l2e") if weights.get(k)]
+    if weights.get("kd"):
+        items.append(f"T {weights['T']:g}")
+    if weights.get("th_kd") and (not weights.get("kd") or weights.get("T_th", weights["T"]) != weights["T"]):
+        items.append(f"T_th {weights.get('T_th', weights['T']):g}")
+    return ", ".join(items)
+
+
+# --------------------------------------------------------------------------------------------- the runner
 
 
 class StudyRunner:
@@ -122,205 +159,349 @@ class StudyRunner:
         self,
         profile: Profile,
         out: Path,
-        device: str,
-        log: Callable[[str], None],
+        device: str = "auto",
+        log: Callable[[str], None] = print,
         on_cell: Callable[[], None] = lambda: None,
     ) -> None:
         self.profile, self.out, self.device, self.log, self.on_cell = profile, Path(out), device, log, on_cell
-        self._data = {plan.name: StudyData(plan) for plan in profile.datasets}
-        self.total = sum(
-            sum(len(r.variants) for r in plan.rows) + (profile.seeds - 1) * len(plan.rows) for plan in profile.datasets
-        )
-        self.done = 0
+        self.data = StudyData(profile.data, profile.train_images, profile.eval_limit)
         self.trained = 0
+        self.seen: set[Cell] = set()
+        self.total = self.planned_cells()
+
+    def planned_cells(self) -> int:
+        """Training runs of the whole study (teachers included)."""
+        sw = self.profile.sweeps
+        grids = {"T": sw.T, "th_kd": sw.th_kd, "alpha": sw.alpha, "l2e": sw.l2e}
+        first = 1 + sum(len(grids[p]) for p in SWEPT.values()) + (len(ROWS) - 1 - len(SWEPT)) + 1  # + sh-teacher
+        return 1 + first + (self.profile.seeds - 1) * (len(ROWS) + 1) + int(self.profile.long_check)
 
     # configs ------------------------------------------------------------------------------------------------
 
-    def config(self, plan: DatasetPlan, who: Trainee, seed: int) -> TrainConfig:
+    def config(self, who: Trainee, seed: int) -> TrainConfig:
+        steps_per_epoch = len(self.data.train()) // who.batch_size
         return TrainConfig(
             model=who.model,
             model_kwargs=dict(who.model_kwargs),
-            head=plan.head,
-            scale=plan.scale,
-            margin=plan.margin,
-            data=plan.data,
-            image_size=plan.image_size,
+            head="linear",
+            data=self.profile.data,
             batch_size=who.batch_size,
-            epochs=who.epochs,
+            epochs=float(who.epochs),
             lr=who.lr,
-            weight_decay=plan.weight_decay,
-            warmup_steps=plan.warmup_steps,
+            weight_decay=self.profile.weight_decay,
+            warmup_steps=self.profile.warmup_steps,
+            lr_power=self.profile.lr_power,
             seed=seed,
-            compile=self.profile.compile,
+            compile=False,  # torch.compile costs 20-120 s per run on a CPU and bought no speed there
             device=self.device,
-            keep_checkpoints=1,
-            checkpoint_every=self.profile.checkpoint_every,
+            checkpoint_every=steps_per_epoch,  # one checkpoint per epoch: the validation curve is read from them
+            keep_checkpoints=who.epochs + 2,
             log_every=self.profile.log_every,
         )
 
-    def teacher_file(self, plan: DatasetPlan, seed: int) -> Path:
-        return self.out / plan.name / f"seed{seed}" / "teacher" / "teacher.safetensors"
+    def student_config(self, seed: int) -> TrainConfig:
+        """The students' settings at the teacher's embedding width (every row: equal widths and parameters)."""
+        cfg = self.config(self.profile.student, seed)
+        cfg.model_kwargs = {**cfg.model_kwargs, "embed_dim": self.teacher_width()}
+        return cfg
 
-    # training -----------------------------------------------------------------------------------------------
+    def teacher_width(self) -> int:
+        t = self.profile.teacher
+        return int(t.model_kwargs.get("embed_dim") or self._fresh(t, {}).backbone.embed_dim)
 
-    def _train(self, cell: Cell, folder: Path) -> tuple[Path, str]:
-        """Train the cell's model (or find it trained); returns the checkpoint and its metrics.jsonl, relative."""
-        plan, seed, row = cell.plan, cell.seed, cell.row
-        dataset = self._data[plan.name].train()
-        s_cfg, t_cfg = self.config(plan, plan.student, seed), self.config(plan, plan.teacher, seed)
-        if row.is_teacher:
-            path, run = train_teacher(t_cfg, dataset, folder, resume=True), folder
-        elif row.method == "vanilla":
-            path = distill_student(s_cfg, cell.weights(), dataset, None, folder, resume=True, method="vanilla")
-            run = folder
-        elif row.method == "sh-kd":
-            self._share_sh_stages(cell, folder)
-            path = run_sh_kd(s_cfg, t_cfg, cell.weights(), dataset, folder)
-            run = folder / "sh_kd" / "i2"
-        else:
-            teacher = load_bundle(self.teacher_file(plan, seed))
-            path = distill_student(s_cfg, cell.weights(), dataset, teacher, folder, resume=True, method=row.key)
-            run = folder
-        if path is None:  # only a stop_after run stops early, and the study sets none
-            raise EdgekdError(f"training in {folder} stopped early; rerun the study to continue it")
-        return Path(path).relative_to(folder), str((run / "metrics.jsonl").relative_to(folder))
+    def _fresh(self, who: Trainee, extra: dict):
+        cfg = self.config(who, 0)
+        cfg.model_kwargs = {**cfg.model_kwargs, **extra}
+        return build_trainee(cfg, self.data.train())
 
-    def _share_sh_stages(self, cell: Cell, folder: Path) -> None:
-        """Reuse the vanilla cell as stage I0, or a sibling variant's finished I0 + I1 (they ignore the weights)."""
-        stages = folder / "sh_kd"
-        i0, i1 = stages / "i0" / "student.safetensors", stages / "i1" / "teacher.safetensors"
-        if i1.is_file():
-            return
-        seed_dir = self.out / cell.plan.name / f"seed{cell.seed}"
-        for variant in cell.row.variants:
-            sibling = seed_dir / cell.row.key.replace("/", "_") / variant.label / "sh_kd"
-            if sibling != stages and (sibling / "i1" / "teacher.safetensors").is_file():
-                if not i0.is_file():
-                    _link(sibling / "i0" / "student.safetensors", i0)
-                _link(sibling / "i1" / "teacher.safetensors", i1)
-                return
-        vanilla = seed_dir / "vanilla" / "preset" / "student.safetensors"
-        if not i0.is_file() and vanilla.is_file():
-            _link(vanilla, i0)
+    def cell_key(self, cell: Cell) -> str:
+        """Hash of everything that decides this cell's numbers; a stored result with another key is not reused."""
+        return json_digest(
+            {
+                "profile": self.profile.settings(),
+                "row": cell.row,
+                "seed": cell.seed,
+                "weights": dataclasses.asdict(cell.weights(self.profile.sweeps.kd)),
+            }
+        )
 
     # cells ----------------------------------------------------------------------------------------------------
 
-    def run_cell(self, cell: Cell) -> dict:
-        """Train and validate ``cell`` unless its result.json exists; returns the result."""
+    def _start(self, cell: Cell) -> tuple[Path, dict | None, str]:
         folder = self.out / cell.folder
+        key = self.cell_key(cell)
+        again = cell in self.seen  # a cell asked for twice in one invocation (a chosen sweep cell, SH-KD's I0)
+        self.seen.add(cell)
+        prefix = f"[{len(self.seen):>{len(str(self.total))}}/{self.total}] {cell.name}"
         result_path = folder / "result.json"
-        key = cell.key()
-        self.done += 1
-        prefix = f"[{self.done:>{len(str(self.total))}}/{self.total}] {cell.name}"
         if result_path.is_file():
             result = _read_json(result_path)
             if result.get("key") != key:
                 raise EdgekdError(f"{folder} holds a cell trained with other settings; use a new --out or delete it")
-            self.log(f"{prefix}: done earlier, skipped")
-            return result
+            if not again:
+                self.log(f"{prefix}: done earlier, skipped")
+            return folder, result, prefix
         marker = folder / "cell.json"
         if marker.is_file() and _read_json(marker).get("key") != key:
             raise EdgekdError(f"{folder} holds a run with other settings; use a new --out or delete it")
         write_json(marker, {"key": key})
-        self.log(f"{prefix}: training ({', '.join(_weight_items(cell.weights()))})")
-        started = time.perf_counter()
-        checkpoint, metrics = self._train(cell, folder)
-        trained = time.perf_counter() - started
-        bundle = load_bundle(folder / checkpoint)
-        val = evaluate(bundle, cell.plan, self._data[cell.plan.name].eval_set("val"), self.device)
+        return folder, None, prefix
 
-        result = {
-            "key": key,
-            "dataset": cell.plan.name,
-            "row": cell.row.key,
-            "method": cell.row.method,
-            "preset": cell.row.preset,
-            "variant": cell.variant.label,
-            "seed": cell.seed,
-            "weights": dataclasses.asdict(cell.weights()),
-            "model": bundle.cfg.name,
-            "params": parameter_count(bundle.backbone),
-            "checkpoint": str(checkpoint),
-            "metrics": metrics,
-            "train_images": len(self._data[cell.plan.name].train()),
-            "batch_size": (cell.plan.teacher if cell.row.is_teacher else cell.plan.student).batch_size,
-            "val": val,
-            "train_seconds": round(trained, 1),
-            "eval_seconds": round(time.perf_counter() - started - trained, 1),
-        }
-        write_json(result_path, result)
+    def _finish(self, cell: Cell, folder: Path, result: dict, prefix: str, trained: float) -> dict:
+        result.update(key=self.cell_key(cell), row=cell.row, seed=cell.seed, hp=cell.params)
+        result["train_seconds"] = round(trained, 1)
+        write_json(folder / "result.json", result)
         for stale in folder.rglob("checkpoints"):  # the final file is written; resume state is no longer needed
             shutil.rmtree(stale, ignore_errors=True)
         self.trained += 1
         self.on_cell()
-        metric = cell.plan.selection_metric
-        label = "TAR@FAR=1e-3" if cell.plan.face else "top-1"
-        self.log(f"{prefix}: val {label} {100 * val[metric]:.2f}%  ({trained:.0f} s)")
+        val = result["val"]
+        extra = f", teacher head {100 * val['top1_th']:.2f}%" if "top1_th" in val else ""
+        extra += f", p′ {100 * val['top1_pprime']:.2f}%" if "top1_pprime" in val else ""
+        self.log(f"{prefix}: val top-1 {100 * val['top1']:.2f}%{extra}  ({trained:.0f} s)")
         return result
 
-    def test_cell(self, cell: Cell) -> None:
-        """Evaluate a chosen cell once on the test split (``test.json``; sh-kd also its student-aware teacher)."""
+    def _steps_per_epoch(self, who: Trainee) -> int:
+        return len(self.data.train()) // who.batch_size
+
+    def teacher(self) -> dict:
+        """The teacher (seed 0), trained once for every seed."""
+        cell = Cell("teacher", 0)
+        folder, result, prefix = self._start(cell)
+        if result is not None:
+            return result
+        self.log(f"{prefix}: training {self.profile.teacher.model}")
+        started = time.perf_counter()
+        path = train_teacher(self.config(self.profile.teacher, 0), self.data.train(), folder, resume=True)
+        return self._teacher_result(cell, folder, path, prefix, started)
+
+    def sh_teacher(self, seed: int) -> dict:
+        """SH-KD stage I1 of ``seed``: a teacher trained with seed ``seed``'s vanilla student head θ_s, frozen."""
+        cell = Cell("sh-teacher", seed)
+        folder, result, prefix = self._start(cell)
+        if result is not None:
+            return result
+        theta_s = load_bundle(self.vanilla_file(seed)).head
+        self.log(f"{prefix}: training {self.profile.teacher.model} on the frozen head θ_s of seed {seed}'s vanilla")
+        started = time.perf_counter()
+        cfg = self.config(self.profile.teacher, seed)
+        path = train_teacher(cfg, self.data.train(), folder, student_head=theta_s, resume=True)
+        return self._teacher_result(cell, folder, path, prefix, started)
+
+    def _teacher_result(self, cell: Cell, folder: Path, path: Path | None, prefix: str, started: float) -> dict:
+        if path is None:
+            raise EdgekdError(f"training in {folder} stopped early; rerun the study to continue it")
+        trained = time.perf_counter() - started
+        bundle = load_bundle(path)
+        val = self.data.eval_set("val")
+        result = {
+            "checkpoint": Path(path).name,
+            "model": bundle.cfg.name,
+            "params": parameter_count(bundle.backbone) + parameter_count(bundle.head),
+            "val": evaluate_teacher(bundle, val, self.device),
+            "val_curve": val_curve(folder, self._steps_per_epoch(self.profile.teacher), val, self.device),
+            "test": evaluate_teacher(bundle, self.data.eval_set("test"), self.device),
+            "epochs": self.profile.teacher.epochs,
+        }
+        return self._finish(cell, folder, result, prefix, trained)
+
+    def teacher_file(self) -> Path:
+        return self.out / "teacher" / "teacher.safetensors"
+
+    def vanilla_file(self, seed: int) -> Path:
+        return self.out / Cell.student("vanilla", seed, {}).folder / "student.safetensors"
+
+    def student(self, cell: Cell) -> dict:
+        """Train and validate a student cell unless its result.json exists; returns the result."""
+        folder, result, prefix = self._start(cell)
+        if result is not None:
+            return result
+        weights = cell.weights(self.profile.sweeps.kd)
+        self.log(f"{prefix}: training ({weight_items(dataclasses.asdict(weights))})")
+        cfg, dataset = self.student_config(cell.seed), self.data.train()
+        started = time.perf_counter()
+        if cell.row == "vanilla":
+            path = distill_student(cfg, weights, dataset, None, folder, resume=True, method="vanilla")
+            run_dir = folder
+        elif cell.row.startswith("sh-kd/"):
+            fresh = cell.row == "sh-kd/official"
+            _link(
+                self.out / Cell("sh-teacher", cell.seed).folder / "teacher.safetensors",
+                folder / "sh_kd" / "i1" / "teacher.safetensors",
+            )
+            t_cfg = self.config(self.profile.teacher, cell.seed)
+            path = run_sh_kd(
+                cfg, t_cfg, weights, dataset, folder, fresh_head=fresh, temporary_student=self.vanilla_file(cell.seed)
+            )
+            run_dir = folder / "sh_kd" / ("i2_fresh" if fresh else "i2")
+        else:
+            teacher = load_bundle(self.teacher_file())
+            path = distill_student(cfg, weights, dataset, teacher, folder, resume=True, method=cell.row)
+            run_dir = folder
+        if path is None:
+            raise EdgekdError(f"training in {folder} stopped early; rerun the study to continue it")
+        trained = time.perf_counter() - started
+        bundle = load_bundle(path)
+        head = self.teacher_head(cell)
+        alpha = paper_alpha(dataclasses.asdict(weights)) if cell.row == "th-kd/paper" else None
+        val = self.data.eval_set("val")
+        result = {
+            "checkpoint": str(Path(path).relative_to(folder)),
+            "metrics": str((run_dir / "metrics.jsonl").relative_to(folder)),
+            "weights": dataclasses.asdict(weights),
+            "alpha": alpha,
+            "model": bundle.cfg.name,
+            "params": parameter_count(bundle.backbone) + parameter_count(bundle.head),
+            "embed_dim": bundle.backbone.embed_dim,
+            "epochs": self.profile.student.epochs,
+            "val": evaluate_student(bundle, val, head, alpha, self.device),
+            "val_curve": val_curve(run_dir, self._steps_per_epoch(self.profile.student), val, self.device),
+        }
+        return self._finish(cell, folder, result, prefix, trained)
+
+    def long_vanilla(self) -> dict:
+        """The seed-0 vanilla student trained for twice its epochs: what a longer schedule gains on validation."""
+        cell = Cell("vanilla-long", 0)
+        folder, result, prefix = self._start(cell)
+        if result is not None:
+            return result
+        cfg = self.student_config(0)
+        cfg.epochs *= 2
+        cfg.keep_checkpoints = 2 * self.profile.student.epochs + 2
+        self.log(f"{prefix}: training (ce 1) for {cfg.epochs:g} epochs, twice the students'")
+        started = time.perf_counter()
+        path = distill_student(cfg, LossWeights(ce=1.0), self.data.train(), None, folder, resume=True, method="vanilla")
+        if path is None:
+            raise EdgekdError(f"training in {folder} stopped early; rerun the study to continue it")
+        trained = time.perf_counter() - started
+        val = self.data.eval_set("val")
+        result = {
+            "checkpoint": Path(path).name,
+            "epochs": int(cfg.epochs),
+            "val": evaluate_teacher(load_bundle(path), val, self.device),
+            "val_curve": val_curve(folder, self._steps_per_epoch(self.profile.student), val, self.device),
+        }
+        return self._finish(cell, folder, result, prefix, trained)
+
+    def teacher_head(self, cell: Cell):
+        """The frozen head a student's ``top1_th`` reads: the teacher's, or (SH-KD) its student-aware teacher's θ_s."""
+        if cell.row.startswith("sh-kd/"):
+            return load_bundle(self.out / Cell("sh-teacher", cell.seed).folder / "teacher.safetensors").head
+        return load_bundle(self.teacher_file()).head
+
+    def test(self, cell: Cell) -> None:
+        """Evaluate a chosen student cell once on the test split (``test.json``)."""
         folder = self.out / cell.folder
         path = folder / "test.json"
-        if path.is_file():
-            return
         result = _read_json(folder / "result.json")
-        data = self._data[cell.plan.name].eval_set("test")
-        started = time.perf_counter()
-        out = {
-            "key": result["key"],
-            "test": evaluate(load_bundle(folder / result["checkpoint"]), cell.plan, data, self.device),
-        }
-        if cell.row.method == "sh-kd":
-            teacher = load_bundle(folder / "sh_kd" / "i1" / "teacher.safetensors")
-            out["student_aware_teacher"] = evaluate(teacher, cell.plan, data, self.device)
-        out["seconds"] = round(time.perf_counter() - started, 1)
-        write_json(path, out)
-        self.on_cell()
+        if path.is_file() and _read_json(path).get("key") == result["key"]:
+            return
+        bundle = load_bundle(folder / result["checkpoint"])
+        test = evaluate_student(
+            bundle, self.data.eval_set("test"), self.teacher_head(cell), result["alpha"], self.device
+        )
+        write_json(path, {"key": result["key"], "test": test})
 
-    def select(self, plan: DatasetPlan, row: Row, results: dict[str, dict]) -> Variant:
-        """The variant with the best validation score on the first seed (the first listed on ties)."""
-        metric = plan.selection_metric
-        scores = {label: r["val"][metric] for label, r in results.items()}
-        best = max(row.variants, key=lambda v: scores[v.label])
-        path = self.out / plan.name / "selection.json"
+    # phases ----------------------------------------------------------------------------------------------------
+
+    def check_sizes(self) -> dict:
+        """Gate 1, before anything trains: teacher parameters ≥ ratio × the student's (at teacher width)."""
+        gates = self.profile.gates
+        teacher = self._fresh(self.profile.teacher, {})
+        student = self._fresh(self.profile.student, {"embed_dim": teacher.backbone.embed_dim})
+        count = lambda b: parameter_count(b.backbone) + parameter_count(b.head)  # noqa: E731
+        t, s = count(teacher), count(student)
+        info = {"teacher_params": t, "student_params": s, "ratio": t / s, "min_ratio": gates.min_param_ratio}
+        if t < gates.min_param_ratio * s:
+            raise GateError(
+                f"capacity gap not met: the teacher has {t:,} parameters, {t / s:.1f}× the student's {s:,} "
+                f"(at teacher width); the study needs ≥ {gates.min_param_ratio:g}×: use a larger teacher or a smaller "
+                "student"
+            )
+        return info
+
+    def check_gates(self, sizes: dict, teacher: dict, vanilla: dict) -> dict:
+        """Gates 2-3, on validation, before any distilled student trains; writes ``gates.json``."""
+        gates = self.profile.gates
+        t_val, s_val = teacher["val"]["top1"], vanilla["val"]["top1"]
+        gap = 100 * (t_val - s_val)
+        gain, window = flat_gain(vanilla["val_curve"], gates.flat_fraction)
+        info = {
+            **sizes,
+            "teacher_val_top1": t_val,
+            "vanilla_val_top1": s_val,
+            "gap_points": gap,
+            "min_gap_points": gates.min_gap_points,
+            "vanilla_flat_gain_points": 100 * gain,
+            "flat_window_epochs": window,
+            "max_flat_gain_points": gates.flat_max_gain_points,
+        }
+        write_json(self.out / "gates.json", info)
+        self.log(
+            f"gates: teacher {sizes['ratio']:.1f}× the student's parameters; val top-1 teacher {100 * t_val:.2f}% vs "
+            f"vanilla {100 * s_val:.2f}% (gap {gap:.2f} points); vanilla gained {100 * gain:+.2f} points over its "
+            f"last {window} epochs"
+        )
+        if gap < gates.min_gap_points:
+            raise GateError(
+                f"capacity gap not met: the teacher's validation top-1 {100 * t_val:.2f}% is only {gap:.2f} points "
+                f"above the vanilla student's {100 * s_val:.2f}%; the study needs ≥ {gates.min_gap_points:g}: "
+                "use a stronger teacher or a weaker student"
+            )
+        if not 100 * gain < gates.flat_max_gain_points:
+            raise GateError(
+                f"the vanilla student is not trained to a flat validation curve: it gained {100 * gain:.2f} points "
+                f"over its last {window} epochs (the study needs < {gates.flat_max_gain_points:g}); train it longer"
+            )
+        return info
+
+    def select(self, row: str, param: str, grid: tuple[float, ...], hp: dict[str, float]) -> float:
+        """Train ``row`` on seed 0 for each ``param`` value in ``grid`` (others from ``hp``); the best on val."""
+        scores = {}
+        for value in grid:
+            result = self.student(Cell.student(row, 0, {**hp, param: value}))
+            scores[value] = result["val"]["top1"]
+        best = max(grid, key=lambda v: scores[v])  # the first listed on ties
+        path = self.out / "selection.json"
         table = _read_json(path) if path.is_file() else {}
-        table[row.key] = {"metric": metric, "scores": scores, "chosen": best.label}
+        table[row] = {"param": param, "scores": {f"{v:g}": s for v, s in scores.items()}, "chosen": best, "at": hp}
         write_json(path, table)
         return best
 
-    def run_plan(self, plan: DatasetPlan) -> None:
-        chosen: dict[str, Variant] = {}
+    def run(self) -> None:
+        sw = self.profile.sweeps
+        sizes = self.check_sizes()
+        teacher = self.teacher()
+        vanilla = self.student(Cell.student("vanilla", 0, {}))
+        self.check_gates(sizes, teacher, vanilla)
+        hp: dict[str, float] = {}
+        hp["T"] = self.select("kd", "T", sw.T, {})
+        at_T = {"T": hp["T"]}
+        hp["th_kd"] = self.select("kd+th", "th_kd", sw.th_kd, at_T)
+        hp["alpha"] = self.select("th-kd/paper", "alpha", sw.alpha, at_T)
+        hp["l2e"] = self.select("kd+l2e", "l2e", sw.l2e, at_T)
+        self.log("chosen on validation (seed 0): " + ", ".join(f"{k} {v:g}" for k, v in hp.items()))
         for seed in range(self.profile.seeds):
-            for row in plan.rows:
-                if seed == 0:
-                    results = {v.label: self.run_cell(Cell(plan, row, v, 0)) for v in row.variants}
-                    chosen[row.key] = self.select(plan, row, results)
-                else:
-                    self.run_cell(Cell(plan, row, chosen[row.key], seed))
-                self.test_cell(Cell(plan, row, chosen[row.key], seed))
-
-
-def _weight_items(weights: LossWeights) -> list[str]:
-    items = [f"{name} {value:g}" for name, value in dataclasses.asdict(weights).items() if name != "T" and value]
-    if weights.kd or weights.th_kd:
-        items.append(f"T {weights.T:g}")
-    return items
+            for row in ROWS:
+                if row.startswith("sh-kd/"):
+                    self.student(Cell.student("vanilla", seed, {}))
+                    self.sh_teacher(seed)
+                cell = Cell.student(row, seed, hp)
+                self.student(cell)
+                self.test(cell)
+        if self.profile.long_check:
+            self.long_vanilla()
 
 
 def check_data(profile: Profile) -> None:
-    """Fail before any training when a dataset of the profile cannot be read."""
-    for plan in profile.datasets:
-        if plan.name != "fmnist":
-            continue
-
-        try:
-            create_dataset(plan.data, split="test")
-        except DataError as exc:
-            raise EdgekdError(
-                f"Fashion-MNIST is not available ({str(exc).split(';')[0]}); run `apt-get install "
-                "dataset-fashion-mnist`, pass --fmnist-root DIR, or pass --datasets synthetic to skip it"
-            ) from None
+    """Fail before any training when Fashion-MNIST cannot be read."""
+    try:
+        create_dataset(profile.data, split="test")
+    except DataError as exc:
+        raise EdgekdError(
+            f"Fashion-MNIST is not available ({str(exc).split(';')[0]}); run `apt-get install "
+            "dataset-fashion-mnist` or pass --fmnist-root DIR"
+        ) from None
 
 
 def _study_record(profile: Profile, out: Path) -> dict:
@@ -330,13 +511,9 @@ def _study_record(profile: Profile, out: Path) -> dict:
         raise EdgekdError(
             f"{out} holds a {record['profile']!r} study; run the {profile.name!r} profile in another --out"
         )
-    known = {d["name"]: d for d in record.get("plan", {}).get("datasets", [])}
     plan = dataclasses.asdict(profile)
-    # Keep datasets an earlier invocation ran and this one skips, so the report still covers them.
-    names = [d["name"] for d in plan["datasets"]]
-    plan["datasets"] = [*plan["datasets"], *(d for name, d in known.items() if name not in names)]
     plan["seeds"] = max(profile.seeds, record.get("plan", {}).get("seeds", 0))
-    record.update(profile=profile.name, plan=plan)
+    record.update(profile=profile.name, plan=plan, version=2)
     return record
 
 
@@ -348,11 +525,11 @@ def run_study(
     log: Callable[[str], None] = print,
     report: bool = True,
 ) -> dict:
-    """Run (or resume) every cell of ``profile`` under ``out``, then write ``REPRODUCTION.md`` and plots there.
+    """Run (or resume) the study under ``out``, then write ``REPRODUCTION.md`` and plots there.
 
     Returns:
-        ``cells`` (total), ``trained`` (cells trained by this invocation), ``seconds`` and, with ``report``,
-        ``report`` (the REPRODUCTION.md path).
+        ``cells`` (planned training runs), ``trained`` (cells trained by this invocation), ``seconds`` and, with
+        ``report``, ``report`` (the REPRODUCTION.md path).
     """
     out = Path(out)
     check_data(profile)
@@ -374,9 +551,15 @@ def run_study(
 
     save_record()
     runner = StudyRunner(profile, out, device, log, on_cell=save_record)
-    with _cache_dir(out / "cache"):
-        for plan in profile.datasets:
-            runner.run_plan(plan)
+    try:
+        with _cache_dir(out / "cache"):
+            runner.run()
+    except GateError as exc:
+        invocation["gate_failed"] = str(exc)
+        save_record()
+        if report:
+            write_report(out)
+        raise
     invocation["finished"] = True
     save_record()
     shutil.rmtree(out / "cache", ignore_errors=True)  # teacher-embedding caches: every cell that reads them is done
