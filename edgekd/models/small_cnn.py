@@ -2,8 +2,9 @@
 
 A VGG-like stack of 3×3 conv -> BN -> ReLU blocks with a 2×2 max-pool between stages, global average pooling and a
 Linear + BatchNorm1d embedding neck. Global pooling makes any input size ≥ ``2**(stages-1)`` work; ``in_chans`` is
-configurable. ``cnn_small`` (128-d) is the teacher and ``cnn_tiny`` (64-d) the student of the classification demo;
-their widths differ on purpose, so that path exercises the student-side projection (SPEC §3).
+configurable. ``cnn_small`` (128-d) is the teacher and ``cnn_tiny`` (64-d) the student of the classification
+example; their widths differ, so a method with a teacher-head or l2e term builds the student at 128-d
+(``edgekd.distill.pipeline.student_embed_dim``).
 """
 
 from __future__ import annotations
