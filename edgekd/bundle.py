@@ -128,13 +128,18 @@ def load_bundle(path: str | os.PathLike, model: str | None = None, map_location:
         tensors = load_file(str(path), device=map_location)
     except Exception as exc:  # safetensors raises several types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
+    # A student trained with edgekd 0.1.0's side projection (a layer only the teacher-head terms read) carries
+    # ``projection.*`` tensors; nothing after training uses them, so they are left unread.
+    bundle = bundle_from_meta(meta)
+    load_bundle_tensors(bundle, tensors, str(path))
+    bundle.backbone.eval()
+    return bundle
+
+
+def bundle_from_meta(meta: dict) -> Bundle:
+    """The modules a bundle's metadata (``bundle_meta``) describes, freshly initialized (weights not loaded)."""
     backbone = create_model(meta["model"], **meta.get("model_kwargs", {}))
     head = None
     if "head" in meta:
         head = ClassHead(backbone.embed_dim, meta["head"]["num_classes"], head_spec_of(meta))
-    # A student trained with edgekd 0.1.0's side projection (a layer only the teacher-head terms read) carries
-    # ``projection.*`` tensors; nothing after training uses them, so they are left unread.
-    bundle = Bundle(backbone=backbone, head=head, meta=meta)
-    load_bundle_tensors(bundle, tensors, str(path))
-    backbone.eval()
-    return bundle
+    return Bundle(backbone=backbone, head=head, meta=meta)

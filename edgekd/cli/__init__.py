@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -93,6 +94,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _rank_prefix() -> str:
+    """``[rank 1] `` in a process torchrun started as one rank of several (their errors interleave); else nothing."""
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the group and turns ``EdgekdError`` into one line on stderr, exit 2.
 
@@ -107,11 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     # Inductor's C++ build probes for CUDA and warns on CPU-only machines; that warning is noise to a user.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        cli.main(args=args, prog_name="edgekd", standalone_mode=False)
+        cli.main(args=args, prog_name="edgekd", standalone_mode=False, obj={"argv": args})
     except EdgekdError as exc:
-        click.echo(f"edgekd: error: {exc}", err=True)
+        click.echo(f"edgekd: error: {_rank_prefix()}{exc}", err=True)
         sys.exit(2)
     except TrainingInterrupted as exc:
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(128 + exc.signum)  # every rank stopped at the same step; rank 0 says where it saved
         click.echo(
             f"edgekd: stopped by {exc.signal_name}; saved step {exc.step} in {exc.checkpoint}; "
             f"resume with: {resume_command(args)}",

@@ -19,6 +19,7 @@ from edgekd.cli.options import (
     Setting,
     add_options,
     describe_settings,
+    invocation_argv,
     non_negative,
     positive,
     resolve_settings,
@@ -28,6 +29,7 @@ from edgekd.cli.options import (
 from edgekd.distill.methods import METHODS, method_weights, resolve_preset
 from edgekd.distill.pipeline import check_teacher_head, training_dataset
 from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config
+from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.heads import HeadSpec
 from edgekd.losses import list_loss_backends
 from edgekd.utils.threads import set_threads
@@ -110,6 +112,10 @@ def command(**kwargs) -> None:
     """
     values, resume = resolve_settings("distill", kwargs, SETTINGS, DEMO, default_out="runs/distill")
     cfg = train_config(values)
+    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv())
+    if world is None:
+        return  # this process ran the command as --nproc ranks, which printed everything
+    echo = click.echo if world.is_main else _quiet
     overrides = {term: values[f"w_{term}"] for term in ("ce", "kd", "th_ce", "th_kd", "l2e")}
     # One temperature given is both KL terms' (a matched T); --th-temperature sets th_kd's apart.
     t_th = values["temperature"] if values["th_temperature"] is None else values["th_temperature"]
@@ -132,19 +138,24 @@ def command(**kwargs) -> None:
         fresh_head=preset in METHODS[values["method"]].fresh_head_presets,
         vanilla_baseline=values["vanilla_baseline"],
     )
-    set_threads(values["threads"])
+    set_threads(threads_per_rank(values["threads"]))
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
     if values["teacher"] and values["method"] != "sh-kd" and weights.reads_teacher_head:
         # A teacher whose head does not fit fails before the run folder is written; only its header is read here.
         teacher_spec = head_spec_of(read_bundle_meta(values["teacher"]))
         if teacher_spec is not None:
             check_teacher_head(teacher_spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
-    click.echo(describe_settings(values, SETTINGS))
-    save_settings(out, "distill", values, SETTINGS)
-    report = run_distill(job, dataset, log=click.echo)
+    echo(describe_settings(values, SETTINGS))
+    if world.is_main:
+        save_settings(out, "distill", values, SETTINGS)
+    report = run_distill(job, dataset, log=echo)
     if not report:
         return
     if report.get("results"):
-        click.echo("\n" + results_table(report))
+        echo("\n" + results_table(report))
     plots = ", ".join(report["plots"].values())
-    click.echo(f"\nstudent: {report['student']}  ({report['seconds']:.0f} s; report {out}/results.json; plots {plots})")
+    echo(f"\nstudent: {report['student']}  ({report['seconds']:.0f} s; report {out}/results.json; plots {plots})")
+
+
+def _quiet(*args, **kwargs) -> None:
+    """``click.echo`` on ranks other than 0: rank 0 speaks for the run."""

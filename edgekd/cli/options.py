@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
@@ -197,6 +198,16 @@ TRAIN_SETTINGS = [
         resumable=True,
         shown_default="the usable CPUs; passive OpenMP waits on a busy machine (README: Threads)",
     ),
+    Setting(
+        "nproc",
+        positive(int),
+        "training processes on this machine, one per GPU: N > 1 runs the command under torchrun with the same "
+        "arguments; --batch-size stays the global batch (README: Multi-GPU training)",
+        default=1,
+        resumable=True,
+        saved=False,
+        shown_default="1, or torchrun's world when torchrun started edgekd",
+    ),
     Setting("checkpoint_every", positive(int), "steps between checkpoints", resumable=True),
     Setting("keep_checkpoints", positive(int), "newest checkpoints kept", resumable=True),
     Setting("log_every", positive(int), "steps between metrics.jsonl lines", resumable=True),
@@ -354,6 +365,13 @@ def describe_settings(values: dict, settings: list[Setting]) -> str:
     """One line ``settings: key=value ...`` in --help order, for the start of a run's log."""
     shown = [f"{s.key}={values[s.key]}" for s in settings if values.get(s.key) is not None]
     return "settings: " + " ".join(shown)
+
+
+def invocation_argv() -> list[str]:
+    """The arguments this ``edgekd`` command was run with (what ``--nproc`` passes on to each rank)."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_object(dict) if ctx is not None else None
+    return list(obj["argv"]) if obj and "argv" in obj else sys.argv[1:]
 
 
 def train_config(values: dict) -> TrainConfig:

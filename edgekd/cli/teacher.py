@@ -14,11 +14,13 @@ from edgekd.cli.options import (
     Setting,
     add_options,
     describe_settings,
+    invocation_argv,
     resolve_settings,
     save_settings,
     train_config,
 )
 from edgekd.distill.pipeline import train_teacher, training_dataset
+from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.errors import EdgekdError
 from edgekd.utils.threads import set_threads
 
@@ -60,6 +62,9 @@ def command(**kwargs) -> None:
     """
     values, resume = resolve_settings("teacher", kwargs, SETTINGS, TEACHER_DEMO, default_out="runs/teacher")
     cfg = train_config(values)
+    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv())
+    if world is None:
+        return  # this process ran the command as --nproc ranks, which printed everything
     out = Path(values["out"])
     if (out / "teacher.safetensors").exists() and not resume:
         raise EdgekdError(f"{out}/teacher.safetensors exists already; choose a new --out")
@@ -70,11 +75,14 @@ def command(**kwargs) -> None:
             raise EdgekdError(f"{values['student_head']} has no head to share; pass a student checkpoint edgekd wrote")
     # --model names the architecture of a plain arcface_torch state_dict given as --init.
     init = load_bundle(values["init"], model=values["model"]) if values["init"] else None
-    set_threads(values["threads"])
+    set_threads(threads_per_rank(values["threads"]))
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
-    click.echo(describe_settings(values, SETTINGS))
-    save_settings(out, "teacher", values, SETTINGS)
+    if world.is_main:
+        click.echo(describe_settings(values, SETTINGS))
+        save_settings(out, "teacher", values, SETTINGS)
     path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init)
+    if not world.is_main:
+        return
     if path is None:
         click.echo(f"stopped after --stop-after steps; continue with `edgekd teacher --out {out} --resume`")
     else:

@@ -14,6 +14,7 @@ import torch
 
 from edgekd.bundle import Bundle, load_bundle, save_bundle
 from edgekd.data import create_dataset
+from edgekd.distributed.launch import current_world
 from edgekd.errors import EdgekdError
 from edgekd.heads import ClassHead, HeadSpec, create_head
 from edgekd.losses import LossWeights
@@ -52,11 +53,16 @@ def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bu
 
 
 def _finish(trainee: Bundle, result, run_dir: Path, final: Path, meta: dict) -> Path | None:
-    """Save the final bundle unless the run stopped early (``stop_after``)."""
+    """Save the final bundle unless the run stopped early (``stop_after``); under torchrun rank 0 writes it (every
+    rank's trainee holds the whole trained model by then) and the others wait until it is in place."""
     if result.stopped:
         return None
     trainee.meta.update(meta)
-    return save_bundle(final, trainee)
+    world = current_world()
+    if world.is_main:
+        save_bundle(final, trainee)
+    world.barrier()
+    return final
 
 
 def train_teacher(

@@ -18,6 +18,7 @@ from edgekd.distill.pipeline import (
     student_embed_dim,
     training_dataset,
 )
+from edgekd.distributed.launch import current_world
 from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, verify_bundle
 from edgekd.eval.roc_plot import plot_roc
 from edgekd.losses import LossWeights
@@ -120,7 +121,10 @@ def _vanilla(job: DistillJob, dataset, teacher, log: Callable[[str], None]) -> P
 
 
 def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = print) -> dict:
-    """Train (or reuse) a teacher, distill the student with the job's method, evaluate both; returns the report."""
+    """Train (or reuse) a teacher, distill the student with the job's method, evaluate both; returns the report.
+
+    Under torchrun every rank trains and rank 0 alone evaluates: the others return an empty report.
+    """
     started = time.perf_counter()
     dataset = dataset if dataset is not None else training_dataset(job.cfg)
     teacher_path = _teacher(job, dataset, log)
@@ -139,6 +143,11 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     if student_path is None:
         log(f"stopped after --stop-after steps; continue with `edgekd distill --out {job.out} --resume`")
         return {}
+    vanilla = None
+    if job.evaluate and job.vanilla_baseline and job.method != "vanilla":
+        vanilla = _vanilla(job, dataset, teacher, log)  # trained by every rank under torchrun, like the student
+    if not current_world().is_main:
+        return {}  # rank 0 alone evaluates, plots and writes the report
     report = {
         "method": job.method,
         "weights": job.weights.__dict__,
@@ -149,8 +158,8 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     report["plots"] = {"loss": str(_plot_losses(job, teacher_path, student_path))}
     if job.evaluate:
         named = {"teacher": Path(teacher_path)} if teacher_path else {}
-        if job.vanilla_baseline and job.method != "vanilla":
-            named["vanilla"] = _vanilla(job, dataset, teacher, log)
+        if vanilla is not None:
+            named["vanilla"] = vanilla
         named["student"] = student_path
         report["results"], curves = evaluate_pair(named, job.cfg, job.pairs, _combined_alpha(job))
         if curves:

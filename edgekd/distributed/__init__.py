@@ -2,6 +2,9 @@
 
 ``shards`` says which classes a rank owns (``torch.chunk`` sizes, DTensor's ``Shard(0)``); ``sharded_loss`` is the
 shared-head loss over such shards, ``edgekd::sharded_shared_head``, with the chunked backend's sweep on each rank.
+``head_shard`` holds a rank's rows of a head as trainable parameters (and clips gradients over shards), ``sync_bn``
+normalizes a data-parallel backbone with the global batch's statistics, and ``launch`` joins the process group
+torchrun made (or starts one: ``--nproc``). ``edgekd.train.sharded`` puts them together for ``fit``.
 """
 
 from edgekd.distributed.sharded_loss import make_sharded_backend as make_sharded_backend

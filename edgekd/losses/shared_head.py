@@ -155,7 +155,7 @@ def shared_head_loss(
     z_t: torch.Tensor | None = None,
     head: HeadSpec,
     weights: LossWeights,
-    backend: str = "auto",
+    backend: str | LossBackend = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss ``Σ weight·term`` and the terms for one batch.
 
@@ -167,7 +167,8 @@ def shared_head_loss(
         z_t: (B, D_t) teacher embedding; no gradient.
         head: how logits are formed (kind, s, m); shared by both heads.
         weights: term weights and the temperatures T (kd) and T_th (th_kd).
-        backend: ``auto``, ``reference``, ``chunked`` or ``triton``.
+        backend: ``auto``, ``reference``, ``chunked`` or ``triton``; or a function with their signature, such as
+            the class-sharded loss of ``edgekd.distributed.make_sharded_backend`` (heads then are this rank's shards).
 
     Returns:
         ``(total, terms)``: a scalar with gradients, and each active term's value. The terms are not detached
@@ -175,11 +176,11 @@ def shared_head_loss(
         to the same buffer (one term, weight 1) drops the total's gradient; detach them after the call.
     """
     _check_inputs(z_s, labels, W_s, W_t, z_t, weights)
-    name = resolve_backend(backend, z_s.device)
+    fn = backend if callable(backend) else LOSS_BACKENDS[resolve_backend(backend, z_s.device)]
     terms: dict[str, torch.Tensor] = {}
     for call in backend_calls(weights):
         # Both heads read the student's one embedding (the official code's design): z_s is also the backends' z_st.
-        terms.update(LOSS_BACKENDS[name](z_s, labels, W_s, b_s, z_s, W_t, b_t, z_t, head, call))
+        terms.update(fn(z_s, labels, W_s, b_s, z_s, W_t, b_t, z_t, head, call))
     if weights.l2e:
         terms["l2e"] = l2_embedding(z_s, z_t)
     total = sum(getattr(weights, name) * value for name, value in terms.items())

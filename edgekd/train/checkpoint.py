@@ -6,6 +6,10 @@ config, optimizer param groups). A checkpoint is written into a hidden temporary
 and an old one is hidden before it is deleted, so a killed run never leaves a half-written or half-deleted
 checkpoint in view; ``latest_checkpoint`` only sees complete folders. What a killed run leaves under hidden
 names is removed by ``remove_run_debris`` when the next run on that folder starts.
+
+A multi-rank run (torchrun) writes the same folders with torch.distributed.checkpoint's files instead of the two
+safetensors files (``edgekd.train.dcp_checkpoint``, written by ``edgekd.train.sharded``); ``load_checkpoint`` and
+``checkpoint_bundle`` read both kinds in one process.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgekd.atomic import TEMP_FILE, TRASH, discard_tree, file_mode, make_temp_dir, remove_debris
-from edgekd.bundle import Bundle, load_bundle_tensors, save_bundle
+from edgekd.bundle import Bundle, bundle_from_meta, load_bundle, load_bundle_tensors, save_bundle
 from edgekd.errors import CheckpointError
+from edgekd.train.dcp_checkpoint import DCP_METADATA, is_dcp_checkpoint, load_full
 
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = ("bundle.safetensors", "optimizer.safetensors", STATE_FILE)
+DCP_CHECKPOINT_FILES = (DCP_METADATA, STATE_FILE)  # a multi-rank run's (edgekd.train.dcp_checkpoint)
 CHECKPOINT_NAME = re.compile(r"step_(\d{7,})")
 # The folder a checkpoint is written in before its rename: ".step_0000200." plus mkdtemp's 8 random characters.
 TEMP_CHECKPOINT = re.compile(r"\.step_\d{7,}\.[a-z0-9_]{8}")
@@ -101,7 +107,11 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder of a run, or None."""
-    done = [p for p in checkpoint_folders(run_dir) if all((p / name).is_file() for name in CHECKPOINT_FILES)]
+    done = [
+        p
+        for p in checkpoint_folders(run_dir)
+        if any(all((p / name).is_file() for name in files) for files in (CHECKPOINT_FILES, DCP_CHECKPOINT_FILES))
+    ]
     return done[-1] if done else None
 
 
@@ -117,8 +127,23 @@ def remove_run_debris(run_dir: Path) -> list[Path]:
     ]
 
 
+def read_state(path: Path) -> dict:
+    """The checkpoint's ``state.json`` (step, config, ...); a one-line CheckpointError when unreadable."""
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
 def load_checkpoint(path: Path, bundle: Bundle, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights, optimizer and RNG from ``path`` into live objects; returns the saved state dict."""
+    """Restore weights, optimizer and RNG from ``path`` into live objects; returns the saved state dict.
+
+    A multi-rank run's checkpoint loads too: its head shards are joined into the full head (resuming in one process).
+    """
+    if is_dcp_checkpoint(path):
+        state = read_state(path)
+        load_full(path, bundle, optimizer)
+        return state
     try:
         state = json.loads((path / STATE_FILE).read_text())
         weights = load_file(str(path / "bundle.safetensors"))
@@ -134,3 +159,21 @@ def load_checkpoint(path: Path, bundle: Bundle, optimizer: torch.optim.Optimizer
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
+
+
+def checkpoint_bundle(path: str | Path) -> Bundle:
+    """The trained model a checkpoint folder holds, as one process's ``Bundle`` (for eval or export).
+
+    Either kind: a one-process checkpoint's ``bundle.safetensors``, or a multi-rank run's DCP files, whose head
+    shards are joined into the full head (the modules are rebuilt from the metadata its rank 0 wrote).
+    """
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        return load_bundle(path / "bundle.safetensors")
+    meta = read_state(path).get("bundle")
+    if meta is None:
+        raise CheckpointError(f"checkpoint {path} does not say which model it holds (no bundle in {STATE_FILE})")
+    bundle = bundle_from_meta(meta)
+    load_full(path, bundle)
+    bundle.backbone.eval()
+    return bundle

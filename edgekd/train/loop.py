@@ -3,6 +3,10 @@
 One step: normalize + flip a batch, ask the ``Teacher`` for its embeddings (it reads its cache or runs its frozen
 backbone), run the (compiled) loss function, check the loss is finite, clip, SGD step. Checkpoints every
 ``checkpoint_every`` steps make a killed run lose at most that much work; ``resume`` continues exactly.
+
+Under torchrun (a process group of W > 1 ranks) the same loop trains a ``ShardedTrainee`` (``edgekd.train.sharded``):
+each rank reads its rows of the same global batches, the backbone is data-parallel and the heads class-sharded, and
+the run is the one-process run up to floating-point rounding. Rank 0 alone logs and writes run-level files.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from edgekd.atomic import atomic_path
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize_and_flip
+from edgekd.distributed.launch import World, current_world
 from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
 from edgekd.losses import LossWeights, resolve_backend, shared_head_loss
 from edgekd.train.checkpoint import (
@@ -32,6 +37,7 @@ from edgekd.train.checkpoint import (
 from edgekd.train.config import TrainConfig
 from edgekd.train.optim import build_optimizer, lr_factor, set_lr
 from edgekd.train.order import OrderSampler, StepOrder
+from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
 from edgekd.utils.device import resolve_device
 from edgekd.utils.progress import progress
@@ -89,11 +95,50 @@ def _trim_metrics(path: Path, step: int) -> None:
             tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _ensure_checkpoint(run_dir: Path, done: int, trainee: Bundle, optimizer, cfg: TrainConfig) -> Path:
+class LocalTrainee:
+    """What ``fit`` trains in one process: the trainee's own modules (``ShardedTrainee`` is the torchrun form)."""
+
+    def __init__(self, trainee: Bundle, teacher: Teacher | None, compile: bool) -> None:
+        self.trainee, self.teacher, self.compile = trainee, teacher, compile
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in (self.trainee.backbone, self.trainee.head) if m is not None for p in m.parameters()]
+
+    def step_fn(self, weights: LossWeights, backend: str):
+        """The (compiled) ``loss_fn(x, labels, z_t) -> (total, terms)`` of ``make_loss_fn``."""
+        loss_fn = make_loss_fn(self.trainee, self.teacher, weights, backend)
+        return torch.compile(loss_fn) if self.compile else loss_fn
+
+    def reduce(self, terms: dict, total: torch.Tensor, weights: LossWeights) -> tuple[float, dict[str, torch.Tensor]]:
+        return float(total.detach()), {name: value.detach() for name, value in terms.items()}
+
+    def agree(self, stop: bool) -> bool:
+        return stop
+
+    def clip(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], max_norm)
+
+    def images_per_step(self, local: int) -> int:
+        return local
+
+    def save(self, run_dir: Path, step: int, optimizer, extra: dict, keep: int) -> Path:
+        return save_checkpoint(run_dir, step, self.trainee, optimizer, extra, keep=keep)
+
+    def load(self, path: Path, optimizer) -> dict:
+        return load_checkpoint(path, self.trainee, optimizer)
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _ensure_checkpoint(run_dir: Path, done: int, trainer, optimizer, cfg: TrainConfig) -> Path:
     """The checkpoint after ``done`` steps, written now unless the schedule already wrote it in this step."""
     path = checkpoint_path(run_dir, done)
     if latest_checkpoint(run_dir) != path:
-        save_checkpoint(run_dir, done, trainee, optimizer, {"config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+        trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
     return path
 
 
@@ -163,28 +208,59 @@ def _fit(
     signals: StopSignals,
 ) -> FitResult:
     device = resolve_device(cfg.device)
-    order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip)
-    total_steps = total_steps_of(cfg, order.steps_per_epoch)
+    world = current_world()
+    order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip, world.rank, world.size)
     modules = [m for m in (trainee.backbone, trainee.head) if m is not None]
     for module in modules:
         module.to(device).train()
     if teacher is not None:
         teacher.to(device)
-    optimizer = build_optimizer([p for m in modules for p in m.parameters()], cfg.lr, cfg.momentum, cfg.weight_decay)
+    if world.distributed:
+        trainer = ShardedTrainee(trainee, teacher, world, device, compile="inductor" if cfg.compile else None)
+    else:
+        trainer = LocalTrainee(trainee, teacher, cfg.compile)
+    try:
+        return _train(
+            trainer, world, device, order, trainee, cfg, weights, dataset, run_dir, teacher, resume, desc, signals
+        )
+    finally:
+        trainer.close()
+
+
+def _train(
+    trainer: LocalTrainee | ShardedTrainee,
+    world: World,
+    device: torch.device,
+    order: StepOrder,
+    trainee: Bundle,
+    cfg: TrainConfig,
+    weights: LossWeights,
+    dataset,
+    run_dir: Path,
+    teacher: Teacher | None,
+    resume: bool,
+    desc: str,
+    signals: StopSignals,
+) -> FitResult:
+    total_steps = total_steps_of(cfg, order.steps_per_epoch)
+    optimizer = build_optimizer(trainer.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
 
     start = 0
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None and not resume:
         raise EdgekdError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose a new --out")
-    remove_run_debris(run_dir)  # what a killed earlier run left half-written; only this run uses the folder now
+    if world.is_main:
+        remove_run_debris(run_dir)  # what a killed earlier run left half-written; only this run uses the folder now
+    world.barrier()
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, trainee, optimizer)["step"]
-        _trim_metrics(run_dir / "metrics.jsonl", start)
+        start = trainer.load(checkpoint, optimizer)["step"]
+        if world.is_main:
+            _trim_metrics(run_dir / "metrics.jsonl", start)
     if start >= total_steps:
+        trainer.finish()
         return FitResult(start, total_steps, {}, stopped=False)
 
-    loss_fn = make_loss_fn(trainee, teacher, weights, cfg.loss_backend)
-    step_fn = torch.compile(loss_fn) if cfg.compile else loss_fn
+    step_fn = trainer.step_fn(weights, cfg.loss_backend)
     mean, std = trainee.cfg.mean, trainee.cfg.std
     stop = total_steps if cfg.stop_after is None else min(total_steps, start + cfg.stop_after)
     loader = torch.utils.data.DataLoader(
@@ -195,8 +271,9 @@ def _fit(
     )
     metrics_path = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
-    bar = progress(total=total_steps, initial=start, desc=desc, unit="step")
+    bar = progress(total=total_steps, initial=start, desc=desc, unit="step", disable=not world.is_main)
     last: dict = {}
+    stopping = False
     tic, seen = time.perf_counter(), 0
     for step, (images, labels) in enumerate(loader, start=start):
         indices, flips = order.batch(step)
@@ -207,8 +284,8 @@ def _fit(
         lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             total, terms = step_fn(x, labels, z_t)
-        loss = float(total.detach())
-        terms = {name: value.detach() for name, value in terms.items()}
+        # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
+        loss, terms = trainer.reduce(terms, total, weights)
         if not math.isfinite(loss):
             kept = latest_checkpoint(run_dir)
             where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
@@ -216,11 +293,11 @@ def _fit(
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
+            trainer.clip(cfg.clip_grad)
         optimizer.step()
-        seen += len(labels)
+        seen += trainer.images_per_step(len(labels))
         done = step + 1
-        if done % cfg.log_every == 0 or done == stop:
+        if world.is_main and (done % cfg.log_every == 0 or done == stop):
             rate = seen / max(time.perf_counter() - tic, 1e-9)
             last = {
                 "step": done,
@@ -235,11 +312,13 @@ def _fit(
             tic, seen = time.perf_counter(), 0
         bar.update(1)
         if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(run_dir, done, trainee, optimizer, {"config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
-        if signals.received is not None:
+            trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
+        stopping = trainer.agree(signals.received is not None)
+        if stopping:
             break  # leaving the loop here also shuts the data loader's workers down
     bar.close()
-    if signals.received is not None:
-        saved = _ensure_checkpoint(run_dir, done, trainee, optimizer, cfg)
-        raise TrainingInterrupted(signals.received, done, saved)
+    if stopping:
+        saved = _ensure_checkpoint(run_dir, done, trainer, optimizer, cfg)
+        raise TrainingInterrupted(signals.received or signal.SIGTERM, done, saved)
+    trainer.finish()
     return FitResult(stop, total_steps, last, stopped=stop < total_steps)

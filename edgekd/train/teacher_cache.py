@@ -4,18 +4,26 @@ Face training augments with flips only, so the teacher sees just two versions of
 once and memory-mapping them makes every later epoch (and every SH-KD stage that reuses the teacher) skip
 the teacher forward pass. The file name is a key over the teacher's weights, the dataset fingerprint and
 the input transform, so a changed teacher or changed data gets a new cache instead of stale embeddings.
+
+Under torchrun the ranks build it together: rank 0's key is every rank's (the data fingerprint reads file sizes and
+times, which copies on other nodes need not share), rank 0 creates the table under a temporary name, each rank fills
+its own contiguous block of rows, and rank 0 renames it into place once all have flushed theirs; every rank then
+memory-maps the file itself (one page cache on a machine, no copy sent between processes).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgekd.atomic import TEMP_FILE, atomic_path, remove_debris, write_json
+from edgekd.atomic import TEMP_FILE, atomic_path, file_mode, remove_debris, write_json
 from edgekd.data.transforms import hflip, normalize
+from edgekd.distributed.launch import World, current_world
 from edgekd.utils.hashing import json_digest, module_fingerprint
 from edgekd.utils.progress import progress
 
@@ -45,11 +53,35 @@ class TeacherCache:
         return torch.from_numpy(np.ascontiguousarray(rows))
 
 
+def _embed_rows(teacher: nn.Module, dataset, mean, std, rows: range, device, batch_size: int, bar):
+    """``(image, flip)`` embeddings ``(len(rows), 2, D)`` of images ``rows``, yielded per batch with its offset."""
+    for start in range(rows.start, rows.stop, batch_size):
+        items = [dataset[i] for i in range(start, min(rows.stop, start + batch_size))]
+        x = normalize(torch.stack([img for img, _ in items]).to(device), mean, std)
+        z = teacher(x).float().cpu().numpy()
+        z_flip = teacher(hflip(x)).float().cpu().numpy()
+        bar.update(len(items))
+        yield start, np.stack([z, z_flip], axis=1)
+
+
 @torch.no_grad()
 def build_teacher_cache(
-    teacher: nn.Module, dataset, mean, std, cache_dir: Path, device: torch.device, batch_size: int = 128
+    teacher: nn.Module,
+    dataset,
+    mean,
+    std,
+    cache_dir: Path,
+    device: torch.device,
+    batch_size: int = 128,
+    world: World | None = None,
 ) -> TeacherCache:
-    """Return the cache for (teacher, dataset), computing and writing it atomically if it does not exist yet."""
+    """Return the cache for (teacher, dataset), computing and writing it atomically if it does not exist yet.
+
+    ``world``: the ranks that build it together (default: the current process group, or this process alone).
+    """
+    world = world if world is not None else current_world()
+    if world.distributed:
+        return _build_together(teacher, dataset, mean, std, Path(cache_dir), device, batch_size, world)
     cache_dir = Path(cache_dir)
     remove_debris(cache_dir, TEMP_FILE, min_age_s=STALE_TEMPORARY_S)
     key = cache_key(teacher, dataset, mean, std)
@@ -60,28 +92,62 @@ def build_teacher_cache(
     n = len(dataset)
     table = None
     bar = progress(total=n, desc="teacher cache", unit="img")
-    for start in range(0, n, batch_size):
-        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        x = normalize(torch.stack([img for img, _ in items]).to(device), mean, std)
-        z = teacher(x).float().cpu()
-        z_flip = teacher(hflip(x)).float().cpu()
+    for start, rows in _embed_rows(teacher, dataset, mean, std, range(n), device, batch_size, bar):
         if table is None:
-            table = np.empty((n, 2, z.shape[1]), dtype=np.float32)
-        table[start : start + len(items), 0] = z.numpy()
-        table[start : start + len(items), 1] = z_flip.numpy()
-        bar.update(len(items))
+            table = np.empty((n, 2, rows.shape[2]), dtype=np.float32)
+        table[start : start + len(rows)] = rows
     bar.close()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, table)
+    _write_info(path, key, teacher, dataset, n, int(table.shape[2]))
+    return TeacherCache(path)
+
+
+def _write_info(path: Path, key: str, teacher: nn.Module, dataset, n: int, dim: int) -> None:
     write_json(
         path.with_suffix(".json"),
-        {
-            "key": key,
-            "teacher": module_fingerprint(teacher),
-            "data": dataset.fingerprint,
-            "images": n,
-            "dim": int(table.shape[2]),
-        },
+        {"key": key, "teacher": module_fingerprint(teacher), "data": dataset.fingerprint, "images": n, "dim": dim},
     )
+
+
+def _build_together(teacher, dataset, mean, std, cache_dir: Path, device, batch_size: int, world: World):
+    """``build_teacher_cache`` by every rank of ``world``: see the module doc."""
+    if world.is_main:
+        remove_debris(cache_dir, TEMP_FILE, min_age_s=STALE_TEMPORARY_S)
+        key = cache_key(teacher, dataset, mean, std)
+    key = world.broadcast(key if world.is_main else None)
+    path = cache_dir / f"teacher_{key}.npy"
+    if world.broadcast(path.is_file() if world.is_main else None):
+        return TeacherCache(path)
+    teacher.eval()
+    n = len(dataset)
+    tmp = None
+    if world.is_main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=cache_dir)  # TEMP_FILE's pattern
+        os.close(fd)
+        x = normalize(dataset[0][0][None].to(device), mean, std)
+        dim = int(teacher(x).shape[1])
+        np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=(n, 2, dim)).flush()
+        tmp = Path(name)
+    tmp = world.broadcast(tmp)
+    try:
+        table = np.load(tmp, mmap_mode="r+")
+        lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
+        bar = progress(total=hi - lo, desc="teacher cache", unit="img", disable=not world.is_main)
+        for start, rows in _embed_rows(teacher, dataset, mean, std, range(lo, hi), device, batch_size, bar):
+            table[start : start + len(rows)] = rows
+        bar.close()
+        table.flush()
+        del table
+        world.barrier()  # every rank's rows are on disk
+        if world.is_main:
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+            _write_info(path, key, teacher, dataset, n, dim)
+        world.barrier()  # the file is in place before any rank opens it
+    finally:
+        if world.is_main and tmp.exists():
+            tmp.unlink()
     return TeacherCache(path)

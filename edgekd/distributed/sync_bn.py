@@ -1,0 +1,144 @@
+"""Batch norm over the global batch on any device (gloo on the CPU too): a multi-rank run normalizes as one process.
+
+With data parallelism each rank sees ``B = N / W`` rows. Plain BatchNorm would normalize them with their own batch
+statistics, so the model a W-rank run trains would depend on W. ``SyncBatchNorm`` here combines every rank's
+per-channel mean and sum of squared deviations (Chan's parallel formula: one all_gather of ``(2, C)`` float64
+numbers per layer) into the statistics of all ``N`` rows, normalizes with them and updates the running statistics as
+a single process with batch ``N`` would (unbiased variance). torch's own ``nn.SyncBatchNorm`` runs only on GPUs;
+this one is plain tensor math around one custom op, ``edgekd::gather_batch_stats``, whose backward sums every rank's
+gradient of the gathered statistics and hands each rank its own (a reduce-scatter), so autograd differentiates the
+global statistics, and a compiled step has no graph break.
+
+Gradient convention: as the sharded head's (``edgekd.distributed.sharded_loss``). Every rank's loss gradient wrt its
+rows is W times the global loss's and DDP averages parameter gradients; the summed backward keeps that exact.
+
+``convert_sync_batchnorm`` swaps the layers of a model in place for ones that share their parameters and buffers
+(the state_dict keys and tensors stay the same); ``restore`` puts the original layers back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.nn.modules.batchnorm import _BatchNorm
+
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def _world_size(group: str) -> int:
+    return dist.get_world_size(_resolve_process_group(group))
+
+
+@torch.library.custom_op("edgekd::gather_batch_stats", mutates_args=())
+def gather_batch_stats(stats: torch.Tensor, group: str) -> torch.Tensor:
+    """``(2, C)`` statistics of this rank -> ``(W, 2, C)`` of every rank, in rank order."""
+    pg = _resolve_process_group(group)
+    world = dist.get_world_size(pg)
+    out = stats.new_empty((world * stats.shape[0], *stats.shape[1:]))  # the tensor form stacks along dim 0
+    _all_gather(out, stats.contiguous(), group=pg)
+    return out.view(world, *stats.shape)
+
+
+@gather_batch_stats.register_fake
+def _(stats, group):
+    return stats.new_empty((_world_size(group), *stats.shape))
+
+
+@torch.library.custom_op("edgekd::scatter_batch_stats_grad", mutates_args=())
+def scatter_batch_stats_grad(grad: torch.Tensor, group: str) -> torch.Tensor:
+    """``(W, 2, C)`` gradient of the gathered statistics -> this rank's ``(2, C)`` share of their sum over ranks."""
+    pg = _resolve_process_group(group)
+    total = grad.contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
+    return total[dist.get_rank(pg)].clone()
+
+
+@scatter_batch_stats_grad.register_fake
+def _(grad, group):
+    return grad.new_empty(grad.shape[1:])
+
+
+def _backward(ctx, grad):
+    return scatter_batch_stats_grad(grad, ctx.group), None
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.group = inputs[1]
+
+
+gather_batch_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+class SyncBatchNorm(nn.Module):
+    """A BatchNorm layer normalizing with the statistics of the rows of every rank of ``group``.
+
+    Args:
+        bn: the layer it replaces; its parameters and buffers are shared, not copied.
+        group: ``ProcessGroup.group_name`` of the data-parallel ranks (each with the same batch size).
+    """
+
+    def __init__(self, bn: _BatchNorm, group: str) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
+        self.track_running_stats, self.group = bn.track_running_stats, group
+        self.weight, self.bias = bn.weight, bn.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(bn, name))
+        self.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        dims = [0, *range(2, x.ndim)]
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32 at least
+        n = xf.numel() // xf.shape[1]
+        # Sums of deviations from a shift near the mean (any constant is exact; no gradient goes through it), then
+        # the per-rank mean and sum of squared deviations in float64: the ranks' means differ by ~std/sqrt(n), and
+        # their float32 rounding (~1e-7 of |mean|) would enter the combined variance in that difference.
+        shift = xf.mean(dims).detach()
+        d = xf - shift.view(shape)
+        s1, s2 = d.sum(dims).double(), d.square().sum(dims).double()
+        mean_r, m2_r = shift.double() + s1 / n, s2 - s1.square() / n
+        stats = gather_batch_stats(torch.stack([mean_r, m2_r]), self.group)  # (W, 2, C) float64
+        means, m2s = stats[:, 0], stats[:, 1]
+        total = stats.shape[0] * n
+        mean = means.mean(0)
+        var = (m2s.sum(0) + n * (means - mean).square().sum(0)) / total  # biased: what normalizes the batch
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (total / max(total - 1, 1))
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        y = (xf - mean.to(xf.dtype).view(shape)) * torch.rsqrt(var + self.eps).to(xf.dtype).view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every BatchNorm layer under ``module`` by a ``SyncBatchNorm`` over ``group``, in place.
+
+    Returns:
+        ``(parent, name, original layer)`` for ``restore``.
+    """
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, name, SyncBatchNorm(child, group.group_name))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def restore(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put back the layers ``convert_sync_batchnorm`` replaced (they hold the trained values already)."""
+    for parent, name, original in reversed(swapped):
+        original.train(getattr(parent, name).training)
+        setattr(parent, name, original)
