@@ -20,7 +20,9 @@ LOG_INTERVAL_S = 30.0
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it", **kw):
-    """A bar on a terminal; ``LogLines`` when stderr is not one."""
+    """A bar on a terminal; ``LogLines`` when stderr is not one; nothing at all with ``disable=True`` (ranks but 0)."""
+    if kw.get("disable"):
+        return tqdm(iterable, total=total, disable=True)
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, **kw)
     return LogLines(iterable, total=total, desc=desc, unit=unit, initial=kw.get("initial", 0))
