@@ -185,3 +185,29 @@ def shared_head_loss(
         terms["l2e"] = l2_embedding(z_s, z_t)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, terms
+
+
+def head_loss_fn(head, teacher_head, weights: LossWeights, backend: str | LossBackend):
+    """``loss(z_s, labels, z_t) -> (total, terms)`` through ``head`` (the student's ``ClassHead``) and
+    ``teacher_head`` (frozen, or None), read at each call so that a compiled step sees their parameters.
+
+    The student head's tensors are passed only when a term reads them (ce, kd): vanilla SH-KD stages and TH-only
+    weights train without them.
+    """
+    uses_student_head = bool(weights.ce or weights.kd)
+
+    def loss(z_s: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
+        return shared_head_loss(
+            z_s,
+            labels,
+            W_s=head.weight if uses_student_head else None,
+            b_s=head.bias if uses_student_head else None,
+            W_t=teacher_head.weight if teacher_head is not None else None,
+            b_t=teacher_head.bias if teacher_head is not None else None,
+            z_t=z_t,
+            head=head.spec,
+            weights=weights,
+            backend=backend,
+        )
+
+    return loss

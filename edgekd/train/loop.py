@@ -26,7 +26,8 @@ from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize_and_flip
 from edgekd.distributed.launch import World, current_world
 from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
-from edgekd.losses import LossWeights, resolve_backend, shared_head_loss
+from edgekd.losses import LossWeights, resolve_backend
+from edgekd.losses.shared_head import head_loss_fn
 from edgekd.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -58,24 +59,12 @@ def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 def make_loss_fn(trainee: Bundle, teacher: Teacher | None, weights: LossWeights, backend: str):
     """``loss_fn(x, labels, z_t) -> (total, terms)`` over the trainee's modules; this is what gets compiled."""
-    backbone, head = trainee.backbone, trainee.head
-    t_head = teacher.head if teacher is not None else None
-    uses_student_head = bool(weights.ce or weights.kd)
+    backbone = trainee.backbone
     backend = resolve_backend(backend, next(backbone.parameters()).device)
+    head_loss = head_loss_fn(trainee.head, teacher.head if teacher is not None else None, weights, backend)
 
     def loss_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
-        return shared_head_loss(
-            backbone(x),
-            labels,
-            W_s=head.weight if uses_student_head else None,
-            b_s=head.bias if uses_student_head else None,
-            W_t=t_head.weight if t_head is not None else None,
-            b_t=t_head.bias if t_head is not None else None,
-            z_t=z_t,
-            head=head.spec,
-            weights=weights,
-            backend=backend,
-        )
+        return head_loss(backbone(x), labels, z_t)
 
     return loss_fn
 

@@ -42,7 +42,8 @@ from edgekd.distributed.head_shard import HeadShard, clip_grad_norm_, release
 from edgekd.distributed.launch import World
 from edgekd.distributed.sync_bn import convert_sync_batchnorm, restore
 from edgekd.errors import CheckpointError, EdgekdError
-from edgekd.losses import LossWeights, shared_head_loss
+from edgekd.losses import LossWeights
+from edgekd.losses.shared_head import head_loss_fn
 from edgekd.train.checkpoint import STATE_FILE, checkpoint_folders, checkpoint_path, read_state
 from edgekd.train.dcp_checkpoint import (
     check_keys,
@@ -115,24 +116,8 @@ class ShardedTrainee:
                 f"--loss-backend {backend}: under torchrun the head is class-sharded and runs the chunked sweep on "
                 f"each shard; use --loss-backend auto or chunked"
             )
-        head, t_head = self.head, self.t_head
-        sharded = make_sharded_backend(self.world.group, head.num_classes)
-        uses_student_head = bool(weights.ce or weights.kd)
-
-        def head_loss(z_s: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
-            return shared_head_loss(
-                z_s,
-                labels,
-                W_s=head.weight if uses_student_head else None,
-                b_s=head.bias if uses_student_head else None,
-                W_t=t_head.weight if t_head is not None else None,
-                b_t=t_head.bias if t_head is not None else None,
-                z_t=z_t,
-                head=head.spec,
-                weights=weights,
-                backend=sharded,
-            )
-
+        sharded = make_sharded_backend(self.world.group, self.head.num_classes)
+        head_loss = head_loss_fn(self.head, self.t_head, weights, sharded)
         loss = torch.compile(head_loss, backend=self.compile) if self.compile else head_loss
         return lambda x, labels, z_t: loss(self.backbone(x), labels, z_t)
 
