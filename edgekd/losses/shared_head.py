@@ -134,14 +134,13 @@ def backend_calls(weights: LossWeights) -> list[LossWeights]:
     (its log-sum-exp per row), so th_kd then gets a second call that recomputes the teacher logits (one more
     B×C×D_t product) instead of a second set of per-row statistics in every kernel.
     """
-    head_terms = replace(weights, l2e=0.0)
-    if not weights.th_kd:
-        return [head_terms]
+    # The common cases build no new LossWeights: a dataclass made inside a compiled step broke Dynamo's recompile
+    # ("torch.* op returned non-Tensor", torch 2.14). Backends ignore l2e.
+    if not weights.th_kd or weights.T == weights.T_th:
+        return [weights]
     if not weights.kd:
-        return [replace(head_terms, T=weights.T_th)]
-    if weights.T == weights.T_th:
-        return [head_terms]
-    return [replace(head_terms, th_kd=0.0), LossWeights(ce=0.0, th_kd=weights.th_kd, T=weights.T_th, T_th=weights.T_th)]
+        return [replace(weights, T=weights.T_th)]
+    return [replace(weights, th_kd=0.0), LossWeights(ce=0.0, th_kd=weights.th_kd, T=weights.T_th, T_th=weights.T_th)]
 
 
 def shared_head_loss(
