@@ -39,7 +39,7 @@ SETTINGS = TRAIN_SETTINGS + [
     Setting(
         "preset",
         click.STRING,
-        "weight preset: th-kd paper|code|face, sh-kd face|code|official",
+        "weight preset: th-kd paper|code|face|kdth, sh-kd face|code|official|kdeth",
         shown_default="by head family, edgekd/distill/methods.py",
     ),
     Setting(

@@ -39,11 +39,11 @@ SETTINGS_FILE = "settings.json"
 # default 64: with C = 200 classes a fixed-scale head needs only s ≈ √2·ln(C − 1) ≈ 7.5 (AdaCos), and s = 64
 # with m = 0.5 barely moves in a few hundred steps; the margin is lowered to 0.3 with it.
 DEMO = {
-    "data": "synthetic:identities=200,images_per_identity=20,image_size=32,pairs=2000,pair_identities=200",
+    "data": "synthetic:identities=200,images_per_identity=16,image_size=32,pairs=2000,pair_identities=200",
     "scale": 16.0,
     "margin": 0.3,
     "batch_size": 64,
-    "epochs": 4.0,
+    "epochs": 3.0,
     "warmup_steps": 20,
     "checkpoint_every": 100,
     "teacher_model": "r18",
