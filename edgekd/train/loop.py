@@ -11,6 +11,7 @@ the run is the one-process run up to floating-point rounding. Rank 0 alone logs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -24,7 +25,7 @@ import torch
 from edgekd.atomic import atomic_path
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize_and_flip
-from edgekd.distributed.launch import World, current_world
+from edgekd.distributed.launch import current_world
 from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
 from edgekd.losses import LossWeights, resolve_backend
 from edgekd.losses.shared_head import head_loss_fn
@@ -208,106 +209,84 @@ def _fit(
         trainer = ShardedTrainee(trainee, teacher, world, device, compile="inductor" if cfg.compile else None)
     else:
         trainer = LocalTrainee(trainee, teacher, cfg.compile)
-    try:
-        return _train(
-            trainer, world, device, order, trainee, cfg, weights, dataset, run_dir, teacher, resume, desc, signals
-        )
-    finally:
-        trainer.close()
+    with contextlib.closing(trainer):  # ShardedTrainee.close gives the trainee its own BatchNorm layers back
+        total_steps = total_steps_of(cfg, order.steps_per_epoch)
+        optimizer = build_optimizer(trainer.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
 
-
-def _train(
-    trainer: LocalTrainee | ShardedTrainee,
-    world: World,
-    device: torch.device,
-    order: StepOrder,
-    trainee: Bundle,
-    cfg: TrainConfig,
-    weights: LossWeights,
-    dataset,
-    run_dir: Path,
-    teacher: Teacher | None,
-    resume: bool,
-    desc: str,
-    signals: StopSignals,
-) -> FitResult:
-    total_steps = total_steps_of(cfg, order.steps_per_epoch)
-    optimizer = build_optimizer(trainer.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-
-    start = 0
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None and not resume:
-        raise EdgekdError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose a new --out")
-    if world.is_main:
-        remove_run_debris(run_dir)  # what a killed earlier run left half-written; only this run uses the folder now
-    world.barrier()
-    if checkpoint is not None:
-        start = trainer.load(checkpoint, optimizer)["step"]
+        start = 0
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None and not resume:
+            raise EdgekdError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose a new --out")
         if world.is_main:
-            _trim_metrics(run_dir / "metrics.jsonl", start)
-    if start >= total_steps:
-        trainer.finish()
-        return FitResult(start, total_steps, {}, stopped=False)
+            remove_run_debris(run_dir)  # what a killed earlier run left half-written; only this run uses the folder now
+        world.barrier()
+        if checkpoint is not None:
+            start = trainer.load(checkpoint, optimizer)["step"]
+            if world.is_main:
+                _trim_metrics(run_dir / "metrics.jsonl", start)
+        if start >= total_steps:
+            trainer.finish()
+            return FitResult(start, total_steps, {}, stopped=False)
 
-    step_fn = trainer.step_fn(weights, cfg.loss_backend)
-    mean, std = trainee.cfg.mean, trainee.cfg.std
-    stop = total_steps if cfg.stop_after is None else min(total_steps, start + cfg.stop_after)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=OrderSampler(order, start, stop),
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    metrics_path = run_dir / "metrics.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    bar = progress(total=total_steps, initial=start, desc=desc, unit="step", disable=not world.is_main)
-    last: dict = {}
-    stopping = False
-    tic, seen = time.perf_counter(), 0
-    for step, (images, labels) in enumerate(loader, start=start):
-        indices, flips = order.batch(step)
-        images = images.to(device, non_blocking=True)
-        x = normalize_and_flip(images, mean, std, flips)
-        labels = labels.to(device)
-        z_t = teacher.embed(images, indices, flips) if teacher is not None else None
-        lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            total, terms = step_fn(x, labels, z_t)
-        # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
-        loss, terms = trainer.reduce(terms, total, weights)
-        if not math.isfinite(loss):
-            kept = latest_checkpoint(run_dir)
-            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
-            raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {where}; lower --lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.clip_grad > 0:
-            trainer.clip(cfg.clip_grad)
-        optimizer.step()
-        seen += trainer.images_per_step(len(labels))
-        done = step + 1
-        if world.is_main and (done % cfg.log_every == 0 or done == stop):
-            rate = seen / max(time.perf_counter() - tic, 1e-9)
-            last = {
-                "step": done,
-                "loss": loss,
-                "lr": lr,
-                "images_per_s": round(rate, 1),
-                **{k: float(v) for k, v in terms.items()},
-            }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
-            tic, seen = time.perf_counter(), 0
-        bar.update(1)
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
-        stopping = trainer.agree(signals.received is not None)
+        step_fn = trainer.step_fn(weights, cfg.loss_backend)
+        mean, std = trainee.cfg.mean, trainee.cfg.std
+        stop = total_steps if cfg.stop_after is None else min(total_steps, start + cfg.stop_after)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=OrderSampler(order, start, stop),
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        metrics_path = run_dir / "metrics.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        bar = progress(total=total_steps, initial=start, desc=desc, unit="step", disable=not world.is_main)
+        last: dict = {}
+        stopping = False
+        tic, seen = time.perf_counter(), 0
+        for step, (images, labels) in enumerate(loader, start=start):
+            indices, flips = order.batch(step)
+            images = images.to(device, non_blocking=True)
+            x = normalize_and_flip(images, mean, std, flips)
+            labels = labels.to(device)
+            z_t = teacher.embed(images, indices, flips) if teacher is not None else None
+            lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                total, terms = step_fn(x, labels, z_t)
+            # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
+            loss, terms = trainer.reduce(terms, total, weights)
+            if not math.isfinite(loss):
+                kept = latest_checkpoint(run_dir)
+                where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {where}; lower --lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.clip_grad > 0:
+                trainer.clip(cfg.clip_grad)
+            optimizer.step()
+            seen += trainer.images_per_step(len(labels))
+            done = step + 1
+            if world.is_main and (done % cfg.log_every == 0 or done == stop):
+                rate = seen / max(time.perf_counter() - tic, 1e-9)
+                last = {
+                    "step": done,
+                    "loss": loss,
+                    "lr": lr,
+                    "images_per_s": round(rate, 1),
+                    **{k: float(v) for k, v in terms.items()},
+                }
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                tic, seen = time.perf_counter(), 0
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == stop:
+                trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
+            stopping = trainer.agree(signals.received is not None)
+            if stopping:
+                break  # leaving the loop here also shuts the data loader's workers down
+        bar.close()
         if stopping:
-            break  # leaving the loop here also shuts the data loader's workers down
-    bar.close()
-    if stopping:
-        saved = _ensure_checkpoint(run_dir, done, trainer, optimizer, cfg)
-        raise TrainingInterrupted(signals.received or signal.SIGTERM, done, saved)
-    trainer.finish()
-    return FitResult(stop, total_steps, last, stopped=stop < total_steps)
+            saved = _ensure_checkpoint(run_dir, done, trainer, optimizer, cfg)
+            raise TrainingInterrupted(signals.received or signal.SIGTERM, done, saved)
+        trainer.finish()
+        return FitResult(stop, total_steps, last, stopped=stop < total_steps)
