@@ -72,8 +72,8 @@ def evaluate_pair(
     face = cfg.head != "linear"
     pair_set = create_pairs(pairs or cfg.data, image_size=cfg.image_size) if face else None
     test_set = None if face else create_dataset(cfg.data, split="test", image_size=cfg.image_size)
-    for role, path in named.items():
-        bundle = load_bundle(path)
+    bundles = {role: load_bundle(path) for role, path in named.items()}
+    for role, bundle in bundles.items():
         row = {"role": role, "model": bundle.cfg.name, "params": parameter_count(bundle.backbone)}
         if face:
             result = verify_bundle(bundle, pair_set, device=cfg.device)
@@ -83,7 +83,7 @@ def evaluate_pair(
                 row[f"tar@{far:g}"] = result["tar_at_far"].get(str(far), float("nan"))
             rows.append(row)
             continue
-        shared = load_bundle(named["teacher"]).head if role == "student" and combined is not None else None
+        shared = bundles["teacher"].head if role == "student" and combined is not None else None
         result = classify_bundle(bundle, test_set, device=cfg.device, shared_head=shared, alpha=combined or 0.0)
         rows.append({**row, "top1": result["top1"]})
         if "top1_p′" in result:
