@@ -3,7 +3,7 @@
 Both blocked backends sweep the classes and never hold a ``(B, C)`` matrix. What they need besides the sweep
 lives here: the per-row target logit with its margin (computed once by gathering ``W[labels]``, so the sweep only
 substitutes it at the target column), the margin's derivative, the backward of row normalization, and the
-merge of per-split online log-sum-exp partials.
+merge of the per-row partials of disjoint class ranges (kernel splits, chunked blocks, ranks' shards).
 
 The margin formula, its epsilons and the head kinds come from ``edgekd.heads.margin``, the one definition that
 the reference loss differentiates; ``edgekd.kernels`` imports nothing from ``edgekd.losses``.
@@ -107,10 +107,80 @@ def prepare_rows(
     return HeadRows(e, e_norms, s * phi, dphi)
 
 
-def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp of per-split partials ``(max, Σ exp(x − max))``, each (n_split, B) -> (B,)."""
-    mx = m.max(0).values
-    return mx + torch.log((s * torch.exp(m - mx)).sum(0))
+def prepare_range_rows(z, W, b, labels, kind, s, m, dot_dtype, acc) -> HeadRows:
+    """``prepare_rows`` for labels that may fall outside ``W``'s classes (one class range, labels local to it).
+
+    Such rows have no target in this range: their target logit is 0 (the range holding the label supplies it in
+    ``combine_partials``) and their margin derivative 1; the sweeps never substitute it, since no column of the
+    range equals their label. The gather is clamped.
+    """
+    if labels is None:
+        return prepare_rows(z, W, b, None, kind, s, m, dot_dtype, acc)
+    owned = (labels >= 0) & (labels < W.shape[0])
+    rows = prepare_rows(z, W, b, labels.clamp(0, W.shape[0] - 1), kind, s, m, dot_dtype, acc)
+    rows.t_ce = torch.where(owned, rows.t_ce, 0.0)
+    rows.dphi = torch.where(owned, rows.dphi, 1.0)
+    return rows
+
+
+# Rows of the per-row partials of a sweep over a class range, ``(N_PARTIALS, B)``: ``(max, Σ exp(x − max))`` pairs at
+# P and P + 1 for each log-sum-exp, the KL sums ``Σ exp(a − max_a)(a − b)`` of kd and th_kd (at the teacher's max
+# P_T), and each row's CE target logit with its margin (0 where the range does not hold the label). Both blocked
+# backends write this layout, so partials of any class ranges (kernel splits, chunked blocks, ranks) merge alike.
+P_CE_S, P_KD_S, P_T, P_K_S, P_K_TH, P_CE_TH, P_KD_TH, P_TGT_S, P_TGT_TH = 0, 2, 4, 6, 7, 8, 10, 12, 13
+N_PARTIALS = 14
+
+
+def _lse_rows(terms: int) -> tuple[tuple[int, int], ...]:
+    """``(partials row, used)`` of each log-sum-exp, in the column order of the stats (``LSE_CE_S`` ...)."""
+    return (
+        (P_CE_S, terms & TERM_CE),
+        (P_KD_S, terms & TERM_KD),
+        (P_T, terms & (TERM_KD | TERM_TH_KD)),
+        (P_CE_TH, terms & TERM_TH_CE),
+        (P_KD_TH, terms & TERM_TH_KD),
+    )
+
+
+def combine_partials(part: torch.Tensor, terms: int) -> torch.Tensor:
+    """The partials ``(N_PARTIALS, B)`` of the union of disjoint class ranges from theirs, ``(n, N_PARTIALS, B)``.
+
+    Each ``(max, sum)`` pair goes to the largest max with its sums rescaled; the KL sums follow the teacher's max;
+    a row's target logit is the one range holding its label (the others hold 0). Rows of inactive terms are left as
+    the first range has them (their max is −inf). With one range every factor is ``exp(0) = 1``: exact.
+    """
+    out = part[0].clone()
+    for row, used in _lse_rows(terms):
+        if used:
+            m = part[:, row].max(0).values
+            out[row], out[row + 1] = m, (part[:, row + 1] * torch.exp(part[:, row] - m)).sum(0)
+    if terms & (TERM_KD | TERM_TH_KD):
+        rescale = torch.exp(part[:, P_T] - out[P_T])  # (n, B): each range's teacher max to the union's
+        for row in (P_K_S, P_K_TH):
+            out[row] = (part[:, row] * rescale).sum(0)
+    for row in (P_TGT_S, P_TGT_TH):
+        out[row] = part[:, row].sum(0)
+    return out
+
+
+def merge_partials(part: torch.Tensor, terms: int, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(losses (4,), stats (B, 5))`` from the partials ``(n, N_PARTIALS, B)`` of disjoint ranges covering the head.
+
+    ``losses`` are the means over the B rows of ce, kd, th_ce, th_kd (0 where inactive), ``stats`` each row's
+    log-sum-exps (0 where unused), which the backward sweeps reuse.
+    """
+    one = combine_partials(part, terms)
+    zeros = one.new_zeros(one.shape[1])
+    stats = torch.stack([one[row] + torch.log(one[row + 1]) if used else zeros for row, used in _lse_rows(terms)], 1)
+    losses = one.new_zeros(4)
+    if terms & TERM_CE:
+        losses[0] = (stats[:, LSE_CE_S] - one[P_TGT_S]).mean()
+    if terms & TERM_TH_CE:
+        losses[2] = (stats[:, LSE_CE_TH] - one[P_TGT_TH]).mean()
+    for k, bit, col, row in ((1, TERM_KD, LSE_KD_S, P_K_S), (3, TERM_TH_KD, LSE_KD_TH, P_K_TH)):
+        if terms & bit:
+            losses[k] = T * T * kl_rows(one[row], one[P_T + 1], stats[:, LSE_T], stats[:, col]).mean()
+    return losses, stats
 
 
 def kl_rows(k_sum: torch.Tensor, s_t: torch.Tensor, lse_t: torch.Tensor, lse_x: torch.Tensor) -> torch.Tensor:

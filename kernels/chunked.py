@@ -9,8 +9,9 @@ for float64 inputs). The PyTorch fallback of the Triton kernels (any device): th
 custom op, and ``shared_head_loss_chunked``, which ``edgekd.losses`` registers as the ``chunked`` backend.
 
 The forward is two steps so that a class-sharded head (``edgekd.distributed``) runs the same math: ``sweep_partials``
-returns raw per-row partials of one class range, ``merge_partials`` merges the partials of disjoint ranges (one
-range here, one per rank there). ``sweep_backward`` takes the merged statistics, so it works on any one range.
+returns raw per-row partials of one class range, ``merge_partials`` (``_shared_head_math``, shared with the Triton
+backend) merges the partials of disjoint ranges (one range here, one per rank there). ``sweep_backward`` takes the
+merged statistics, so it works on any one range.
 """
 
 from __future__ import annotations
@@ -27,10 +28,19 @@ from edgekd.kernels._shared_head_math import (
     LSE_KD_S,
     LSE_KD_TH,
     LSE_T,
-    N_STATS,
+    N_PARTIALS,
     NEED_W_S,
     NEED_Z_S,
     NEED_Z_ST,
+    P_CE_S,
+    P_CE_TH,
+    P_K_S,
+    P_K_TH,
+    P_KD_S,
+    P_KD_TH,
+    P_T,
+    P_TGT_S,
+    P_TGT_TH,
     TERM_CE,
     TERM_KD,
     TERM_TH_CE,
@@ -38,18 +48,11 @@ from edgekd.kernels._shared_head_math import (
     HeadRows,
     accum_dtype,
     inv_clamped,
-    kl_rows,
-    merge_lse,
+    merge_partials,
     normalize_backward,
-    prepare_rows,
+    prepare_range_rows,
     row_norms,
 )
-
-# Rows of the per-row partials of a sweep over a class range, ``(N_PARTIALS, B)``: ``(max, Σ exp(x − max))`` pairs at
-# P and P + 1 for each log-sum-exp, the KL sums ``Σ exp(a − max_a)(a − b)`` of kd and th_kd, and each row's CE target
-# logit with its margin (0 where the range does not hold the label). Rows 0–11 follow the Triton forward's partials.
-P_CE_S, P_KD_S, P_T, P_K_S, P_K_TH, P_CE_TH, P_KD_TH, P_TGT_S, P_TGT_TH = 0, 2, 4, 6, 7, 8, 10, 12, 13
-N_PARTIALS = 14
 
 # Elements of one (B, block) fp32 block: 2^20 (4 MiB) keeps a handful of live blocks in tens of MiB.
 BLOCK_ELEMENTS = 1 << 20
@@ -123,33 +126,22 @@ class _OnlineLSE:
         return self.m + torch.log(self.s)
 
 
-def _prepare(z, W, b, labels, kind, s, m, acc) -> HeadRows:
-    """``prepare_rows`` for labels that may fall outside ``W``'s classes (a class shard, labels local to it).
-
-    Such rows have no target in this range: their target logit is 0 (the owner's shard supplies it in the merge)
-    and their margin derivative 1; the sweep never substitutes it (``_Targets.hit``). The gather is clamped.
-    """
-    if labels is None:
-        return prepare_rows(z, W, b, None, kind, s, m, acc, acc)
-    owned = (labels >= 0) & (labels < W.shape[0])
-    rows = prepare_rows(z, W, b, labels.clamp(0, W.shape[0] - 1), kind, s, m, acc, acc)
-    rows.t_ce = torch.where(owned, rows.t_ce, 0.0)
-    rows.dphi = torch.where(owned, rows.dphi, 1.0)
-    return rows
-
-
 def _setup(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms):
     """The sweeps a call needs: student head, teacher head on the student, teacher; None where unused."""
     acc = accum_dtype(z_s.dtype)
     if kind != KIND_LINEAR:
         b_s = b_t = None  # normalized heads have no bias (heads.margin.plain_logits)
     student = th = teacher = None
+
+    def rows(z, W, b, y):  # labels may fall outside W's classes: a class shard's, local to it
+        return prepare_range_rows(z, W, b, y, kind, s, m, acc, acc)
+
     if terms & (TERM_CE | TERM_KD):
-        student = _Sweep(_prepare(z_s, W_s, b_s, labels, kind, s, m, acc), W_s, b_s, kind, s, acc)
+        student = _Sweep(rows(z_s, W_s, b_s, labels), W_s, b_s, kind, s, acc)
     if terms & (TERM_TH_CE | TERM_TH_KD):
-        th = _Sweep(_prepare(z_st, W_t, b_t, labels, kind, s, m, acc), W_t, b_t, kind, s, acc)
+        th = _Sweep(rows(z_st, W_t, b_t, labels), W_t, b_t, kind, s, acc)
     if terms & (TERM_KD | TERM_TH_KD):
-        teacher = _Sweep(_prepare(z_t.detach(), W_t, b_t, None, kind, s, m, acc), W_t, b_t, kind, s, acc)
+        teacher = _Sweep(rows(z_t.detach(), W_t, b_t, None), W_t, b_t, kind, s, acc)
     C = (W_s if W_s is not None else W_t).shape[0]
     return acc, C, student, th, teacher
 
@@ -195,40 +187,6 @@ def sweep_partials(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, te
         if sweep is not None:
             part[row] = sweep.rows.t_ce
     return part
-
-
-def merge_partials(part: torch.Tensor, terms: int, T: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(losses (4,), stats (B, 5))`` from the partials ``(n_split, N_PARTIALS, B)`` of disjoint class ranges.
-
-    Each log-sum-exp is ``merge_lse`` of the ranges' ``(max, sum)``; the KL sums ``Σ exp(a − m_r)(a − b)`` are
-    rescaled to the teacher's global max like its sum; a row's target logit is the one range holding its label (the
-    others hold 0). With one range the merge is exact: every rescaling factor is ``exp(0) = 1``.
-    """
-    B = part.shape[2]
-    zeros = part.new_zeros(B)
-    lse_rows = (
-        (P_CE_S, terms & TERM_CE),
-        (P_KD_S, terms & TERM_KD),
-        (P_T, terms & (TERM_KD | TERM_TH_KD)),
-        (P_CE_TH, terms & TERM_TH_CE),
-        (P_KD_TH, terms & TERM_TH_KD),
-    )  # in the column order of stats (LSE_CE_S, LSE_KD_S, LSE_T, LSE_CE_TH, LSE_KD_TH)
-    stats = torch.stack([merge_lse(part[:, p], part[:, p + 1]) if used else zeros for p, used in lse_rows], 1)
-    assert stats.shape[1] == N_STATS
-    losses = part.new_zeros(4)
-    if terms & TERM_CE:
-        losses[0] = (stats[:, LSE_CE_S] - part[:, P_TGT_S].sum(0)).mean()
-    if terms & TERM_TH_CE:
-        losses[2] = (stats[:, LSE_CE_TH] - part[:, P_TGT_TH].sum(0)).mean()
-    if terms & (TERM_KD | TERM_TH_KD):
-        m_t = part[:, P_T]
-        rescale = torch.exp(m_t - m_t.max(0).values)  # (n_split, B): each range's teacher max to the global one
-        s_t = (part[:, P_T + 1] * rescale).sum(0)
-        for k, bit, col, row in ((1, TERM_KD, LSE_KD_S, P_K_S), (3, TERM_TH_KD, LSE_KD_TH, P_K_TH)):
-            if terms & bit:
-                k_sum = (part[:, row] * rescale).sum(0)
-                losses[k] = T * T * kl_rows(k_sum, s_t, stats[:, LSE_T], stats[:, col]).mean()
-    return losses, stats
 
 
 def _chunked_forward(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c):

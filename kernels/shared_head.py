@@ -9,8 +9,9 @@ kernels substitute it at the target column.
 
 Kernels (fp32 accumulation for every input dtype, no locks, no ``(B, C)`` buffer):
 - ``_shared_head_fwd_kernel``, grid (row blocks, class splits): online log-sum-exp of every active matrix and
-  the running ``Σ exp(a − max)(a − b)`` of KL(p_t ‖ p_x), written as per-split partials ``(n_split, 12, B)`` that
-  the launcher merges (O(B · splits)).
+  the running ``Σ exp(a − max)(a − b)`` of KL(p_t ‖ p_x), written as per-split partials ``(n_split, N_PARTIALS, B)``
+  that the launcher combines (O(B · splits)) into the chunked backend's layout (``_shared_head_math``), so a
+  class-sharded head merges them across ranks like the chunked sweep's.
 - ``_shared_head_dz_kernel``, grid (row blocks, class splits), once per head: recomputes logits tile by tile,
   forms ``d loss / d logits`` from the saved log-sum-exps and accumulates ``dẑ`` over full-D rows in
   registers, then adds it into a (B, D) fp32 buffer with atomics (one add per split).
@@ -36,24 +37,27 @@ from edgekd.kernels._shared_head_math import (
     LSE_CE_TH,
     LSE_KD_S,
     LSE_KD_TH,
-    LSE_T,
+    N_PARTIALS,
     NEED_W_S,
     NEED_Z_S,
     NEED_Z_ST,
+    P_TGT_S,
+    P_TGT_TH,
     TERM_CE,
     TERM_KD,
     TERM_TH_CE,
     TERM_TH_KD,
-    kl_rows,
-    merge_lse,
+    combine_partials,
+    merge_partials,
     normalize_backward,
-    prepare_rows,
+    prepare_range_rows,
     row_norms,
 )
 
 # Globals read inside @triton.jit must be constexpr instances (an annotation is not enough once compiled).
 _NORM_EPS = tl.constexpr(NORM_EPS)
 _N_STATS = tl.constexpr(5)
+_N_PARTIALS = tl.constexpr(N_PARTIALS)
 
 
 @triton.jit
@@ -105,7 +109,7 @@ def _shared_head_fwd_kernel(
     eh_ptr, wt_ptr, nt_ptr, bt_ptr, th_ptr,  # teacher head on z_st: ê_st [B, D_t], W_t [C, D_t], ‖W_t‖ [C], b_t, t_ce
     et_ptr,  # [B, D_t] teacher embedding ê_t
     labels_ptr,  # [B] int64
-    part_ptr,  # [n_split, 12, B] fp32 partial statistics (output)
+    part_ptr,  # [n_split, N_PARTIALS, B] fp32 partial statistics (output: rows 0-11, see _shared_head_math)
     B, C, D_s, D_t, scale, inv_T, blocks_per_split,
     NORMALIZED: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
     DO_CE: tl.constexpr, DO_KD: tl.constexpr, DO_TH_CE: tl.constexpr, DO_TH_KD: tl.constexpr,
@@ -176,7 +180,7 @@ def _shared_head_fwd_kernel(
                 m_kd_h, s_kd_h = _online_lse(m_kd_h, s_kd_h, tl.where(col_ok[None, :], b, neg))
                 k_h += tl.sum(p_t * tl.where(col_ok[None, :], a - b, 0.0), 1)
 
-    out = part_ptr + pid_s * 12 * B + rows
+    out = part_ptr + pid_s * _N_PARTIALS * B + rows
     tl.store(out + 0 * B, m_ce_s, mask=row_ok)
     tl.store(out + 1 * B, s_ce_s, mask=row_ok)
     tl.store(out + 2 * B, m_kd_s, mask=row_ok)
@@ -369,15 +373,15 @@ class _Prepared:
             self.W_s = W_s.contiguous()
             self.b_s = b_s.contiguous() if b_s is not None else dummy
             self.n_s = row_norms(self.W_s) if self.normalized else dummy
-            self.rows_s = prepare_rows(z_s, self.W_s, b_s, self.labels, kind, s, m, self.W_s.dtype, acc)
+            self.rows_s = prepare_range_rows(z_s, self.W_s, b_s, self.labels, kind, s, m, self.W_s.dtype, acc)
         if terms & (TERM_KD | TERM_TH_CE | TERM_TH_KD):
             self.W_t = W_t.contiguous()
             self.b_t = b_t.contiguous() if b_t is not None else dummy
             self.n_t = row_norms(self.W_t) if self.normalized else dummy
         if terms & (TERM_TH_CE | TERM_TH_KD):
-            self.rows_h = prepare_rows(z_st, self.W_t, b_t, self.labels, kind, s, m, self.W_t.dtype, acc)
+            self.rows_h = prepare_range_rows(z_st, self.W_t, b_t, self.labels, kind, s, m, self.W_t.dtype, acc)
         if terms & (TERM_KD | TERM_TH_KD):
-            self.rows_t = prepare_rows(z_t.detach(), self.W_t, b_t, None, kind, s, m, self.W_t.dtype, acc)
+            self.rows_t = prepare_range_rows(z_t.detach(), self.W_t, b_t, None, kind, s, m, self.W_t.dtype, acc)
         dtypes = {W.dtype for W in (self.W_s, self.W_t) if W is not dummy}
         # The interpreter computes bf16 arithmetic wrongly: upcast tiles to fp32 there. TF32 follows torch's setting.
         self.upcast = interpreting() and torch.bfloat16 in dtypes
@@ -393,8 +397,14 @@ class _Prepared:
         return e, (r.t_ce if r.t_ce is not None else self.dummy), (r.dphi if r.dphi is not None else self.dummy)
 
 
-def shared_head_fwd(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c):
-    """Forward of ``edgekd::shared_head_triton``: ``(losses (4,), stats (B, 5))`` fp32; see the module docstring."""
+def sweep_partials(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c) -> torch.Tensor:
+    """Per-row partials ``(N_PARTIALS, B)`` fp32 of the classes of ``W_s``/``W_t``: the whole head or one shard.
+
+    Arguments as ``edgekd::shared_head_triton``; ``labels`` index the rows of the given matrices and may fall outside
+    them (a class shard: those rows have no target here, and no column matches them in the kernels). The kernel's
+    class splits are combined here, so the result has the chunked backend's layout and merges with other ranges'
+    (``merge_partials``).
+    """
     p = _Prepared(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms)
     B, C = p.B, p.C
     dtype = (W_s if terms & (TERM_CE | TERM_KD) else W_t).dtype
@@ -403,7 +413,7 @@ def shared_head_fwd(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, t
     cfg = sweep_config("fwd", max(d_s, d_t), dtype, z_s.device, block_c)
     n_bblk, n_cblk = triton.cdiv(B, cfg.block_b), triton.cdiv(C, cfg.block_c)
     n_split, per_split = num_splits(n_bblk, n_cblk, cfg.target_programs)
-    part = torch.empty(n_split, 12, B, dtype=torch.float32, device=z_s.device)
+    part = torch.zeros(n_split, N_PARTIALS, B, dtype=torch.float32, device=z_s.device)
     es, ts, _ = p.rows("s")
     eh, th, _ = p.rows("h")
     et, _, _ = p.rows("t")
@@ -417,28 +427,25 @@ def shared_head_fwd(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, t
         BLOCK_B=cfg.block_b, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-
-    zeros = torch.zeros(B, dtype=torch.float32, device=z_s.device)
-    lse = [merge_lse(part[:, i], part[:, i + 1]) for i in (0, 2, 4, 8, 10)]  # ce_s, kd_s, t, ce_th, kd_th
-    used = (terms & TERM_CE, terms & TERM_KD, terms & (TERM_KD | TERM_TH_KD), terms & TERM_TH_CE, terms & TERM_TH_KD)
-    stats = torch.stack([x if u else zeros for x, u in zip(lse, used, strict=True)], 1)
-    losses = torch.zeros(4, dtype=torch.float32, device=z_s.device)
-    if terms & TERM_CE:
-        losses[0] = (stats[:, LSE_CE_S] - p.rows_s.t_ce).mean()
-    if terms & TERM_TH_CE:
-        losses[2] = (stats[:, LSE_CE_TH] - p.rows_h.t_ce).mean()
-    if terms & (TERM_KD | TERM_TH_KD):
-        m_t = part[:, 4]
-        s_t = (part[:, 5] * torch.exp(m_t - m_t.max(0).values)).sum(0)
-        for k, bit, col, i in ((1, TERM_KD, LSE_KD_S, 6), (3, TERM_TH_KD, LSE_KD_TH, 7)):
-            if terms & bit:
-                k_sum = (part[:, i] * torch.exp(m_t - m_t.max(0).values)).sum(0)
-                losses[k] = T * T * kl_rows(k_sum, s_t, stats[:, LSE_T], stats[:, col]).mean()
-    return losses, stats
+    # The target logits (with margin) are per-row values, not sums over classes: split 0 carries them.
+    for row, rows in ((P_TGT_S, p.rows_s), (P_TGT_TH, p.rows_h)):
+        if rows is not None and rows.t_ce is not None:
+            part[0, row] = rows.t_ce
+    return combine_partials(part, terms)
 
 
-def shared_head_bwd(grad, stats, z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, need):
-    """Backward of ``edgekd::shared_head_triton``: ``(dz_s, dz_st, dW_s, db_s)``, empty where not needed."""
+def shared_head_fwd(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c):
+    """Forward of ``edgekd::shared_head_triton``: ``(losses (4,), stats (B, 5))`` fp32; see the module docstring."""
+    part = sweep_partials(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c)
+    return merge_partials(part[None], terms, T)
+
+
+def sweep_backward(grad, stats, z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, need):
+    """Backward of ``edgekd::shared_head_triton``: ``(dz_s, dz_st, dW_s, db_s)``, empty where not needed.
+
+    ``stats`` may be those of a larger head than ``W_s``/``W_t`` (``merge_partials`` over class shards, labels local to
+    this one): the result is then this range's share, ``dW_s``/``db_s`` complete and ``dz`` its part of the sum.
+    """
     p = _Prepared(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, terms)
     B, C, device = p.B, p.C, z_s.device
     grad = grad.to(torch.float32).contiguous()

@@ -29,9 +29,9 @@ def _forward(*args):
 
 
 def _backward(*args):
-    from edgekd.kernels.shared_head import shared_head_bwd  # late: it imports Triton, needed only at the first call
+    from edgekd.kernels.shared_head import sweep_backward  # late: it imports Triton, needed only at the first call
 
-    return shared_head_bwd(*args)
+    return sweep_backward(*args)
 
 
 shared_head_triton = define_shared_head_op("shared_head_triton", _forward, _backward)

@@ -4,7 +4,8 @@ What every rank of ``edgekd::sharded_shared_head`` computes, without a process g
 marked slow): C = 11 classes cut into three uneven ranges (4/4/3), each swept with labels local to it
 (``sweep_partials``), merged (``merge_partials``), then ``sweep_backward`` per range with the merged statistics.
 The losses and stats equal the chunked op's on the whole head, the ranges' ``dW_s``/``db_s`` concatenate to its
-``dW_s``/``db_s`` and their ``dz`` sum to its ``dz`` (float64, rtol 1e-11, atol 1e-12).
+``dW_s``/``db_s`` and their ``dz`` sum to its ``dz`` (float64, rtol 1e-11, atol 1e-12). The Triton sweep's partials
+(float32, Triton's CPU interpreter) merge the same way, to rtol 1e-4, atol 1e-5 of the float64 whole head.
 """
 
 from __future__ import annotations
@@ -13,16 +14,28 @@ import pytest
 import torch
 
 from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
-from edgekd.kernels._shared_head_math import NEED_W_S, NEED_Z_S, NEED_Z_ST
-from edgekd.kernels.chunked import merge_partials, shared_head_chunked, sweep_backward, sweep_partials
+from edgekd.kernels import chunked
+from edgekd.kernels._shared_head_math import NEED_W_S, NEED_Z_S, NEED_Z_ST, merge_partials
+from edgekd.kernels.chunked import shared_head_chunked, sweep_backward
 
 C, B, D_S, D_T = 11, 7, 6, 5
 RANGES = ((0, 4), (4, 8), (8, 11))
 TOL = {"rtol": 1e-11, "atol": 1e-12}
+TOL_FP32 = {"rtol": 1e-4, "atol": 1e-5}  # the Triton sweep in float32 against the float64 whole head
 
 
+def _sweep_module(name: str):
+    if name == "triton":
+        pytest.importorskip("triton", reason="the triton sweep needs the triton package")
+        from edgekd.kernels import shared_head
+
+        return shared_head
+    return chunked
+
+
+@pytest.mark.parametrize("sweep", ["chunked", "triton"])
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-def test_partials_of_class_ranges_merge_to_the_whole_head(kind):
+def test_partials_of_class_ranges_merge_to_the_whole_head(kind, sweep):
     g = torch.Generator().manual_seed(0)
     shapes = {"z_s": (B, D_S), "W_s": (C, D_S), "b_s": (C,), "z_st": (B, D_T), "W_t": (C, D_T), "b_t": (C,)}
     x = {k: torch.randn(*shape, generator=g, dtype=torch.float64) for k, shape in (shapes | {"z_t": (B, D_T)}).items()}
@@ -37,16 +50,25 @@ def test_partials_of_class_ranges_merge_to_the_whole_head(kind):
     whole_losses, whole_stats = shared_head_chunked(*args, *scalars)
     whole_grads = sweep_backward(grad, whole_stats, *args, *scalars, need)
 
-    def shard(c0, c1):
-        return (z_s, labels - c0, W_s[c0:c1], b_s[c0:c1], z_st, W_t[c0:c1], b_t[c0:c1], z_t)
+    module, dtype, tol = _sweep_module(sweep), torch.float64, TOL
+    if sweep == "triton":
+        dtype, tol = torch.float32, TOL_FP32
 
-    parts = torch.stack([sweep_partials(*shard(c0, c1), *scalars) for c0, c1 in RANGES])
+    def shard(c0, c1):
+        cut = (z_s, W_s[c0:c1], b_s[c0:c1], z_st, W_t[c0:c1], b_t[c0:c1], z_t)
+        z, W, b, zst, Wt, bt, zt = (x.to(dtype) for x in cut)
+        return (z, labels - c0, W, b, zst, Wt, bt, zt)
+
+    def close(got, want):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+    parts = torch.stack([module.sweep_partials(*shard(c0, c1), *scalars) for c0, c1 in RANGES])
     losses, stats = merge_partials(parts, 15, 2.0)
-    torch.testing.assert_close(losses, whole_losses, **TOL)
-    torch.testing.assert_close(stats, whole_stats, **TOL)
-    grads = [sweep_backward(grad, stats, *shard(c0, c1), *scalars, need) for c0, c1 in RANGES]
+    close(losses, whole_losses)
+    close(stats, whole_stats)
+    grads = [module.sweep_backward(grad.to(dtype), stats, *shard(c0, c1), *scalars, need) for c0, c1 in RANGES]
     dz_s, dz_st, dW_s, db_s = whole_grads
-    torch.testing.assert_close(sum(g[0] for g in grads), dz_s, **TOL)
-    torch.testing.assert_close(sum(g[1] for g in grads), dz_st, **TOL)
-    torch.testing.assert_close(torch.cat([g[2] for g in grads]), dW_s, **TOL)
-    torch.testing.assert_close(torch.cat([g[3] for g in grads]), db_s, **TOL)
+    close(sum(g[0] for g in grads), dz_s)
+    close(sum(g[1] for g in grads), dz_st)
+    close(torch.cat([g[2] for g in grads]), dW_s)
+    close(torch.cat([g[3] for g in grads]), db_s)
