@@ -39,7 +39,11 @@ def training_dataset(cfg: TrainConfig):
 
 
 def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bundle:
-    """A fresh backbone + head for ``dataset``, seeded by ``cfg.seed``."""
+    """A fresh backbone + head for ``dataset``, seeded by ``cfg.seed``.
+
+    Under torchrun the head stays on the meta device: ``fit`` gives each rank its class shard's rows of it (the
+    values one process would have), and the whole head exists only once training has finished.
+    """
     torch.manual_seed(cfg.seed)
     kwargs = {
         "input_size": cfg.image_size or dataset.image_size,
@@ -48,7 +52,8 @@ def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bu
         **cfg.model_kwargs,
     }
     backbone = create_model(cfg.model, **kwargs)
-    head = create_head(cfg.head, backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin)
+    device = "meta" if current_world().distributed else None
+    head = create_head(cfg.head, backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin, device=device)
     return Bundle(backbone=backbone, head=head)
 
 
@@ -88,7 +93,7 @@ def train_teacher(
                 f"the teacher embeds to {trainee.backbone.embed_dim} dims but the student head reads "
                 f"{student_head.embed_dim}; build the teacher with the student's embed_dim"
             )
-        trainee.head = _frozen_copy(student_head)
+        trainee.head = _head_copy(student_head).freeze()
     result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher")
     return _finish(
         trainee,
@@ -99,10 +104,11 @@ def train_teacher(
     )
 
 
-def _frozen_copy(head: ClassHead) -> ClassHead:
+def _head_copy(head: ClassHead) -> ClassHead:
+    """A trainable copy of ``head``'s parameters."""
     copy = ClassHead(head.embed_dim, head.num_classes, head.spec)
     copy.load_state_dict(head.state_dict())
-    return copy.freeze()
+    return copy
 
 
 def default_teacher(cfg: TrainConfig, dataset) -> tuple[Path, bool]:
@@ -220,7 +226,7 @@ def distill_student(
         return final
     student = build_trainee(cfg, dataset, embed_dim=student_embed_dim(cfg, teacher, weights))
     if init_head is not None:
-        student.head.load_state_dict(init_head.state_dict())
+        student.head = _head_copy(init_head)
     frozen = None
     if teacher is not None:
         frozen = frozen_teacher(teacher, student, dataset, cfg, weights, shared_head)

@@ -2,18 +2,19 @@
 
 Each of the ``W`` ranks of a process group holds ``B`` rows of the global batch (``N = W·B`` rows) and one class shard
 of each head (``edgekd.distributed.shards``). No rank holds a full head or any ``(N, C)`` logits: the local shard is
-swept in blocks of ``block_c`` classes by the chunked backend's code (``edgekd.kernels.chunked``).
+swept in blocks of classes by a blocked backend's code (``sweep``): the chunked sweep (``edgekd.kernels.chunked``, any
+device) or the fused Triton kernels (``edgekd.kernels.shared_head``); both write the same per-row partials.
 
 Forward:
 1. all_gather the rows ``[z_s | z_st | z_t]`` and the labels (every rank passes the same ``B``: gloo needs it);
-2. ``sweep_partials`` on the local shard, labels made local to it: per-row partials ``(N_PARTIALS, N)`` (running
-   max and sum of exp of every logit matrix, the KL sums, the target logit where the shard owns the label);
+2. the sweep's ``sweep_partials`` on the local shard, labels made local to it: per-row partials ``(N_PARTIALS, N)``
+   (running max and sum of exp of every logit matrix, the KL sums, the target logit where the shard owns the label);
 3. all_gather the partials and ``merge_partials`` them: the losses of the global batch and its per-row log-sum-exps,
    the same on every rank (one shard is one more split of the single-process merge).
 
 Backward, analytic (autograd through collectives would differentiate the rank-sum of the replicated loss): every
-logit's gradient needs only its row's global log-sum-exps, so ``sweep_backward`` on the local shard gives the shard's
-``dW_s``/``db_s`` complete, with no communication, and its share of ``d loss / d rows`` ``(N, D)``; one
+logit's gradient needs only its row's global log-sum-exps, so the sweep's ``sweep_backward`` on the local shard gives
+the shard's ``dW_s``/``db_s`` complete, with no communication, and its share of ``d loss / d rows`` ``(N, D)``; one
 reduce-scatter sums the shares and hands each rank its ``B`` rows.
 
 Gradient convention (Partial FC's): the returned terms are global-batch means, identical on every rank; ``dW_s`` and
@@ -39,10 +40,12 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from edgekd.distributed.shards import class_shard_of
 from edgekd.errors import EdgekdError
 from edgekd.heads.margin import HeadSpec
+from edgekd.kernels import chunked
 from edgekd.kernels._shared_head_autograd import empty_grad, term_mask
 from edgekd.kernels._shared_head_math import (
     HEAD_TERM_NAMES,
     KIND_LINEAR,
+    N_PARTIALS,
     N_STATS,
     NEED_W_S,
     NEED_Z_S,
@@ -53,8 +56,8 @@ from edgekd.kernels._shared_head_math import (
     TERM_TH_CE,
     TERM_TH_KD,
     accum_dtype,
+    merge_partials,
 )
-from edgekd.kernels.chunked import N_PARTIALS, merge_partials, sweep_backward, sweep_partials
 
 if TYPE_CHECKING:
     from edgekd.losses.terms import LossWeights
@@ -66,14 +69,26 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 # z_st is optional: None means the th head reads z_s itself (the shared embedding), gathered and scattered once.
 _ARGS = (
     "Tensor z_s, Tensor labels, Tensor? W_s, Tensor? b_s, Tensor? z_st, Tensor? W_t, Tensor? b_t, Tensor? z_t, "
-    "int kind, float s, float m, float T, int terms, int block_c, int class_start, str group"
+    "int kind, float s, float m, float T, int terms, int block_c, int class_start, str group, str sweep"
 )
 _FORWARD_SCHEMA = f"({_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)"
 _BACKWARD_SCHEMA = (
     "(Tensor grad, Tensor stats, Tensor rows, Tensor labels, Tensor? W_s, Tensor? b_s, Tensor? W_t, Tensor? b_t, "
-    "int kind, float s, float m, float T, int terms, int block_c, int class_start, str group, int d_s, int d_st, "
-    "int need) -> (Tensor, Tensor, Tensor, Tensor)"
+    "int kind, float s, float m, float T, int terms, int block_c, int class_start, str group, str sweep, int d_s, "
+    "int d_st, int need) -> (Tensor, Tensor, Tensor, Tensor)"
 )
+
+# How a rank sweeps its shard: the module with ``sweep_partials`` and ``sweep_backward`` of a blocked loss backend.
+SHARD_SWEEPS = ("chunked", "triton")
+
+
+def _sweeps(sweep: str):
+    """The module of ``sweep``; the Triton one is imported on first use (an optional dependency)."""
+    if sweep == "triton":
+        from edgekd.kernels import shared_head  # late: it imports Triton
+
+        return shared_head
+    return chunked
 
 
 def _world(group: str) -> tuple[dist.ProcessGroup, int]:
@@ -101,7 +116,9 @@ def _split_rows(rows: torch.Tensor, d_s: int, d_st: int):
     return z_s, (z_s if d_st == 0 else z_st), (z_t if z_t.shape[1] else None)
 
 
-def _sharded_forward(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group):
+def _sharded_forward(
+    z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group, sweep
+):  # fmt: skip
     pg, world = _world(group)
     # Rows and labels travel together (two collectives in flight), the partials after the sweep.
     rows, rows_work = _gather(_rows(z_s, z_st, z_t), pg, world, async_op=True)
@@ -110,15 +127,16 @@ def _sharded_forward(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, 
     labels_work.wait()
     zs_all, zst_all, zt_all = _split_rows(rows, z_s.shape[1], 0 if z_st is None else z_st.shape[1])
     local = labels_all - class_start  # rows whose label another rank owns fall outside [0, shard size)
-    part = sweep_partials(zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms, block_c)
+    part = _sweeps(sweep).sweep_partials(zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms,
+                                         block_c)  # fmt: skip
     parts, _ = _gather(part, pg, world)  # (W·N_PARTIALS, N)
     losses, stats = merge_partials(parts.view(world, N_PARTIALS, -1), terms, T)
     return losses, stats, rows, labels_all
 
 
 def _sharded_backward(
-    grad, stats, rows, labels_all, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, class_start, group, d_s, d_st,
-    need,
+    grad, stats, rows, labels_all, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, class_start, group, sweep, d_s,
+    d_st, need,
 ):  # fmt: skip
     pg, world = _world(group)
     shared = d_st == 0
@@ -127,7 +145,7 @@ def _sharded_backward(
     if shared and need & NEED_Z_S:
         sweep_need |= NEED_Z_ST  # the th head's path into the shared embedding
     local = labels_all - class_start
-    dzs, dzst, dW_s, db_s = sweep_backward(
+    dzs, dzst, dW_s, db_s = _sweeps(sweep).sweep_backward(
         grad, stats, zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms, block_c, sweep_need
     )
     if shared and dzs.numel():
@@ -153,7 +171,7 @@ _sharded_shared_head_bwd = torch.library.custom_op(
 
 
 @sharded_shared_head.register_fake
-def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group):
+def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group, sweep):
     N = _world(group)[1] * z_s.shape[0]
     rows = _rows(z_s, z_st, z_t)
     acc = accum_dtype(rows.dtype)  # the sweep runs on the gathered rows
@@ -166,8 +184,8 @@ def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c,
 
 
 @_sharded_shared_head_bwd.register_fake
-def _(grad, stats, rows, labels, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, class_start, group, d_s, d_st,
-      need):  # fmt: skip
+def _(grad, stats, rows, labels, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, class_start, group, sweep, d_s,
+      d_st, need):  # fmt: skip
     B = rows.shape[0] // _world(group)[1]
     device = rows.device
     return (
@@ -179,17 +197,17 @@ def _(grad, stats, rows, labels, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block
 
 
 def _setup_context(ctx, inputs, output):
-    z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group = inputs
+    z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group, sweep = inputs
     _, stats, rows, labels_all = output
     ctx.save_for_backward(stats, rows, labels_all, W_s, b_s, W_t, b_t)
-    ctx.scalars = (kind, s, m, T, terms, block_c, class_start, group)
+    ctx.scalars = (kind, s, m, T, terms, block_c, class_start, group, sweep)
     ctx.widths = (z_s.shape[1], 0 if z_st is None else z_st.shape[1])
     ctx.dtypes = (z_s.dtype, None if z_st is None else z_st.dtype)
 
 
 def _backward(ctx, grad_losses, grad_stats, grad_rows, grad_labels):
     stats, rows, labels_all, W_s, b_s, W_t, b_t = ctx.saved_tensors
-    kind, s, m, T, terms, block_c, class_start, group = ctx.scalars
+    kind, s, m, T, terms, block_c, class_start, group, sweep = ctx.scalars
     d_s, d_st = ctx.widths
     # Like autograd of the reference: no gradient for an input no active term reads (the th head reads z_s when
     # z_st is None). The need bits must agree on every rank: the reduce-scatter below them is a collective.
@@ -202,7 +220,7 @@ def _backward(ctx, grad_losses, grad_stats, grad_rows, grad_labels):
         grad_losses = stats.new_zeros(4)
     dz_s, dz_st, dW_s, db_s = _sharded_shared_head_bwd(
         grad_losses.contiguous(), stats, rows, labels_all, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c,
-        class_start, group, d_s, d_st, need,
+        class_start, group, sweep, d_s, d_st, need,
     )  # fmt: skip
     return (
         dz_s.to(ctx.dtypes[0]) if needs[0] else None,
@@ -210,7 +228,7 @@ def _backward(ctx, grad_losses, grad_stats, grad_rows, grad_labels):
         dW_s if needs[1] else None,
         db_s if needs[2] else None,
         dz_st.to(ctx.dtypes[1]) if needs[3] else None,
-        *([None] * 11),
+        *([None] * 12),
     )
 
 
@@ -232,6 +250,7 @@ def sharded_shared_head_loss(
     group: dist.ProcessGroup,
     num_classes: int,
     block_c: int = 0,
+    sweep: str = "chunked",
 ) -> dict[str, torch.Tensor]:
     """The head terms (ce, kd, th_ce, th_kd) of the global batch, over class shards; a loss backend's signature.
 
@@ -243,11 +262,15 @@ def sharded_shared_head_loss(
         head, weights: as ``shared_head_loss_reference``; only ``weights.T`` is read (one temperature per call).
         group: the ranks the head is split over, each passing the same ``B``.
         num_classes: C, the full head's classes, split in ``torch.chunk`` sizes (``class_shard_of``).
-        block_c: classes per sweep block (0: ``default_block_c`` of the gathered rows).
+        block_c: classes per sweep block (0: the backend's default for the gathered rows).
+        sweep: how each rank sweeps its shard, ``chunked`` (PyTorch, any device) or ``triton`` (the fused kernels:
+            CUDA, or the CPU under ``TRITON_INTERPRET=1``; float32/float16/bfloat16).
 
     Returns:
         Each active term, the same value on every rank. Gradients: module docstring (row gradients are ×W for DDP).
     """
+    if sweep not in SHARD_SWEEPS:
+        raise EdgekdError(f"a class shard is swept by one of {', '.join(SHARD_SWEEPS)}, not {sweep!r}")
     shard = class_shard_of(num_classes, group)
     for name, w in (("W_s", W_s), ("W_t", W_t)):
         if w is not None and w.shape[0] != shard.size:
@@ -261,10 +284,12 @@ def sharded_shared_head_loss(
     z_t = z_t if terms & (TERM_KD | TERM_TH_KD) else None
     losses, _, _, _ = sharded_shared_head(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, head.kind_id, float(head.s),
                                           float(head.m), float(weights.T), terms, block_c, shard.start,
-                                          group.group_name)  # fmt: skip
+                                          group.group_name, sweep)  # fmt: skip
     return {name: losses[k] for k, name in enumerate(HEAD_TERM_NAMES) if terms & TERM_BITS[k]}
 
 
-def make_sharded_backend(group: dist.ProcessGroup, num_classes: int, block_c: int = 0):
-    """``sharded_shared_head_loss`` bound to a group and head size: a ``LOSS_BACKENDS``-shaped function."""
-    return functools.partial(sharded_shared_head_loss, group=group, num_classes=num_classes, block_c=block_c)
+def make_sharded_backend(group: dist.ProcessGroup, num_classes: int, block_c: int = 0, sweep: str = "chunked"):
+    """``sharded_shared_head_loss`` bound to a group, head size and sweep: a ``LOSS_BACKENDS``-shaped function."""
+    return functools.partial(
+        sharded_shared_head_loss, group=group, num_classes=num_classes, block_c=block_c, sweep=sweep
+    )

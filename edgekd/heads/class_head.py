@@ -12,6 +12,31 @@ from torch import nn
 
 from edgekd.heads.margin import HeadSpec, plain_logits
 
+# Rows per independently seeded block of a head's initial weight (``initial_rows``).
+INIT_BLOCK_ROWS = 4096
+
+
+def initial_rows(spec: HeadSpec, embed_dim: int, start: int, stop: int, seed: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the initial ``(C, D)`` weight of a head seeded ``seed``, float32 on the CPU.
+
+    arcface_torch initializes class centres N(0, 0.01); linear heads get nn.Linear's default, U(±1/√D). The rows
+    come in blocks of ``INIT_BLOCK_ROWS``, block k drawn from its own generator seeded ``seed + k``: any range of
+    classes (a rank's shard of a head of millions) is computed without the others and equals the same rows of the
+    whole head, so a class-sharded run starts where one process starts.
+    """
+    out = torch.empty(stop - start, embed_dim)
+    bound = embed_dim**-0.5
+    for k in range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)):
+        b0 = k * INIT_BLOCK_ROWS
+        block, g = torch.empty(INIT_BLOCK_ROWS, embed_dim), torch.Generator().manual_seed(seed + k)
+        if spec.normalized:
+            block.normal_(0.0, 0.01, generator=g)
+        else:
+            block.uniform_(-bound, bound, generator=g)
+        lo, hi = max(b0, start), min(b0 + INIT_BLOCK_ROWS, stop)
+        out[lo - start : hi - start] = block[lo - b0 : hi - b0]
+    return out
+
 
 class ClassHead(nn.Module):
     """A ``(C, D)`` class matrix with an optional bias, read as ``spec`` says.
@@ -20,18 +45,21 @@ class ClassHead(nn.Module):
         embed_dim: D, the width of the embeddings it classifies.
         num_classes: C.
         spec: head kind, scale and margin; linear heads get a bias.
+        device: ``"meta"`` leaves the parameters without storage: a class-sharded run materializes only its rows
+            (``initial_rows`` with ``init_seed``), so no process builds a head of millions of classes.
+
+    The initial weight depends on one number drawn from torch's global generator, ``init_seed``.
     """
 
-    def __init__(self, embed_dim: int, num_classes: int, spec: HeadSpec) -> None:
+    def __init__(self, embed_dim: int, num_classes: int, spec: HeadSpec, device: str | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self.weight = nn.Parameter(torch.empty(num_classes, embed_dim))
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if spec.kind == "linear" else None
-        # arcface_torch initializes class centres N(0, 0.01); linear heads use the nn.Linear default.
-        if spec.normalized:
-            nn.init.normal_(self.weight, std=0.01)
+        self.init_seed = int(torch.randint(2**62, (), device="cpu"))
+        if device == "meta":
+            self.weight = nn.Parameter(torch.empty(num_classes, embed_dim, device="meta"))
         else:
-            nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+            self.weight = nn.Parameter(initial_rows(spec, embed_dim, 0, num_classes, self.init_seed))
+        self.bias = nn.Parameter(torch.zeros(num_classes, device=device)) if spec.kind == "linear" else None
 
     @property
     def num_classes(self) -> int:
@@ -56,8 +84,12 @@ def default_margin(kind: str) -> float:
     return {"arcface": 0.5, "cosface": 0.4}.get(kind, 0.0)
 
 
-def create_head(kind: str, embed_dim: int, num_classes: int, s: float = 64.0, m: float | None = None) -> ClassHead:
-    """A ``ClassHead`` of ``kind`` (linear, cosine, arcface, cosface); m defaults to 0.5 (ArcFace) / 0.4 (CosFace)."""
+def create_head(
+    kind: str, embed_dim: int, num_classes: int, s: float = 64.0, m: float | None = None, device: str | None = None
+) -> ClassHead:
+    """A ``ClassHead`` of ``kind`` (linear, cosine, arcface, cosface); m defaults to 0.5 (ArcFace) / 0.4 (CosFace).
+
+    ``device="meta"``: no storage yet (see ``ClassHead``)."""
     if m is None:
         m = default_margin(kind)
-    return ClassHead(embed_dim, num_classes, HeadSpec(kind=kind, s=s, m=m))
+    return ClassHead(embed_dim, num_classes, HeadSpec(kind=kind, s=s, m=m), device=device)

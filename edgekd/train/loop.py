@@ -41,7 +41,7 @@ from edgekd.train.optim import build_optimizer, lr_factor, set_lr
 from edgekd.train.order import OrderSampler, StepOrder
 from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
-from edgekd.utils.device import resolve_device
+from edgekd.utils.device import move_module, resolve_device
 from edgekd.utils.progress import progress
 
 
@@ -202,7 +202,7 @@ def _fit(
     order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip, world.rank, world.size)
     modules = [m for m in (trainee.backbone, trainee.head) if m is not None]
     for module in modules:
-        module.to(device).train()
+        move_module(module, device).train()
     if teacher is not None:
         teacher.to(device)
     if world.distributed:

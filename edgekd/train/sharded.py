@@ -3,10 +3,11 @@
 Each of the W ranks runs the backbone on its ``N / W`` rows of the global batch (``StepOrder``), wrapped in
 ``DistributedDataParallel`` with its BatchNorm layers computing the global batch's statistics (``SyncBatchNorm``), so
 the model trained does not depend on W. The student head and the frozen teacher head are cut into class shards
-(``HeadShard``); the loss is the shared-head loss over them (``edgekd::sharded_shared_head``, the chunked sweep on
-the local shard, per-row statistics merged across ranks), so while training no rank holds a full head, its gradient,
-its momentum or any ``N × C`` logits. (Each rank builds the student's full head once, seeded as one process would,
-keeps its rows and frees the rest; the frozen teacher's full head, read from its file, waits in host memory.)
+(``HeadShard``); the loss is the shared-head loss over them (``edgekd::sharded_shared_head``, the chunked or Triton
+sweep on the local shard, per-row statistics merged across ranks), so while training no rank holds a full head, its
+gradient, its momentum or any ``N × C`` logits. A fresh student head comes unmaterialized (``build_trainee``): each
+rank computes only its rows, the values one process would start from. (The frozen teacher's full head, read from its
+file, waits in host memory.)
 Everything that one process would compute on the whole model is computed here from parts:
 
 - the logged loss: the head terms come back identical on every rank; ``l2e`` (a mean over each rank's rows) is
@@ -40,10 +41,11 @@ from edgekd.bundle import Bundle, bundle_meta
 from edgekd.distributed import make_sharded_backend
 from edgekd.distributed.head_shard import HeadShard, clip_grad_norm_, release
 from edgekd.distributed.launch import World
+from edgekd.distributed.sharded_loss import SHARD_SWEEPS
 from edgekd.distributed.sync_bn import convert_sync_batchnorm, restore
 from edgekd.errors import CheckpointError, EdgekdError
 from edgekd.losses import LossWeights
-from edgekd.losses.shared_head import head_loss_fn
+from edgekd.losses.shared_head import head_loss_fn, resolve_backend
 from edgekd.train.checkpoint import STATE_FILE, checkpoint_folders, checkpoint_path, read_state
 from edgekd.train.dcp_checkpoint import (
     check_keys,
@@ -54,13 +56,25 @@ from edgekd.train.dcp_checkpoint import (
     set_momentum,
 )
 from edgekd.train.teacher import Teacher
+from edgekd.utils.device import move_module
 
 # Inductor's gradient of a 1x1 convolution can come with other strides than DDP's bucket view along its size-1 dims
 # (the same memory order); DDP then warns on every step of a compiled run that it copies them.
 warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
 
-# Backends that can run on a class shard: the chunked sweep (what `auto` means under torchrun, on any device).
-SHARDED_BACKENDS = ("auto", "chunked")
+
+def shard_sweep(backend: str, device: torch.device) -> str:
+    """How each rank sweeps its head shard for ``--loss-backend backend``: ``chunked`` or ``triton``.
+
+    ``auto`` means what it means in one process (``resolve_backend``): triton on CUDA where it loads, chunked
+    elsewhere. ``reference`` forms ``B × C`` logits of a whole head, which a shard cannot: refused in one line.
+    """
+    if backend not in ("auto", *SHARD_SWEEPS):
+        raise EdgekdError(
+            f"--loss-backend {backend}: under torchrun the head is class-sharded and each rank sweeps its shard; "
+            f"use --loss-backend auto, {' or '.join(SHARD_SWEEPS)}"
+        )
+    return resolve_backend(backend, device)
 
 
 class ShardedTrainee:
@@ -91,7 +105,7 @@ class ShardedTrainee:
         t_head = teacher.head if teacher is not None else None
         self.t_head = HeadShard(t_head, group).to(device) if t_head is not None else None
         if t_head is not None:
-            t_head.cpu()  # the teacher's full head waits in host memory; the device holds its shard
+            move_module(t_head, "cpu")  # the teacher's full head waits in host memory; the device holds its shard
         self.mesh = DeviceMesh.from_group(group, device.type)
         # The optimizer's parameters by bundle key, in one process's order: backbone, then head (its shard here).
         full_names = named_trainable(trainee)
@@ -111,12 +125,8 @@ class ShardedTrainee:
 
     def step_fn(self, weights: LossWeights, backend: str):
         """``step_fn(x, labels, z_t) -> (total, terms)`` on this rank's rows: DDP's backbone, then the head loss."""
-        if backend not in SHARDED_BACKENDS:
-            raise EdgekdError(
-                f"--loss-backend {backend}: under torchrun the head is class-sharded and runs the chunked sweep on "
-                f"each shard; use --loss-backend auto or chunked"
-            )
-        sharded = make_sharded_backend(self.world.group, self.head.num_classes)
+        sweep = shard_sweep(backend, self.device)
+        sharded = make_sharded_backend(self.world.group, self.head.num_classes, sweep=sweep)
         head_loss = head_loss_fn(self.head, self.t_head, weights, sharded)
         loss = torch.compile(head_loss, backend=self.compile) if self.compile else head_loss
         return lambda x, labels, z_t: loss(self.backbone(x), labels, z_t)

@@ -17,6 +17,7 @@ from torch import nn
 from edgekd.data.transforms import normalize_and_flip
 from edgekd.heads import ClassHead
 from edgekd.train.teacher_cache import TeacherCache, build_teacher_cache
+from edgekd.utils.device import move_module
 
 
 class Teacher:
@@ -60,7 +61,7 @@ class Teacher:
         """Put the parts ``embed`` uses on ``device``, frozen (eval mode, no gradients); returns ``self``."""
         for module in (self.head, None if self.cache is not None else self.backbone):
             if module is not None:
-                module.to(device).eval().requires_grad_(False)
+                move_module(module, device).eval().requires_grad_(False)
         return self
 
     @torch.no_grad()

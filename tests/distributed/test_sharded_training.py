@@ -9,8 +9,13 @@ One spawn runs every multi-rank check (start-up dominates the time):
   (measured 4e-15): synchronized BatchNorm, DDP's averaging, the sharded head's gradients, the clip norm, weight
   decay and the logged l2e are the one-process quantities, only summed in another order;
 - the compiled step (``aot_eager``: Dynamo's graphs, no Inductor code generation) has no graph break and gives the
-  eager step's loss and gradients;
+  eager step's loss and gradients; so does the step with the Triton sweep on each shard (``--loss-backend triton``,
+  Triton's CPU interpreter, float32: within rtol 1e-4, atol 1e-5 of the chunked step);
+- a fresh head left on the meta device materializes on each rank as the rows one process initializes (its student
+  head is built that way under torchrun, and ``fit`` above starts from it);
 - the teacher cache built by both ranks is the one-process cache (same key, same embeddings);
+- on a RecordIO set (the same images, packed losslessly) each rank reads only its rows of every global batch, and
+  the run ends with the weights of the run above;
 - ``HeadShard.gather_into`` joins uneven shards (C = 11: 6/5) into the full head.
 
 The data order (each rank's rows of the same global batches) and the batch-divisibility error need no process group.
@@ -18,6 +23,7 @@ The data order (each rank's rows of the same global batches) and the batch-divis
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import replace
@@ -28,17 +34,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 
 import edgekd.train.loop as loop
 import edgekd.train.teacher as teacher_module
 from edgekd.bundle import Bundle, bundle_state_dict
+from edgekd.data.recordio import RecordIODataset, RecordWriter, pack_record
 from edgekd.data.synthetic import SyntheticIdentities
 from edgekd.distill.pipeline import build_trainee, student_embed_dim
 from edgekd.distributed.head_shard import HeadShard
 from edgekd.distributed.launch import current_world
 from edgekd.errors import EdgekdError
 from edgekd.heads import create_head
+from edgekd.heads.class_head import INIT_BLOCK_ROWS
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
 from edgekd.train.loop import fit
@@ -55,6 +64,7 @@ CFG = TrainConfig(
 )  # fmt: skip
 WEIGHTS = LossWeights(ce=1.0, kd=0.5, th_ce=1.0, th_kd=0.5, l2e=1.0, T=4.0, T_th=2.0)
 TOL = {"rtol": 1e-10, "atol": 1e-10}
+TOL_FP32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _data() -> SyntheticIdentities:
@@ -76,13 +86,45 @@ def _models(dataset) -> tuple[Bundle, Teacher]:
     return student, Teacher(teacher.backbone.eval(), teacher.head.freeze())
 
 
-def _fit_float64(run_dir: Path) -> dict[str, torch.Tensor]:
+def _fit_float64(run_dir: Path, dataset=None) -> dict[str, torch.Tensor]:
+    """``fit`` in float64 on ``dataset`` (default ``_data()``); its models are built from ``_data()`` either way."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         _float64(monkeypatch)
-        dataset = _data()
-        student, teacher = _models(dataset)
-        fit(student, CFG, WEIGHTS, dataset, run_dir, teacher=teacher)
+        student, teacher = _models(_data())
+        fit(student, CFG, WEIGHTS, dataset if dataset is not None else _data(), run_dir, teacher=teacher)
     return bundle_state_dict(student)
+
+
+def _write_recordio(dataset, folder: Path) -> None:
+    """``dataset`` as an insightface RecordIO set (header record, PNG bodies: lossless, so the images are equal)."""
+    folder.mkdir()
+    with RecordWriter(folder / "train.rec") as writer:
+        n = len(dataset)
+        writer.write(0, pack_record([n + 1, n + 1 + dataset.num_classes]))
+        for index in range(n):
+            image, label = dataset[index]
+            png = io.BytesIO()
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(png, format="PNG")
+            writer.write(index + 1, pack_record(float(label), png.getvalue()))
+
+
+def _ranks_read_their_records(world, tmp: Path, two: dict[str, torch.Tensor], errors: dict) -> None:
+    """``fit`` on a RecordIO set: each rank reads only its rows of every global batch (its records), and the run
+    ends with the weights of the same run on the dataset the set was packed from."""
+    folder = tmp / "rec"
+    if world.is_main:
+        _write_recordio(_data(), folder)
+    world.barrier()
+    read: list[int] = []
+    getitem = RecordIODataset.__getitem__
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(RecordIODataset, "__getitem__", lambda self, i: (read.append(int(i)), getitem(self, i))[1])
+        state = _fit_float64(tmp / "two_rec", RecordIODataset(folder))
+    order = StepOrder(len(_data()), CFG.batch_size, CFG.seed, CFG.flip, world.rank, world.size)
+    assert read == torch.cat([order.batch(step)[0] for step in range(CFG.steps)]).tolist()
+    for key in two:
+        torch.testing.assert_close(state[key], two[key], **TOL, msg=lambda m, key=key: f"RecordIO {key}: {m}")
+    errors["recordio weights"] = max((state[k] - two[k]).abs().max().item() for k in two if two[k].is_floating_point())
 
 
 class _TinyBackbone(nn.Sequential):
@@ -120,6 +162,48 @@ def _compiled_step_matches_eager(world, errors: dict) -> None:
     errors["compiled grads"] = max((a - b).abs().max().item() for a, b in zip(compiled_grads, eager_grads, strict=True))
 
 
+def _triton_sweep_step_matches_chunked(world, errors: dict) -> None:
+    """``--loss-backend triton`` under torchrun: one compiled (aot_eager) step with the Triton sweep on each shard
+    (Triton's CPU interpreter, float32) gives the eager chunked step's loss and gradients, with no graph break."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = []
+    for backend, compile in (("chunked", None), ("triton", "aot_eager")):
+        torch.manual_seed(0)
+        student = Bundle(_TinyBackbone(), create_head("arcface", 6, 11, s=16.0))
+        teacher = Teacher(nn.Identity(), create_head("arcface", 6, 11, s=16.0).freeze())
+        trainer = ShardedTrainee(student, teacher, world, torch.device("cpu"), compile)
+        g = torch.Generator().manual_seed(1 + world.rank)
+        x, z_t = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 6, generator=g)
+        labels = torch.tensor([0, 5, 6, 10]) if world.rank == 0 else torch.tensor([3, 7, 5, 9])
+        total, _ = trainer.step_fn(WEIGHTS, backend)(x, labels, z_t)
+        total.backward()
+        results.append((total.detach(), [p.grad for p in trainer.parameters()]))
+        trainer.close()
+    (chunked, chunked_grads), (triton, triton_grads) = results
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(triton, chunked, **TOL_FP32)
+    for a, b in zip(triton_grads, chunked_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL_FP32)
+    errors["triton grads"] = max((a - b).abs().max().item() for a, b in zip(triton_grads, chunked_grads, strict=True))
+
+
+def _unmaterialized_head_shards_are_rows_of_the_whole(world) -> None:
+    """A head left on the meta device (``build_trainee`` under torchrun) gives each rank the rows one process
+    initializes, with shards crossing ``INIT_BLOCK_ROWS`` boundaries; no rank allocates the whole head."""
+    C = 2 * INIT_BLOCK_ROWS + 11  # shards of 4102 / 4101 rows: block 1 is cut between the ranks
+    for kind in ("arcface", "linear"):
+        torch.manual_seed(7)
+        whole = create_head(kind, 5, C)
+        torch.manual_seed(7)
+        lazy = create_head(kind, 5, C, device="meta")
+        assert lazy.weight.is_meta and lazy.init_seed == whole.init_seed
+        shard = HeadShard(lazy, world.group)
+        assert torch.equal(shard.weight, shard.shard.take(whole.weight)), kind
+        if kind == "linear":
+            assert torch.equal(shard.bias, torch.zeros(shard.shard.size))
+
+
 def _uneven_head_gathers(world) -> None:
     torch.manual_seed(5)
     full = create_head("linear", 3, 11)
@@ -140,6 +224,9 @@ def _worker(rank: int, tmp: str) -> None:
         if rank == 0:
             torch.save(state, Path(tmp) / "two.pt")
         _compiled_step_matches_eager(world, errors)
+        _ranks_read_their_records(world, Path(tmp), state, errors)
+        _triton_sweep_step_matches_chunked(world, errors)
+        _unmaterialized_head_shards_are_rows_of_the_whole(world)
         _uneven_head_gathers(world)
         dataset = _data()
         r_tiny = build_trainee(replace(CFG, model="r_tiny", seed=11), dataset).backbone.eval()
@@ -153,7 +240,9 @@ def _worker(rank: int, tmp: str) -> None:
 def test_two_gloo_ranks_train_as_one_process(tmp_path):
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
     for rank in range(WORLD):
-        assert (tmp_path / f"rank{rank}.json").is_file()
+        errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert errors.keys() == {"compiled grads", "recordio weights", "triton grads"}, errors
+        print(f"rank {rank}: worst absolute differences " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
     two = torch.load(tmp_path / "two.pt")
     one = _fit_float64(tmp_path / "one")
