@@ -53,11 +53,13 @@ def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
 
 
 def load_bundle_tensors(bundle: Bundle, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load prefixed ``tensors`` into the bundle's modules, strictly; a mismatch is a one-line CheckpointError."""
+    """Load prefixed ``tensors`` into the bundle's modules, strictly; a mismatch is a one-line CheckpointError.
+
+    A module on the meta device (no storage) takes the tensors themselves as its parameters."""
     for prefix, module in bundle_modules(bundle):
         part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         try:
-            module.load_state_dict(part, strict=True)
+            module.load_state_dict(part, strict=True, assign=any(p.is_meta for p in module.parameters()))
         except RuntimeError as exc:
             first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else "key or shape mismatch"
             raise CheckpointError(
@@ -108,8 +110,14 @@ def head_spec_of(meta: dict) -> HeadSpec | None:
     return HeadSpec(**{k: v for k, v in meta["head"].items() if k != "num_classes"})
 
 
-def load_bundle(path: str | os.PathLike, model: str | None = None, map_location: str = "cpu") -> Bundle:
+def load_bundle(
+    path: str | os.PathLike, model: str | None = None, map_location: str = "cpu", lazy_head: bool = False
+) -> Bundle:
     """Rebuild a bundle written by ``save_bundle``, or wrap a plain arcface_torch state_dict given ``model``.
+
+    ``lazy_head``: leave the head on the meta device, its tensors unread (their shapes are checked); a class shard
+    reads its rows alone from the file (``ClassHead.rows``). For the frozen teacher of a class-sharded run, so that
+    no process holds a head of millions of classes.
 
     Raises:
         CheckpointError: the file is missing, unreadable, or does not fit the model it names.
@@ -121,25 +129,39 @@ def load_bundle(path: str | os.PathLike, model: str | None = None, map_location:
         backbone = create_model(model)
         load_arcface_torch_state_dict(backbone, path)
         return Bundle(backbone=backbone.eval(), meta={"source": str(path)})
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     meta = read_bundle_meta(path)
     try:
-        tensors = load_file(str(path), device=map_location)
+        with safe_open(str(path), framework="pt", device=map_location) as f:
+            lazy = {k for k in f.keys() if lazy_head and k.startswith("head.")}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k not in lazy}
+            lazy_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in lazy}
     except Exception as exc:  # safetensors raises several types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
     # A student trained with edgekd 0.1.0's side projection (a layer only the teacher-head terms read) carries
     # ``projection.*`` tensors; nothing after training uses them, so they are left unread.
-    bundle = bundle_from_meta(meta)
-    load_bundle_tensors(bundle, tensors, str(path))
+    bundle = bundle_from_meta(meta, head_device="meta")  # the head takes the file's tensors, or stays lazy
+    if lazy_head and bundle.head is not None:
+        expected = {f"head.{k}": tuple(v.shape) for k, v in bundle.head.state_dict().items()}
+        if lazy_shapes != expected:
+            raise CheckpointError(
+                f"{path}: the head tensors {lazy_shapes} do not fit the head its metadata describes {expected}; "
+                "the file is damaged, write it again"
+            )
+        bundle.head.source = str(path)
+        load_bundle_tensors(Bundle(bundle.backbone), tensors, str(path))  # the backbone; the head stays in the file
+    else:
+        load_bundle_tensors(bundle, tensors, str(path))
     bundle.backbone.eval()
     return bundle
 
 
-def bundle_from_meta(meta: dict) -> Bundle:
-    """The modules a bundle's metadata (``bundle_meta``) describes, freshly initialized (weights not loaded)."""
+def bundle_from_meta(meta: dict, head_device: str | None = None) -> Bundle:
+    """The modules a bundle's metadata (``bundle_meta``) describes, freshly initialized (weights not loaded);
+    ``head_device="meta"`` leaves the head without storage (``ClassHead``)."""
     backbone = create_model(meta["model"], **meta.get("model_kwargs", {}))
     head = None
     if "head" in meta:
-        head = ClassHead(backbone.embed_dim, meta["head"]["num_classes"], head_spec_of(meta))
+        head = ClassHead(backbone.embed_dim, meta["head"]["num_classes"], head_spec_of(meta), device=head_device)
     return Bundle(backbone=backbone, head=head, meta=meta)

@@ -273,7 +273,7 @@ def run_sh_kd(
     i1 = train_teacher(teacher_cfg, dataset, stages / "i1", student_head=theta_s, resume=True, init=teacher_init)
     if i1 is None:
         return None
-    teacher = load_bundle(i1)
+    teacher = load_bundle(i1, lazy_head=current_world().distributed)  # frozen: a rank reads its class shard alone
     # I2 on the run's own seed: the same initialization and data order as every other method's student (a study
     # pairs SH-KD with them); I0 shares them too, as the plain student it is.
     return distill_student(

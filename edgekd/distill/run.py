@@ -128,7 +128,9 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     started = time.perf_counter()
     dataset = dataset if dataset is not None else training_dataset(job.cfg)
     teacher_path = _teacher(job, dataset, log)
-    teacher = load_bundle(teacher_path) if teacher_path and job.method != "sh-kd" else None
+    # Under torchrun each rank reads only its class shard of the frozen teacher's head from the file.
+    lazy = current_world().distributed
+    teacher = load_bundle(teacher_path, lazy_head=lazy) if teacher_path and job.method != "sh-kd" else None
     log(f"distilling {job.cfg.model} with {job.method}: {describe_weights(job.weights)}")
     if job.method == "sh-kd":
         init = load_bundle(teacher_path) if teacher_path else None

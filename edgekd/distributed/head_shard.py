@@ -19,7 +19,6 @@ from torch import nn
 
 from edgekd.distributed.shards import ClassShard, class_shard_of
 from edgekd.heads import ClassHead
-from edgekd.heads.class_head import initial_rows
 
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -27,23 +26,17 @@ _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 class HeadShard(nn.Module):
     """Rows ``shard`` of ``head``, copied; trainable where the head is. ``weight: (C_r, D)``, ``bias: (C_r,)``.
 
-    A head on the meta device (``ClassHead(device="meta")``, not initialized yet) gives the rows its initialization
-    would have given them (``initial_rows``): only this rank's are computed.
+    A head on the meta device (a fresh one, ``build_trainee`` under torchrun, or a teacher's loaded lazily) gives
+    only this rank's rows (``ClassHead.rows``): its initial values, or those of its file.
     """
 
     def __init__(self, head: ClassHead, group: dist.ProcessGroup) -> None:
         super().__init__()
         self.spec, self.group = head.spec, group
         self.shard: ClassShard = class_shard_of(head.num_classes, group)
-        if head.weight.is_meta:
-            rows = initial_rows(head.spec, head.embed_dim, self.shard.start, self.shard.stop, head.init_seed)
-            weight = rows.to(head.weight.dtype)
-            bias = torch.zeros(self.shard.size, dtype=head.bias.dtype) if head.bias is not None else None
-        else:
-            weight = self.shard.take(head.weight.detach()).clone()
-            bias = self.shard.take(head.bias.detach()).clone() if head.bias is not None else None
-        self.weight = nn.Parameter(weight, head.weight.requires_grad)
-        self.bias = nn.Parameter(bias, head.bias.requires_grad) if bias is not None else None
+        weight, bias = head.rows(self.shard.start, self.shard.stop)
+        self.weight = nn.Parameter(weight.clone(), head.weight.requires_grad)
+        self.bias = nn.Parameter(bias.clone(), head.bias.requires_grad) if bias is not None else None
 
     @property
     def num_classes(self) -> int:

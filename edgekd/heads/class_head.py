@@ -8,6 +8,7 @@ never need the ``(B, C)`` logits to exist.
 from __future__ import annotations
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from edgekd.heads.margin import HeadSpec, plain_logits
@@ -46,9 +47,10 @@ class ClassHead(nn.Module):
         num_classes: C.
         spec: head kind, scale and margin; linear heads get a bias.
         device: ``"meta"`` leaves the parameters without storage: a class-sharded run materializes only its rows
-            (``initial_rows`` with ``init_seed``), so no process builds a head of millions of classes.
+            (``rows``), so no process builds a head of millions of classes.
 
-    The initial weight depends on one number drawn from torch's global generator, ``init_seed``.
+    The initial weight depends on one number drawn from torch's global generator, ``init_seed``. ``source`` is the
+    bundle file a head on the meta device was loaded from (``load_bundle(lazy_head=True)``); None for a fresh head.
     """
 
     def __init__(self, embed_dim: int, num_classes: int, spec: HeadSpec, device: str | None = None) -> None:
@@ -60,6 +62,7 @@ class ClassHead(nn.Module):
         else:
             self.weight = nn.Parameter(initial_rows(spec, embed_dim, 0, num_classes, self.init_seed))
         self.bias = nn.Parameter(torch.zeros(num_classes, device=device)) if spec.kind == "linear" else None
+        self.source: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -68,6 +71,21 @@ class ClassHead(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.weight.shape[1]
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight rows ``[start, stop)`` and their bias (None without one), without touching the other classes.
+
+        From the parameters; on the meta device, read from ``source`` alone (a bundle loaded lazily) or computed as
+        the head's initialization gives them (a fresh head: ``initial_rows``, the parameters' dtype).
+        """
+        if not self.weight.is_meta:
+            return self.weight.detach()[start:stop], None if self.bias is None else self.bias.detach()[start:stop]
+        if self.source is not None:
+            with safe_open(self.source, framework="pt") as f:
+                weight = f.get_slice("head.weight")[start:stop]
+                return weight, None if self.bias is None else f.get_slice("head.bias")[start:stop]
+        weight = initial_rows(self.spec, self.embed_dim, start, stop, self.init_seed).to(self.weight.dtype)
+        return weight, None if self.bias is None else torch.zeros(stop - start, dtype=self.bias.dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Plain logits (no margin), ``(B, C)`` from ``z: (B, D)``."""

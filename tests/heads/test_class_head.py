@@ -1,4 +1,5 @@
-"""``ClassHead``'s initialization: block-seeded rows, so a class shard computes its own rows without the others."""
+"""``ClassHead``'s rows without the whole head: block-seeded initial rows (a fresh head) and rows read from a bundle
+file alone (``load_bundle(lazy_head=True)``), what a class shard of a head of millions of classes needs."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from edgekd.bundle import Bundle, load_bundle, save_bundle
+from edgekd.errors import CheckpointError
 from edgekd.heads import create_head
 from edgekd.heads.class_head import INIT_BLOCK_ROWS, initial_rows
 from edgekd.heads.margin import HeadSpec
+from edgekd.models import create_model
 
 R = INIT_BLOCK_ROWS
 
@@ -44,3 +50,42 @@ def test_a_head_is_seeded_by_torchs_global_generator_and_meta_heads_hold_no_stor
     assert torch.equal(head.weight, again.weight) and torch.equal(head.bias, torch.zeros(10))
     assert lazy.weight.is_meta and lazy.bias.is_meta and lazy.init_seed == head.init_seed
     assert torch.equal(initial_rows(lazy.spec, 4, 0, 10, lazy.init_seed), head.weight)
+
+
+def _saved_bundle(tmp_path, kind: str):
+    torch.manual_seed(0)
+    backbone = create_model("cnn_tiny", in_chans=1, input_size=(1, 28, 28))
+    head = create_head(kind, backbone.embed_dim, 9)
+    head.weight.data.normal_()  # trained values: not the initialization that a fresh head would compute
+    if head.bias is not None:
+        head.bias.data.normal_()
+    return save_bundle(tmp_path / "teacher.safetensors", Bundle(backbone, head)), head
+
+
+@pytest.mark.parametrize("kind", ["cosface", "linear"])
+def test_a_lazily_loaded_head_reads_any_rows_from_its_file_alone(tmp_path, kind):
+    path, saved = _saved_bundle(tmp_path, kind)
+    whole, lazy = load_bundle(path), load_bundle(path, lazy_head=True)
+    assert torch.equal(whole.head.weight, saved.weight) and not whole.head.weight.is_meta
+    assert lazy.head.weight.is_meta and lazy.head.source == str(path) and lazy.head.num_classes == 9
+    for key, value in whole.backbone.state_dict().items():
+        assert torch.equal(lazy.backbone.state_dict()[key], value), key
+    weight, bias = lazy.head.rows(3, 8)
+    assert torch.equal(weight, saved.weight[3:8])
+    assert (bias is None) if kind != "linear" else torch.equal(bias, saved.bias[3:8])
+    assert torch.equal(whole.head.rows(3, 8)[0], saved.weight[3:8])
+
+
+def test_a_lazily_loaded_head_whose_tensors_do_not_fit_its_metadata_is_a_one_line_error(tmp_path):
+    path, _ = _saved_bundle(tmp_path, "arcface")
+    tensors = load_file(str(path))
+    tensors["head.weight"] = tensors["head.weight"][:5].contiguous()
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(
+        CheckpointError, match=r"teacher.safetensors: the head tensors .* do not fit the head its metadata"
+    ):
+        load_bundle(path, lazy_head=True)
+    with pytest.raises(CheckpointError, match="the head weights do not fit"):
+        load_bundle(path)
