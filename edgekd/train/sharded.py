@@ -5,9 +5,8 @@ Each of the W ranks runs the backbone on its ``N / W`` rows of the global batch 
 the model trained does not depend on W. The student head and the frozen teacher head are cut into class shards
 (``HeadShard``); the loss is the shared-head loss over them (``edgekd::sharded_shared_head``, the chunked or Triton
 sweep on the local shard, per-row statistics merged across ranks), so while training no rank holds a full head, its
-gradient, its momentum or any ``N × C`` logits. A fresh student head comes unmaterialized (``build_trainee``): each
-rank computes only its rows, the values one process would start from. (The frozen teacher's full head, read from its
-file, waits in host memory.)
+gradient, its momentum or any ``N × C`` logits. A fresh student head and a teacher head loaded for torchrun come
+on the meta device (``build_trainee``, ``load_bundle(lazy_head=True)``): each rank computes or reads only its rows.
 Everything that one process would compute on the whole model is computed here from parts:
 
 - the logged loss: the head terms come back identical on every rank; ``l2e`` (a mean over each rank's rows) is
@@ -105,7 +104,9 @@ class ShardedTrainee:
         t_head = teacher.head if teacher is not None else None
         self.t_head = HeadShard(t_head, group).to(device) if t_head is not None else None
         if t_head is not None:
-            move_module(t_head, "cpu")  # the teacher's full head waits in host memory; the device holds its shard
+            move_module(
+                t_head, "cpu"
+            )  # a whole head given by the caller waits in host memory; the device holds its shard
         self.mesh = DeviceMesh.from_group(group, device.type)
         # The optimizer's parameters by bundle key, in one process's order: backbone, then head (its shard here).
         full_names = named_trainable(trainee)
