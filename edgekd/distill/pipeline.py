@@ -130,9 +130,10 @@ def default_vanilla(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> 
 
 
 def _cached_run(kind: str, final: str, cfg: TrainConfig, dataset, train) -> tuple[Path, bool]:
-    # Keyed by every setting and the data: a run with other settings gets its own folder. An interrupted training
-    # resumes from its checkpoints on the next call.
-    run_dir = cache_root() / kind / json_digest({"cfg": cfg.to_dict(), "data": dataset.fingerprint})
+    # Keyed by the settings that decide what it trains and by the data: a run with other such settings gets its own
+    # folder, one that only runs elsewhere or otherwise fast (--no-compile, --device) reuses it. An interrupted
+    # training resumes from its checkpoints on the next call.
+    run_dir = cache_root() / kind / json_digest({"cfg": cfg.training_settings(), "data": dataset.fingerprint})
     if (run_dir / final).is_file():
         return run_dir / final, False
     path = train(run_dir)

@@ -11,6 +11,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# Fields that change where or how fast a run trains, not what it trains: a resumed run may change them (the CLI's
+# resumable settings), and the cache of default teachers and vanilla students does not key on them.
+RUNTIME_SETTINGS = frozenset(
+    {
+        "device", "num_workers", "compile", "loss_backend", "teacher_cache", "checkpoint_every", "keep_checkpoints",
+        "log_every", "stop_after",
+    }
+)  # fmt: skip
+
 
 @dataclass
 class TrainConfig:
@@ -46,3 +55,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def training_settings(self) -> dict:
+        """The fields that decide what the run trains: ``to_dict`` without ``RUNTIME_SETTINGS``."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_SETTINGS}
