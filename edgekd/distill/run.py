@@ -132,12 +132,18 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     lazy = current_world().distributed
     teacher = load_bundle(teacher_path, lazy_head=lazy) if teacher_path and job.method != "sh-kd" else None
     log(f"distilling {job.cfg.model} with {job.method}: {describe_weights(job.weights)}")
+    wants_vanilla = job.evaluate and job.vanilla_baseline and job.method != "vanilla"
+    vanilla = temporary = None
     if job.method == "sh-kd":
+        if wants_vanilla:  # SH-KD's I0 is this student (labels only, the same settings, seed and data): trained once
+            vanilla = temporary = _vanilla(job, dataset, None, log)
         init = load_bundle(teacher_path) if teacher_path else None
         student_path = run_sh_kd(
-            job.cfg, job.teacher_cfg, job.weights, dataset, job.out, teacher_init=init, fresh_head=job.fresh_head
-        )
+            job.cfg, job.teacher_cfg, job.weights, dataset, job.out, teacher_init=init, fresh_head=job.fresh_head,
+            temporary_student=temporary,
+        )  # fmt: skip
         teacher_path = str(job.out / "sh_kd" / "i1" / "teacher.safetensors")
+        temporary = temporary or job.out / "sh_kd" / "i0" / "student.safetensors"
     else:
         student_path = distill_student(
             job.cfg, job.weights, dataset, teacher, job.out / "student", resume=job.resume, method=job.method
@@ -145,8 +151,7 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     if student_path is None:
         log(f"stopped after --stop-after steps; continue with `edgekd distill --out {job.out} --resume`")
         return {}
-    vanilla = None
-    if job.evaluate and job.vanilla_baseline and job.method != "vanilla":
+    if wants_vanilla and vanilla is None:
         vanilla = _vanilla(job, dataset, teacher, log)  # trained by every rank under torchrun, like the student
     if not current_world().is_main:
         return {}  # rank 0 alone evaluates, plots and writes the report
@@ -157,7 +162,7 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
         "teacher": teacher_path,
         "config": job.cfg.to_dict(),
     }
-    report["plots"] = {"loss": str(_plot_losses(job, teacher_path, student_path))}
+    report["plots"] = {"loss": str(_plot_losses(job, teacher_path, student_path, temporary))}
     if job.evaluate:
         named = {"teacher": Path(teacher_path)} if teacher_path else {}
         if vanilla is not None:
@@ -172,13 +177,14 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     return report
 
 
-def _plot_losses(job: DistillJob, teacher_path: str | None, student_path: Path) -> Path:
-    """``out/loss.png``: the training loss of the student and of every model trained for it."""
+def _plot_losses(job: DistillJob, teacher_path: str | None, student_path: Path, temporary: Path | None) -> Path:
+    """``out/loss.png``: the training loss of the student and of every model trained for it (``temporary``: SH-KD's
+    I0 student)."""
     runs = {"student": Path(student_path).parent / "metrics.jsonl"}
     if teacher_path:
         runs["teacher"] = Path(teacher_path).parent / "metrics.jsonl"
-    if job.method == "sh-kd":
-        runs["I0 temporary student"] = job.out / "sh_kd" / "i0" / "metrics.jsonl"
+    if temporary is not None:
+        runs["I0 temporary student"] = Path(temporary).parent / "metrics.jsonl"
     path = job.out / "loss.png"
     plot_loss_curves({name: p for name, p in runs.items() if p.is_file()}, path)
     return path

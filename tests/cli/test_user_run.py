@@ -188,3 +188,16 @@ def test_sh_kd_final_student_uses_the_runs_seed_like_every_other_method(tmp_path
     for stage in ("i0", "i2"):
         (state,) = (out / "sh_kd" / stage / "checkpoints").glob("step_*/state.json")
         assert json.loads(state.read_text())["config"]["seed"] == 7, stage
+
+
+def test_sh_kd_with_the_vanilla_baseline_trains_the_vanilla_student_once_as_its_i0(tmp_path, run_cli):
+    """I0 is a plain student of the run's settings, seed and data: the cached vanilla student is that model."""
+    out = tmp_path / "shkd"
+    argv = ["distill", *TINY, "--method", "sh-kd", "--steps", "1", "--teacher-model", "r_tiny", "--teacher-epochs", "1"]
+    code, stdout, err = run_cli([*argv, "--vanilla-baseline", "--out", str(out)])
+    assert code == 0, err
+    assert stdout.count("vanilla student: trained r_tiny") == 1 and "reusing the cached" not in stdout
+    assert not (out / "sh_kd" / "i0").exists() and (out / "sh_kd" / "i2" / "student.safetensors").is_file()
+    report = json.loads((out / "results.json").read_text())
+    assert [row["role"] for row in report["results"]] == ["teacher", "vanilla", "student"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
