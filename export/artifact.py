@@ -47,7 +47,7 @@ def gate_inputs(
     if h != w:
         raise EdgekdError(f"gates need a square input size, the model takes {h}x{w}")
     faces = create_dataset(
-        "synthetic", split="heldout", identities=count, images_per_identity=1, image_size=h, channels=c, seed=seed
+        generated, split="heldout", identities=count, images_per_identity=1, image_size=h, channels=c, seed=seed
     )
     batch = torch.stack([faces[i][0] for i in range(len(faces))])
     inputs = {"synthetic": normalize(batch, cfg.mean, cfg.std)}

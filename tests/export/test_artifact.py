@@ -82,3 +82,19 @@ def test_gate_as_and_gate_batches_override_the_defaults(tmp_path):
     assert written.gate.precision == "trt-fp32" and written.gate.threshold == 0.9999
     assert {row.batch for row in written.gate.rows} == {1, 2}  # batch 1 always runs: drift is measured against it
     assert json.loads(written.sidecar.read_text())["precision"] == "fp32"
+
+
+def test_generated_gate_images_are_held_out_identities_of_the_given_synthetic_spec():
+    from edgekd.data import create_dataset
+    from edgekd.data.transforms import normalize
+    from edgekd.export.artifact import gate_inputs
+    from edgekd.models import create_model
+
+    cfg = create_model("mbf_tiny", input_size=32).cfg
+    spec = "synthetic:difficulty=0.9"
+    got = gate_inputs(cfg, 4, seed=3, real=None, with_noise=False, generated=spec)["synthetic"]
+    faces = create_dataset(spec, split="heldout", identities=4, images_per_identity=1, image_size=32, seed=3)
+    want = normalize(torch.stack([faces[i][0] for i in range(4)]), cfg.mean, cfg.std)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    default = gate_inputs(cfg, 4, seed=3, real=None, with_noise=False)["synthetic"]
+    assert not torch.equal(got, default)  # the spec's difficulty reaches the images
