@@ -6,11 +6,12 @@ Stages, each in its own process with its own time budget (a stage that fails or 
 the next one starts; each writes its JSON after every result, so even a killed stage leaves what it measured):
 
 a. ``environment`` (15 s): GPU, driver (nvidia-smi), CUDA, package versions, TF32 settings, commit.
-b. ``gpu_tests`` (110 s): ``pytest -m gpu tests/losses tests/kernels``: every loss backend (reference, chunked,
-   triton) on CUDA against float64 on odd shapes in fp32, fp16 and bf16; ArcFace fallback rows (θ + m > π); a
-   ``torch.compile(fullgraph=True)`` training step on CUDA; the triton backend's atomics run 20 times on the same
-   inputs, the spread of the results recorded. Without CUDA they skip. With pytest-xdist (the GPU image has it)
-   8 processes share the work, most of which is compiling Triton kernel variants.
+b. ``gpu_tests`` (110 s): ``pytest -m gpu tests/losses tests/kernels tests/distributed``: every loss backend
+   (reference, chunked, triton) on CUDA against float64 on odd shapes in fp32, fp16 and bf16; ArcFace fallback rows
+   (θ + m > π); a ``torch.compile(fullgraph=True)`` training step on CUDA; the triton backend's atomics run 20 times
+   on the same inputs, the spread of the results recorded; the class-sharded loss under NCCL with the chunked and
+   Triton sweeps (2 ranks on 2 GPUs, a world of one on one GPU). Without CUDA they skip. With pytest-xdist (the GPU
+   image has it) 8 processes share the work, most of which is compiling Triton kernel variants.
 c. ``loss`` (135 s): bench/shared_head_loss.py's method at B = 512, D = 512, C ∈ {100k, 1M, 2M}, bf16: reference,
    torch.compile(reference), chunked, triton and Liger-Kernel's fused linear cross entropy (plain CE; recorded as
    'not installed' without it), plain CE and the full ArcFace TH-KD loss; time, peak memory and the physical floor

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("environment", "gpu_tests", "loss", "distill", "latency")
-GPU_TEST_PATHS = ("tests/losses", "tests/kernels")
+GPU_TEST_PATHS = ("tests/losses", "tests/kernels", "tests/distributed")
 # Notes of loss rows that say a provider does not apply here; any other note is a failure.
 NOT_APPLICABLE = ("not installed", "plain CE only", "GPU only", "skipped: does not fit")
 

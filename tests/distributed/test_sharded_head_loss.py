@@ -62,9 +62,10 @@ def _global_case(shared: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     return case
 
 
-def _leaves(case: dict, head: HeadSpec, rows: slice, classes: slice, use: set[str], dtype=torch.float64) -> dict:
-    """Leaf tensors of the given rows and classes in ``dtype``; None for what the case leaves out (biases of
-    normalized heads)."""
+def _leaves(case: dict, head: HeadSpec, rows: slice, classes: slice, use: set[str], dtype=torch.float64,
+            device="cpu") -> dict:  # fmt: skip
+    """Leaf tensors of the given rows and classes in ``dtype`` on ``device``; None for what the case leaves out
+    (biases of normalized heads)."""
     rows_of = {"z_s", "z_st", "z_t"}
     out = {}
     for k, v in case.items():
@@ -72,7 +73,7 @@ def _leaves(case: dict, head: HeadSpec, rows: slice, classes: slice, use: set[st
             continue
         if k == "z_st" and case["z_st"] is case["z_s"]:
             continue
-        out[k] = v[rows if k in rows_of else classes].to(dtype).clone().requires_grad_(k in GRADS)
+        out[k] = v[rows if k in rows_of else classes].to(device, dtype).clone().requires_grad_(k in GRADS)
     out["z_st"] = out.get("z_st", out.get("z_s"))
     return out
 
@@ -86,28 +87,29 @@ def _terms_and_grads(fn, leaves: dict, labels: torch.Tensor, head: HeadSpec, wei
     return {k: v.detach() for k, v in terms.items()}, grads
 
 
-def _check_case(name, case, head, weights, use, group, errors, sweep="chunked", dtype=torch.float64, tol=TOL):
-    """Terms and gradients of the sharded loss (``sweep`` on each shard, inputs in ``dtype``) on this rank against
-    the float64 reference on the global batch."""
-    rank = dist.get_rank(group)
-    shard = class_shard_of(C, group)
-    rows, classes = slice(rank * B, (rank + 1) * B), slice(shard.start, shard.stop)
+def _check_case(name, case, head, weights, use, group, errors, sweep="chunked", dtype=torch.float64, tol=TOL,
+                device="cpu", block_c=BLOCK_C):  # fmt: skip
+    """Terms and gradients of the sharded loss (``sweep`` on each shard, inputs in ``dtype`` on ``device``) on this
+    rank against the float64 reference on the global batch (its ``len(LABELS)`` rows split over the ranks)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    shard, per_rank = class_shard_of(C, group), len(LABELS) // world
+    rows, classes = slice(rank * per_rank, (rank + 1) * per_rank), slice(shard.start, shard.stop)
     ref_terms, ref_grads = _terms_and_grads(
         shared_head_loss_reference, _leaves(case, head, slice(None), slice(None), use), LABELS, head, weights
     )
     terms, grads = _terms_and_grads(
-        sharded_shared_head_loss, _leaves(case, head, rows, classes, use, dtype), LABELS[rows], head, weights,
-        group=group, num_classes=C, block_c=BLOCK_C, sweep=sweep,
+        sharded_shared_head_loss, _leaves(case, head, rows, classes, use, dtype, device), LABELS[rows].to(device), head,
+        weights, group=group, num_classes=C, block_c=block_c, sweep=sweep,
     )  # fmt: skip
     assert terms.keys() == ref_terms.keys(), (name, terms.keys())
     assert grads.keys() == ref_grads.keys(), (name, grads.keys())
     expected = {k: ref_terms[k] for k in terms}
     for k, ref in ref_grads.items():
-        expected[f"d{k}"] = ref[classes] if k in ("W_s", "b_s") else WORLD * ref[rows]  # rows: ×W, the DDP convention
-    got = terms | {f"d{k}": v for k, v in grads.items()}
+        expected[f"d{k}"] = ref[classes] if k in ("W_s", "b_s") else world * ref[rows]  # rows: ×W, the DDP convention
+    got = {k: v.double().cpu() for k, v in (terms | {f"d{k}": v for k, v in grads.items()}).items()}
     for k, ref in expected.items():
-        torch.testing.assert_close(got[k].double(), ref, **tol, msg=lambda m, k=k: f"{name} {k}: {m}")
-        errors[f"{name} {k}"] = (got[k].double() - ref).abs().max().item()
+        torch.testing.assert_close(got[k], ref, **tol, msg=lambda m, k=k: f"{name} {k}: {m}")
+        errors[f"{name} {k}"] = (got[k] - ref).abs().max().item()
 
 
 def _check_ddp_backbone(group, errors):
@@ -204,3 +206,42 @@ def test_sharded_loss_matches_reference_on_two_gloo_ranks(tmp_path):
         part = {k: v for k, v in errors.items() if keep(k)}
         worst = max(part, key=part.get)
         print(f"{label}: worst absolute error over {len(part)} comparisons: {part[worst]:.1e} ({worst})")
+
+
+def _nccl_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world, device_id=device)
+    try:
+        group, errors = dist.group.WORLD, {}
+        everything = {"z_s", "W_s", "b_s", "W_t", "b_t", "z_t", "z_st"}
+        for kind, head in HEADS.items():
+            for sweep in ("chunked", "triton"):
+                case = _global_case(shared=kind == "arcface")
+                # block_c 0: the GPU's own tiles (tl.dot needs 16 classes at least, this test's CPU blocks hold 4).
+                kw = {"sweep": sweep, "dtype": torch.float32, "tol": TOL_FP32, "device": device, "block_c": 0}
+                _check_case(f"{kind} {sweep}", case, head, ALL_TERMS, everything, group, errors, **kw)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(errors, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sharded_loss_on_nccl_ranks_matches_the_reference(tmp_path, record_property):
+    """The op under NCCL on CUDA, chunked and Triton sweeps, float32, against the float64 reference on the CPU: 2
+    ranks on 2 GPUs, or a world of one on one GPU (NCCL refuses two ranks on one device), which still runs every
+    NCCL collective of the op."""
+    world = min(2, torch.cuda.device_count())
+    mp.start_processes(_nccl_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                       start_method="spawn")  # fmt: skip
+    errors = {}
+    for rank in range(world):
+        errors |= {f"rank {rank} {k}": v for k, v in json.loads((tmp_path / f"rank{rank}.json").read_text()).items()}
+    worst = max(errors, key=errors.get)
+    record_property("nccl_world", world)
+    record_property("worst_abs_error", f"{errors[worst]:.1e} ({worst})")
+    # Per rank and sweep: 4 terms + dz_s, dW_s; + dz_st where z_st is its own tensor (all but arcface); + db_s on
+    # the linear head: 6 + 7 + 7 + 8 = 28.
+    assert len(errors) == world * 2 * 28, sorted(errors)
