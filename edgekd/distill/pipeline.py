@@ -132,9 +132,12 @@ def default_vanilla(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> 
 def _cached_run(kind: str, final: str, cfg: TrainConfig, dataset, train) -> tuple[Path, bool]:
     # Keyed by the settings that decide what it trains and by the data: a run with other such settings gets its own
     # folder, one that only runs elsewhere or otherwise fast (--no-compile, --device) reuses it. An interrupted
-    # training resumes from its checkpoints on the next call.
-    run_dir = cache_root() / kind / json_digest({"cfg": cfg.training_settings(), "data": dataset.fingerprint})
-    if (run_dir / final).is_file():
+    # training resumes from its checkpoints on the next call. Under torchrun every rank takes rank 0's folder and
+    # answer: a data fingerprint reads file sizes and times, which copies on other nodes need not share.
+    world = current_world()
+    key = json_digest({"cfg": cfg.training_settings(), "data": dataset.fingerprint}) if world.is_main else None
+    run_dir = cache_root() / kind / world.broadcast(key)
+    if world.broadcast((run_dir / final).is_file() if world.is_main else None):
         return run_dir / final, False
     path = train(run_dir)
     if path is None:

@@ -16,7 +16,8 @@ One spawn runs every multi-rank check (start-up dominates the time):
 - the teacher cache built by both ranks is the one-process cache (same key, same embeddings);
 - on a RecordIO set (the same images, packed losslessly) each rank reads only its rows of every global batch, and
   the run ends with the weights of the run above;
-- ``HeadShard.gather_into`` joins uneven shards (C = 11: 6/5) into the full head.
+- ``HeadShard.gather_into`` joins uneven shards (C = 11: 6/5) into the full head;
+- the cached default teacher's folder is rank 0's even where the ranks' data fingerprints differ (nodes).
 
 The data order (each rank's rows of the same global batches) and the batch-divisibility error need no process group.
 """
@@ -42,7 +43,7 @@ import edgekd.train.teacher as teacher_module
 from edgekd.bundle import Bundle, bundle_state_dict
 from edgekd.data.recordio import RecordIODataset, RecordWriter, pack_record
 from edgekd.data.synthetic import SyntheticIdentities
-from edgekd.distill.pipeline import build_trainee, student_embed_dim
+from edgekd.distill.pipeline import _cached_run, build_trainee, student_embed_dim
 from edgekd.distributed.head_shard import HeadShard
 from edgekd.distributed.launch import current_world
 from edgekd.errors import EdgekdError
@@ -204,6 +205,29 @@ def _unmaterialized_head_shards_are_rows_of_the_whole(world) -> None:
             assert torch.equal(shard.bias, torch.zeros(shard.shard.size))
 
 
+def _cached_runs_take_rank_0s_folder(world, tmp: Path) -> None:
+    """The default teacher's cache folder is rank 0's even where another node's copy of the data fingerprints
+    otherwise (file times): every rank trains into one folder and agrees whether it is done."""
+
+    class Copy:  # the same data, copied to another node with other file times
+        fingerprint = f"data-on-node-{world.rank}"
+
+    def train(run_dir: Path) -> Path:
+        if world.is_main:
+            run_dir.mkdir(parents=True)
+            (run_dir / "teacher.safetensors").write_bytes(b"weights")
+        world.barrier()
+        return run_dir / "teacher.safetensors"
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("EDGEKD_CACHE_DIR", str(tmp / "cached_runs"))
+        first = _cached_run("teachers", "teacher.safetensors", CFG, Copy(), train)
+        again = _cached_run("teachers", "teacher.safetensors", CFG, Copy(), train)
+    paths = [None] * world.size
+    dist.all_gather_object(paths, (str(first[0]), first[1], str(again[0]), again[1]), group=world.group)
+    assert paths[0] == paths[1] and paths[0][1] is True and paths[0][3] is False, paths
+
+
 def _uneven_head_gathers(world) -> None:
     torch.manual_seed(5)
     full = create_head("linear", 3, 11)
@@ -228,6 +252,7 @@ def _worker(rank: int, tmp: str) -> None:
         _triton_sweep_step_matches_chunked(world, errors)
         _unmaterialized_head_shards_are_rows_of_the_whole(world)
         _uneven_head_gathers(world)
+        _cached_runs_take_rank_0s_folder(world, Path(tmp))
         dataset = _data()
         r_tiny = build_trainee(replace(CFG, model="r_tiny", seed=11), dataset).backbone.eval()
         build_teacher_cache(r_tiny, dataset, r_tiny.cfg.mean, r_tiny.cfg.std, Path(tmp) / "cache", "cpu", 10)
