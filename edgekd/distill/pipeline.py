@@ -58,8 +58,8 @@ def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bu
 
 
 def _finish(trainee: Bundle, result, run_dir: Path, final: Path, meta: dict) -> Path | None:
-    """Save the final bundle unless the run stopped early (``stop_after``); under torchrun rank 0 writes it (every
-    rank's trainee holds the whole trained model by then) and the others wait until it is in place."""
+    """Save the final bundle unless the run stopped early (``stop_after``); under torchrun rank 0 writes it (its
+    trainee alone holds the whole trained head by then) and the others wait until it is in place."""
     if result.stopped:
         return None
     trainee.meta.update(meta)

@@ -15,8 +15,9 @@ Everything that one process would compute on the whole model is computed here fr
   (summed over ranks);
 - checkpoints: torch.distributed.checkpoint, one folder per step, written under a temporary name and renamed by
   rank 0 once every rank has written (``edgekd.train.dcp_checkpoint``);
-- the final model: ``finish`` gathers the head shards into the trainee's full head, so the bundle rank 0 writes is the
-  one a single process would have written, and eval and export do not know it was sharded.
+- the final model: ``finish`` gathers the head shards into rank 0's trainee (host memory, a piece at a time), so the
+  bundle rank 0 writes is the one a single process would have written, and eval and export do not know it was
+  sharded.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ class ShardedTrainee:
         return momentum
 
     def finish(self) -> None:
-        """Join every rank's trained head rows into the trainee's full head (on every rank)."""
+        """Join every rank's trained head rows into the trainee's full head on rank 0 (host memory), which writes
+        the final bundle; the other ranks' trainee keeps its placeholder head."""
         self.head.gather_into(self.trainee.head)
 
     def close(self) -> None:

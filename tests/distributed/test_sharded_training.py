@@ -16,7 +16,7 @@ One spawn runs every multi-rank check (start-up dominates the time):
 - the teacher cache built by both ranks is the one-process cache (same key, same embeddings);
 - on a RecordIO set (the same images, packed losslessly) each rank reads only its rows of every global batch, and
   the run ends with the weights of the run above;
-- ``HeadShard.gather_into`` joins uneven shards (C = 11: 6/5) into the full head;
+- ``HeadShard.gather_into`` joins uneven shards (C = 11: 6/5) into rank 0's full head, in one piece or several;
 - the cached default teacher's folder is rank 0's even where the ranks' data fingerprints differ (nodes).
 
 The data order (each rank's rows of the same global batches) and the batch-divisibility error need no process group.
@@ -44,6 +44,7 @@ from edgekd.bundle import Bundle, bundle_state_dict
 from edgekd.data.recordio import RecordIODataset, RecordWriter, pack_record
 from edgekd.data.synthetic import SyntheticIdentities
 from edgekd.distill.pipeline import _cached_run, build_trainee, student_embed_dim
+from edgekd.distributed import head_shard
 from edgekd.distributed.head_shard import HeadShard
 from edgekd.distributed.launch import current_world
 from edgekd.errors import EdgekdError
@@ -88,12 +89,18 @@ def _models(dataset) -> tuple[Bundle, Teacher]:
 
 
 def _fit_float64(run_dir: Path, dataset=None) -> dict[str, torch.Tensor]:
-    """``fit`` in float64 on ``dataset`` (default ``_data()``); its models are built from ``_data()`` either way."""
+    """``fit`` in float64 on ``dataset`` (default ``_data()``); its models are built from ``_data()`` either way.
+
+    The trained student's tensors: all of them on rank 0, the backbone's on the others (rank 0 alone gathers the
+    trained head, which it writes; the others' stays a placeholder)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         _float64(monkeypatch)
         student, teacher = _models(_data())
         fit(student, CFG, WEIGHTS, dataset if dataset is not None else _data(), run_dir, teacher=teacher)
-    return bundle_state_dict(student)
+    if current_world().is_main:
+        return bundle_state_dict(student)
+    assert student.head.weight.is_meta
+    return bundle_state_dict(Bundle(student.backbone))
 
 
 def _write_recordio(dataset, folder: Path) -> None:
@@ -234,8 +241,19 @@ def _uneven_head_gathers(world) -> None:
     shard = HeadShard(full, world.group)
     assert shard.weight.shape[0] == (6, 5)[world.rank]
     target = create_head("linear", 3, 11)
+    before = target.weight.clone()
     shard.gather_into(target)
-    assert torch.equal(target.weight, full.weight) and torch.equal(target.bias, full.bias)
+    if world.is_main:
+        assert torch.equal(target.weight, full.weight) and torch.equal(target.bias, full.bias)
+    else:
+        assert torch.equal(target.weight, before)  # rank 0 alone gathers the head
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(head_shard, "GATHER_ROWS", 4)  # 6 rows per shard: two pieces, the second short
+    target = create_head("linear", 3, 11)
+    shard.gather_into(target)
+    monkeypatch.undo()
+    if world.is_main:
+        assert torch.equal(target.weight, full.weight) and torch.equal(target.bias, full.bias)
 
 
 def _worker(rank: int, tmp: str) -> None:
