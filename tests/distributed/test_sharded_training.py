@@ -145,55 +145,44 @@ class _TinyBackbone(nn.Sequential):
         )  # fmt: skip
 
 
-def _compiled_step_matches_eager(world, errors: dict) -> None:
-    """One step of ``ShardedTrainee`` eager and compiled (aot_eager): same loss and gradients, no graph break."""
+def _steps_agree(world, runs, tol: dict) -> float:
+    """One ``ShardedTrainee`` step per ``(backend, compile, dtype)`` of ``runs``, from the same model and batch: the
+    same loss and gradients as the first (within ``tol``) and no graph break; returns the largest gradient gap."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     results = []
-    for compile in (None, "aot_eager"):
+    for backend, compile, dtype in runs:
         torch.manual_seed(0)
-        student = Bundle(_TinyBackbone().double(), create_head("arcface", 6, 11, s=16.0).double())
-        teacher_head = create_head("arcface", 6, 11, s=16.0).double().freeze()
+        student = Bundle(_TinyBackbone().to(dtype), create_head("arcface", 6, 11, s=16.0).to(dtype))
+        teacher_head = create_head("arcface", 6, 11, s=16.0).to(dtype).freeze()
         trainer = ShardedTrainee(student, Teacher(nn.Identity(), teacher_head), world, torch.device("cpu"), compile)
         g = torch.Generator().manual_seed(1 + world.rank)
-        x, z_t = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g).double()
-        labels = torch.tensor([0, 5, 6, 10]) if world.rank == 0 else torch.tensor([3, 7, 5, 9])
-        total, _ = trainer.step_fn(WEIGHTS, "auto")(x, labels, z_t)
-        total.backward()
-        results.append((total.detach(), [p.grad for p in trainer.parameters()]))
-        trainer.close()
-    (eager, eager_grads), (compiled, compiled_grads) = results
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
-    torch.testing.assert_close(compiled, eager, **TOL)
-    for a, b in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
-    errors["compiled grads"] = max((a - b).abs().max().item() for a, b in zip(compiled_grads, eager_grads, strict=True))
-
-
-def _triton_sweep_step_matches_chunked(world, errors: dict) -> None:
-    """``--loss-backend triton`` under torchrun: one compiled (aot_eager) step with the Triton sweep on each shard
-    (Triton's CPU interpreter, float32) gives the eager chunked step's loss and gradients, with no graph break."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    results = []
-    for backend, compile in (("chunked", None), ("triton", "aot_eager")):
-        torch.manual_seed(0)
-        student = Bundle(_TinyBackbone(), create_head("arcface", 6, 11, s=16.0))
-        teacher = Teacher(nn.Identity(), create_head("arcface", 6, 11, s=16.0).freeze())
-        trainer = ShardedTrainee(student, teacher, world, torch.device("cpu"), compile)
-        g = torch.Generator().manual_seed(1 + world.rank)
-        x, z_t = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 6, generator=g)
+        x, z_t = torch.randn(4, 3, 8, 8, generator=g, dtype=dtype), torch.randn(4, 6, generator=g, dtype=dtype)
         labels = torch.tensor([0, 5, 6, 10]) if world.rank == 0 else torch.tensor([3, 7, 5, 9])
         total, _ = trainer.step_fn(WEIGHTS, backend)(x, labels, z_t)
         total.backward()
         results.append((total.detach(), [p.grad for p in trainer.parameters()]))
         trainer.close()
-    (chunked, chunked_grads), (triton, triton_grads) = results
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
-    torch.testing.assert_close(triton, chunked, **TOL_FP32)
-    for a, b in zip(triton_grads, chunked_grads, strict=True):
-        torch.testing.assert_close(a, b, **TOL_FP32)
-    errors["triton grads"] = max((a - b).abs().max().item() for a, b in zip(triton_grads, chunked_grads, strict=True))
+    (first, first_grads), *others = results
+    for total, grads in others:
+        torch.testing.assert_close(total, first, **tol)
+        for a, b in zip(grads, first_grads, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+    return max((a - b).abs().max().item() for _, grads in others for a, b in zip(grads, first_grads, strict=True))
+
+
+def _compiled_step_matches_eager(world, errors: dict) -> None:
+    """One step of ``ShardedTrainee`` eager and compiled (aot_eager), float64: same loss and gradients."""
+    runs = [("auto", None, torch.float64), ("auto", "aot_eager", torch.float64)]
+    errors["compiled grads"] = _steps_agree(world, runs, TOL)
+
+
+def _triton_sweep_step_matches_chunked(world, errors: dict) -> None:
+    """``--loss-backend triton`` under torchrun: one compiled (aot_eager) step with the Triton sweep on each shard
+    (Triton's CPU interpreter, float32) gives the eager chunked step's loss and gradients."""
+    runs = [("chunked", None, torch.float32), ("triton", "aot_eager", torch.float32)]
+    errors["triton grads"] = _steps_agree(world, runs, TOL_FP32)
 
 
 def _unmaterialized_head_shards_are_rows_of_the_whole(world) -> None:
