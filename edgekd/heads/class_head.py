@@ -80,10 +80,10 @@ class ClassHead(nn.Module):
         """
         if not self.weight.is_meta:
             return self.weight.detach()[start:stop], None if self.bias is None else self.bias.detach()[start:stop]
-        if self.source is not None:
+        if self.source is not None:  # in the parameters' dtype, as loading the whole head would give them
             with safe_open(self.source, framework="pt") as f:
-                weight = f.get_slice("head.weight")[start:stop]
-                return weight, None if self.bias is None else f.get_slice("head.bias")[start:stop]
+                weight = f.get_slice("head.weight")[start:stop].to(self.weight.dtype)
+                return weight, None if self.bias is None else f.get_slice("head.bias")[start:stop].to(self.bias.dtype)
         weight = initial_rows(self.spec, self.embed_dim, start, stop, self.init_seed).to(self.weight.dtype)
         return weight, None if self.bias is None else torch.zeros(stop - start, dtype=self.bias.dtype)
 

@@ -89,3 +89,15 @@ def test_a_lazily_loaded_head_whose_tensors_do_not_fit_its_metadata_is_a_one_lin
         load_bundle(path, lazy_head=True)
     with pytest.raises(CheckpointError, match="the head weights do not fit"):
         load_bundle(path)
+
+
+def test_a_head_saved_in_half_precision_loads_in_the_heads_float32_whole_or_lazily(tmp_path):
+    """Loading converts to the parameters' dtype, as a copy into an initialized head did."""
+    backbone = create_model("cnn_tiny", in_chans=1, input_size=(1, 28, 28))
+    head = create_head("linear", backbone.embed_dim, 9).half()
+    path = save_bundle(tmp_path / "half.safetensors", Bundle(backbone, head))
+    whole, lazy = load_bundle(path), load_bundle(path, lazy_head=True)
+    assert whole.head.weight.dtype == whole.head.bias.dtype == torch.float32
+    assert torch.equal(whole.head.weight, head.weight.float())
+    weight, bias = lazy.head.rows(2, 7)
+    assert weight.dtype == bias.dtype == torch.float32 and torch.equal(weight, head.weight[2:7].float())
