@@ -164,25 +164,17 @@ def nvidia_smi() -> dict | None:
     return dict(zip(fields, values, strict=False))
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
 def stage_environment(ctx: Context) -> str:
     import torch
 
     import edgekd.kernels
-    from edgekd.utils.env import environment
+    from edgekd.utils.env import environment, source_commit
 
     env = environment(
         edgekd_kernels=edgekd.kernels.__file__,  # which edgekd the stages import (installed, or the tree's links)
         nvidia_smi=nvidia_smi(),
         liger_kernel=package_version("liger-kernel") or "not installed",
-        git_commit=git_commit(),
+        git_commit=source_commit(ROOT),
         python_executable=sys.executable,
         machine=platform.machine(),
         triton_interpret=os.environ.get("TRITON_INTERPRET"),

@@ -153,6 +153,14 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {sec:02d} s"
 
 
+def _short_commit(commit: str | None) -> str:
+    """``abc1234`` (``+dirty`` kept) of a full commit id; a dash for invocations that recorded none."""
+    if not commit:
+        return "—"
+    sha, plus, dirty = commit.partition("+")
+    return f"`{sha[:7]}{plus}{dirty}`"
+
+
 def _environment() -> list[str]:
     env = environment()
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
@@ -484,8 +492,9 @@ def write_report(out: str | Path) -> Path:
         state = "" if i.get("finished", True) else " (interrupted or running)"
         if i.get("gate_failed"):
             state = " (stopped by a gate)"
-        body.append([f"`{i['command'] or '(API)'}`", i["started"], _duration(i["seconds"]) + state])
-    lines += _table(["command", "started (UTC)", "wall time"], body)
+        body.append([f"`{i['command'] or '(API)'}`", i["started"], _short_commit(i.get("commit")),
+                     _duration(i["seconds"]) + state])  # fmt: skip
+    lines += _table(["command", "started (UTC)", "code (git commit)", "wall time"], body)
     lines += ["", f"Total wall time of the invocations: **{_duration(total)}**.", ""]
     lines += ["## Environment", "", *_environment(), ""]
     if data["plan"]:

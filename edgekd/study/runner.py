@@ -61,6 +61,7 @@ from edgekd.study.grid import (
 from edgekd.study.report import write_report
 from edgekd.study.stats import flat_gain
 from edgekd.train.config import TrainConfig
+from edgekd.utils.env import source_commit
 from edgekd.utils.hashing import json_digest
 
 __all__ = ["Cell", "StudyRunner", "run_study", "GateError", "STUDY_FILE"]
@@ -541,6 +542,7 @@ def run_study(
         "seconds": 0.0,
         "finished": False,
         "device": device,
+        "commit": source_commit(),  # the code that trained this invocation's cells
     }
     record["invocations"].append(invocation)
     started = time.perf_counter()

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from edgekd.version import __version__
 
-__all__ = ["environment", "package_versions", "cpu_name", "gpu_info", "thread_info", "onnxruntime_conflict"]
+__all__ = [
+    "environment", "package_versions", "cpu_name", "gpu_info", "thread_info", "onnxruntime_conflict", "source_commit",
+]  # fmt: skip
 
 # distribution names; the first one installed under each key wins (onnxruntime ships as -gpu on Linux x86).
 PACKAGES: dict[str, tuple[str, ...]] = {
@@ -92,6 +96,21 @@ def thread_info() -> dict[str, int | None]:
         if os.environ.get("OMP_NUM_THREADS", "").isdigit()
         else None,
     }
+
+
+def source_commit(root: str | os.PathLike | None = None) -> str | None:
+    """The git commit of the checkout at ``root`` (default: the one edgekd is imported from), ``+dirty`` appended
+    when tracked files differ from it; None outside a git checkout or without git."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
 def environment(**extra: Any) -> dict[str, Any]:
