@@ -112,7 +112,7 @@ def command(**kwargs) -> None:
     """
     values, resume = resolve_settings("distill", kwargs, SETTINGS, DEMO, default_out="runs/distill")
     cfg = train_config(values)
-    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv())
+    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv(), cfg.loss_backend)
     if world is None:
         return  # this process ran the command as --nproc ranks, which printed everything
     echo = click.echo if world.is_main else _quiet

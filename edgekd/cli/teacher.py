@@ -62,7 +62,7 @@ def command(**kwargs) -> None:
     """
     values, resume = resolve_settings("teacher", kwargs, SETTINGS, TEACHER_DEMO, default_out="runs/teacher")
     cfg = train_config(values)
-    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv())
+    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv(), cfg.loss_backend)
     if world is None:
         return  # this process ran the command as --nproc ranks, which printed everything
     out = Path(values["out"])

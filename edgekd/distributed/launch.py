@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from edgekd.distributed.sharded_loss import check_sharded_backend
 from edgekd.errors import EdgekdError
 from edgekd.utils.device import resolve_device
 from edgekd.utils.threads import usable_cpus
@@ -155,13 +156,17 @@ def relaunch(nproc: int, argv: list[str]) -> None:
         raise EdgekdError(f"{failed} of {nproc} failed; the error of each rank is printed above") from None
 
 
-def start_world(nproc: int, device: str, batch_size: int, argv: list[str]) -> World | None:
+def start_world(nproc: int, device: str, batch_size: int, argv: list[str], loss_backend: str = "auto") -> World | None:
     """The world this command trains in; None in a process that ran the command as ``nproc`` ranks (``relaunch``).
 
     ``--nproc 1`` (the default) under torchrun is the world torchrun made; another ``--nproc`` than torchrun's
-    ranks per machine is refused, and so is a global ``batch_size`` that does not split evenly over the ranks.
+    ranks per machine is refused, and so are a global ``batch_size`` that does not split evenly over the ranks and a
+    ``loss_backend`` that cannot run on a class shard, before any rank starts.
     """
-    check_batch_split(batch_size, int(os.environ["WORLD_SIZE"]) if launched() else nproc)
+    world_size = int(os.environ["WORLD_SIZE"]) if launched() else nproc
+    check_batch_split(batch_size, world_size)
+    if world_size > 1:
+        check_sharded_backend(loss_backend)
     if nproc > 1 and not launched():
         relaunch(nproc, argv)
         return None

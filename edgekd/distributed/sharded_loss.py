@@ -82,6 +82,16 @@ _BACKWARD_SCHEMA = (
 SHARD_SWEEPS = ("chunked", "triton")
 
 
+def check_sharded_backend(backend: str) -> None:
+    """Refuse, in one line, a ``--loss-backend`` that cannot run on a class shard: ``reference`` forms whole-head
+    logits; ``auto`` and the sweeps (``SHARD_SWEEPS``) can."""
+    if backend not in ("auto", *SHARD_SWEEPS):
+        raise EdgekdError(
+            f"--loss-backend {backend}: under torchrun the head is class-sharded and each rank sweeps its shard; "
+            f"use --loss-backend auto, {' or '.join(SHARD_SWEEPS)}"
+        )
+
+
 def _sweeps(sweep: str):
     """The module of ``sweep``; the Triton one is imported on first use (an optional dependency)."""
     if sweep == "triton":

@@ -41,9 +41,9 @@ from edgekd.bundle import Bundle, bundle_meta
 from edgekd.distributed import make_sharded_backend
 from edgekd.distributed.head_shard import HeadShard, clip_grad_norm_, release
 from edgekd.distributed.launch import World
-from edgekd.distributed.sharded_loss import SHARD_SWEEPS
+from edgekd.distributed.sharded_loss import check_sharded_backend
 from edgekd.distributed.sync_bn import convert_sync_batchnorm, restore
-from edgekd.errors import CheckpointError, EdgekdError
+from edgekd.errors import CheckpointError
 from edgekd.losses import LossWeights
 from edgekd.losses.shared_head import head_loss_fn, resolve_backend
 from edgekd.train.checkpoint import STATE_FILE, checkpoint_folders, checkpoint_path, read_state
@@ -69,11 +69,7 @@ def shard_sweep(backend: str, device: torch.device) -> str:
     ``auto`` means what it means in one process (``resolve_backend``): triton on CUDA where it loads, chunked
     elsewhere. ``reference`` forms ``B × C`` logits of a whole head, which a shard cannot: refused in one line.
     """
-    if backend not in ("auto", *SHARD_SWEEPS):
-        raise EdgekdError(
-            f"--loss-backend {backend}: under torchrun the head is class-sharded and each rank sweeps its shard; "
-            f"use --loss-backend auto, {' or '.join(SHARD_SWEEPS)}"
-        )
+    check_sharded_backend(backend)
     return resolve_backend(backend, device)
 
 

@@ -316,3 +316,11 @@ def test_nproc_with_a_batch_that_does_not_split_is_refused_before_any_rank_start
     code, _, err = run_cli(["teacher", "--nproc", "3", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
     assert code == 2 and err.strip().startswith("edgekd: error: --batch-size 8 is the global batch"), err
     assert "\n" not in err.strip() and not out.exists()
+
+
+def test_nproc_with_a_loss_backend_that_cannot_run_on_a_shard_is_refused_before_any_rank_starts(run_cli, tmp_path):
+    out = tmp_path / "run"
+    argv = ["distill", "--nproc", "2", "--loss-backend", "reference", "--device", "cpu", "--out", str(out)]
+    code, _, err = run_cli(argv)
+    assert code == 2 and err.strip().startswith("edgekd: error: --loss-backend reference: under torchrun"), err
+    assert "use --loss-backend auto, chunked or triton" in err and "\n" not in err.strip() and not out.exists()
