@@ -169,7 +169,7 @@ def merge_partials(part: torch.Tensor, terms: int, T: float) -> tuple[torch.Tens
     ``losses`` are the means over the B rows of ce, kd, th_ce, th_kd (0 where inactive), ``stats`` each row's
     log-sum-exps (0 where unused), which the backward sweeps reuse.
     """
-    one = combine_partials(part, terms)
+    one = part[0] if part.shape[0] == 1 else combine_partials(part, terms)  # one range: already combined
     zeros = one.new_zeros(one.shape[1])
     stats = torch.stack([one[row] + torch.log(one[row + 1]) if used else zeros for row, used in _lse_rows(terms)], 1)
     losses = one.new_zeros(4)
