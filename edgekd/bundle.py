@@ -52,19 +52,23 @@ def bundle_state_dict(bundle: Bundle) -> dict[str, torch.Tensor]:
     }
 
 
-def load_bundle_tensors(bundle: Bundle, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load prefixed ``tensors`` into the bundle's modules, strictly; a mismatch is a one-line CheckpointError.
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state, strict=True)``; a module on the meta device (no storage) takes the tensors
+    themselves as its parameters, converted to the dtypes it declares, as a copy into existing parameters converts."""
+    assign = any(p.is_meta for p in module.parameters())
+    if assign:
+        declared = module.state_dict()
+        state = {k: v.to(declared[k].dtype) if k in declared else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
 
-    A module on the meta device (no storage) takes the tensors as its parameters, in the dtypes it declares (a copy
-    into existing parameters converts them the same way)."""
+
+def load_bundle_tensors(bundle: Bundle, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load prefixed ``tensors`` into the bundle's modules (``assign_state``); a mismatch is a one-line
+    CheckpointError."""
     for prefix, module in bundle_modules(bundle):
         part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        assign = any(p.is_meta for p in module.parameters())
-        if assign:
-            declared = module.state_dict()
-            part = {k: v.to(declared[k].dtype) if k in declared else v for k, v in part.items()}
         try:
-            module.load_state_dict(part, strict=True, assign=assign)
+            assign_state(module, part)
         except RuntimeError as exc:
             first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else "key or shape mismatch"
             raise CheckpointError(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd.bundle import Bundle, load_bundle, save_bundle
+from edgekd.bundle import Bundle, assign_state, load_bundle, save_bundle
 from edgekd.data import create_dataset
 from edgekd.distributed.launch import current_world
 from edgekd.errors import EdgekdError
@@ -105,9 +105,9 @@ def train_teacher(
 
 
 def _head_copy(head: ClassHead) -> ClassHead:
-    """A trainable copy of ``head``'s parameters."""
-    copy = ClassHead(head.embed_dim, head.num_classes, head.spec)
-    copy.load_state_dict(head.state_dict())
+    """A trainable copy of ``head``'s parameters (built on the meta device: no initialization to overwrite)."""
+    copy = ClassHead(head.embed_dim, head.num_classes, head.spec, device="meta")
+    assign_state(copy, {k: v.detach().clone() for k, v in head.state_dict().items()})
     return copy
 
 
