@@ -38,8 +38,8 @@ class HeadShard(nn.Module):
         self.spec, self.group = head.spec, group
         self.shard: ClassShard = class_shard_of(head.num_classes, group)
         weight, bias = head.rows(self.shard.start, self.shard.stop)
-        self.weight = nn.Parameter(weight.clone(), head.weight.requires_grad)
-        self.bias = nn.Parameter(bias.clone(), head.bias.requires_grad) if bias is not None else None
+        self.weight = nn.Parameter(weight, head.weight.requires_grad)
+        self.bias = nn.Parameter(bias, head.bias.requires_grad) if bias is not None else None
 
     @property
     def num_classes(self) -> int:

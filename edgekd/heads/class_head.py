@@ -73,13 +73,15 @@ class ClassHead(nn.Module):
         return self.weight.shape[1]
 
     def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight rows ``[start, stop)`` and their bias (None without one), without touching the other classes.
+        """Weight rows ``[start, stop)`` and their bias (None without one), without touching the other classes;
+        new tensors the caller owns.
 
-        From the parameters; on the meta device, read from ``source`` alone (a bundle loaded lazily) or computed as
-        the head's initialization gives them (a fresh head: ``initial_rows``, the parameters' dtype).
+        Copied from the parameters; on the meta device, read from ``source`` alone (a bundle loaded lazily) or
+        computed as the head's initialization gives them (a fresh head: ``initial_rows``, the parameters' dtype).
         """
         if not self.weight.is_meta:
-            return self.weight.detach()[start:stop], None if self.bias is None else self.bias.detach()[start:stop]
+            bias = None if self.bias is None else self.bias.detach()[start:stop].clone()
+            return self.weight.detach()[start:stop].clone(), bias
         if self.source is not None:  # in the parameters' dtype, as loading the whole head would give them
             with safe_open(self.source, framework="pt") as f:
                 weight = f.get_slice("head.weight")[start:stop].to(self.weight.dtype)
