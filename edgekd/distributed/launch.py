@@ -125,7 +125,8 @@ def threads_per_rank(threads: int | None) -> int | None:
 
 
 def relaunch(nproc: int, argv: list[str]) -> None:
-    """Run ``edgekd <argv>`` as ``nproc`` ranks on this machine under torchrun's launcher; returns when all end.
+    """Run ``edgekd <argv>`` as ``nproc`` ranks on this machine under torchrun's launcher (from a process torchrun did
+    not start: ``start_world``); returns when all end.
 
     The same command line as ``torchrun --standalone --nproc-per-node nproc -m edgekd.cli <argv>``. Each rank prints
     its own errors; a rank that fails makes this a one-line error naming it (exit 2), unless every failed rank was
@@ -135,8 +136,6 @@ def relaunch(nproc: int, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if launched():
-        raise EdgekdError(f"--nproc {nproc} inside a torchrun world of {os.environ['WORLD_SIZE']}; drop --nproc")
     # Threads: the usable CPUs split between the ranks, unless the user chose (torchrun's own default is 1).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "edgekd.cli"])

@@ -100,10 +100,8 @@ class ShardedTrainee:
         self.head = HeadShard(trainee.head, group).to(device)
         t_head = teacher.head if teacher is not None else None
         self.t_head = HeadShard(t_head, group).to(device) if t_head is not None else None
-        if t_head is not None:
-            move_module(
-                t_head, "cpu"
-            )  # a whole head given by the caller waits in host memory; the device holds its shard
+        if t_head is not None:  # a whole head given by the caller waits in host memory; the device holds its shard
+            move_module(t_head, "cpu")
         self.mesh = DeviceMesh.from_group(group, device.type)
         # The optimizer's parameters by bundle key, in one process's order: backbone, then head (its shard here).
         full_names = named_trainable(trainee)
