@@ -15,6 +15,7 @@ break; the backward is itself an op, so AOTAutograd sees it as one node too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -52,10 +53,33 @@ def empty_grad(like: torch.Tensor | None, wanted: bool, device: torch.device) ->
     return torch.empty(0, device=device)
 
 
+def outside_autocast(impl: Callable) -> Callable:
+    """``impl`` run with autocast off on the device of its first tensor argument.
+
+    An op body sees the caller's autocast state, also inside a compiled step (autocast is resolved when the graph is
+    traced, but the opaque op runs under whatever state its caller has at run time). Under CUDA's bf16 autocast a
+    ``torch.mm`` in a body would return bf16 logits. The ops define their own precision instead: operands in the
+    dtype they are given (the head weights' dtype for the class matrices), float32 accumulation and statistics.
+    """
+
+    @functools.wraps(impl)
+    def run(*args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return impl(*args)
+
+    return run
+
+
 def define_shared_head_op(name: str, forward_impl: ForwardImpl, backward_impl: BackwardImpl):
-    """Register ``edgekd::<name>`` and ``edgekd::<name>_bwd`` with fake kernels and autograd; return the forward op."""
-    fwd = torch.library.custom_op(f"edgekd::{name}", forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
-    bwd = torch.library.custom_op(f"edgekd::{name}_bwd", backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
+    """Register ``edgekd::<name>`` and ``edgekd::<name>_bwd`` with fake kernels and autograd; return the forward op.
+
+    Both bodies run outside autocast (``outside_autocast``)."""
+    fwd = torch.library.custom_op(
+        f"edgekd::{name}", outside_autocast(forward_impl), mutates_args=(), schema=FORWARD_SCHEMA
+    )
+    bwd = torch.library.custom_op(
+        f"edgekd::{name}_bwd", outside_autocast(backward_impl), mutates_args=(), schema=BACKWARD_SCHEMA
+    )
 
     @fwd.register_fake
     def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c):

@@ -41,7 +41,7 @@ from edgekd.distributed.shards import class_shard_of
 from edgekd.errors import EdgekdError
 from edgekd.heads.margin import HeadSpec
 from edgekd.kernels import chunked
-from edgekd.kernels._shared_head_autograd import empty_grad, term_mask
+from edgekd.kernels._shared_head_autograd import empty_grad, outside_autocast, term_mask
 from edgekd.kernels._shared_head_math import (
     HEAD_TERM_NAMES,
     KIND_LINEAR,
@@ -163,7 +163,8 @@ def _sharded_backward(
     wanted = [dz for dz in (dzs, dzst) if dz.numel()]
     if wanted:
         # Sum every shard's share of d loss / d rows and keep this rank's B rows; ×W for DDP's average (module doc).
-        full = torch.cat(wanted, 1)
+        # The sum runs in float32 at least: W bf16 shares would each be rounded again at every hop of the ring.
+        full = torch.cat([dz.to(accum_dtype(dz.dtype)) for dz in wanted], 1)
         mine = full.new_empty(full.shape[0] // world, full.shape[1])
         _reduce_scatter(mine, full, op=dist.ReduceOp.SUM, group=pg)
         mine.mul_(world)
@@ -173,10 +174,10 @@ def _sharded_backward(
 
 
 sharded_shared_head = torch.library.custom_op(
-    "edgekd::sharded_shared_head", _sharded_forward, mutates_args=(), schema=_FORWARD_SCHEMA
+    "edgekd::sharded_shared_head", outside_autocast(_sharded_forward), mutates_args=(), schema=_FORWARD_SCHEMA
 )
 _sharded_shared_head_bwd = torch.library.custom_op(
-    "edgekd::sharded_shared_head_bwd", _sharded_backward, mutates_args=(), schema=_BACKWARD_SCHEMA
+    "edgekd::sharded_shared_head_bwd", outside_autocast(_sharded_backward), mutates_args=(), schema=_BACKWARD_SCHEMA
 )
 
 
@@ -197,10 +198,10 @@ def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c,
 def _(grad, stats, rows, labels, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, class_start, group, sweep, d_s,
       d_st, need):  # fmt: skip
     B = rows.shape[0] // _world(group)[1]
-    device = rows.device
+    device, acc = rows.device, accum_dtype(rows.dtype)  # the row gradients are summed over ranks in float32 at least
     return (
-        rows.new_empty(B, d_s) if need & NEED_Z_S else empty_grad(None, False, device),
-        rows.new_empty(B, d_st) if need & NEED_Z_ST and d_st else empty_grad(None, False, device),
+        rows.new_empty(B, d_s, dtype=acc) if need & NEED_Z_S else empty_grad(None, False, device),
+        rows.new_empty(B, d_st, dtype=acc) if need & NEED_Z_ST and d_st else empty_grad(None, False, device),
         empty_grad(W_s, bool(need & NEED_W_S), device),
         empty_grad(b_s, bool(need & NEED_W_S), device),
     )

@@ -13,7 +13,8 @@ Gradient convention: as the sharded head's (``edgekd.distributed.sharded_loss``)
 rows is W times the global loss's and DDP averages parameter gradients; the summed backward keeps that exact.
 
 ``convert_sync_batchnorm`` swaps the layers of a model in place for ones that share their parameters and buffers
-(the state_dict keys and tensors stay the same); ``restore`` puts the original layers back.
+(the state_dict keys and tensors stay the same); ``restore`` puts the original layers back. timm's ``BatchNormAct2d``
+(a ``BatchNorm2d`` that also applies dropout and an activation) keeps both after the synchronized normalization.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from edgekd.errors import EdgekdError
 
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -86,13 +89,26 @@ class SyncBatchNorm(nn.Module):
         self.weight, self.bias = bn.weight, bn.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(bn, name))
+        # What the layer applies after normalizing, under the layer's own names (its state_dict keys stay the same).
+        after = _after_norm(bn)
+        for name, module in after:
+            self.add_module(name, module)
+        self.after = tuple(name for name, _ in after)
         self.train(bn.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        y = self._normalize(x)
+        for name in self.after:
+            y = getattr(self, name)(y)
+        return y
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.running_mean is not None:
             return nn.functional.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
+        # Training, or evaluating a layer without running statistics: the global batch's statistics (as BatchNorm
+        # uses its batch's), updating the running ones only when training.
         shape = (1, -1) + (1,) * (x.ndim - 2)
         dims = [0, *range(2, x.ndim)]
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32 at least
@@ -109,7 +125,7 @@ class SyncBatchNorm(nn.Module):
         total = stats.shape[0] * n
         mean = means.mean(0)
         var = (m2s.sum(0) + n * (means - mean).square().sum(0)) / total  # biased: what normalizes the batch
-        if self.track_running_stats:
+        if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -120,6 +136,21 @@ class SyncBatchNorm(nn.Module):
         if self.weight is not None:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+
+def _after_norm(bn: _BatchNorm) -> list[tuple[str, nn.Module]]:
+    """The modules a BatchNorm layer applies to its normalized output, in order: none for torch's layers, ``drop``
+    then ``act`` for timm's ``BatchNormAct2d`` (its forward is BatchNorm's followed by those two). A subclass with
+    any other forward of its own cannot be synchronized without changing what it computes: refused in one line."""
+    cls = type(bn)
+    if cls.forward is _BatchNorm.forward:  # torch's BatchNorm1d/2d/3d and subclasses that keep their forward
+        return []
+    if isinstance(getattr(bn, "drop", None), nn.Module) and isinstance(getattr(bn, "act", None), nn.Module):
+        return [("drop", bn.drop), ("act", bn.act)]
+    raise EdgekdError(
+        f"{cls.__module__}.{cls.__name__} is a BatchNorm layer with a forward of its own, which edgekd cannot "
+        "synchronize across ranks; train this model in one process (without --nproc / torchrun)"
+    )
 
 
 def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup) -> list[tuple[nn.Module, str, nn.Module]]:

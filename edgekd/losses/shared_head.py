@@ -5,6 +5,13 @@ matrices, with the signature of ``shared_head_loss_reference``; ``l2e`` is cheap
 PyTorch. The registry below is the one list of backends: ``reference`` (this package), ``chunked`` (the
 PyTorch op of ``edgekd.kernels``) and ``triton`` (the Triton op, imported on first use because Triton is an
 optional dependency). The dependency runs one way: ``edgekd.kernels`` imports nothing from here.
+
+Precision. The loss does not follow autocast: training on CUDA runs the backbone under bf16 autocast, and its bf16
+embedding reaches the loss promoted to the head's dtype (exactly: float32 for float32 heads). Every backend then
+forms the logits from operands in that dtype and keeps its statistics (log-sum-exps, the margin, the KL sums) in
+float32: the fused Triton kernels' precision, which the chunked sweep, the reference and the class-sharded op share,
+so that switching backend never changes what is trained beyond float32 rounding. Rounding the logits themselves to
+bf16, as autocast would, costs up to s·2⁻⁹ = 0.125 per logit at ArcFace's s = 64, in a softmax over all classes.
 """
 
 from __future__ import annotations
@@ -177,13 +184,23 @@ def shared_head_loss(
     _check_inputs(z_s, labels, W_s, W_t, z_t, weights)
     fn = backend if callable(backend) else LOSS_BACKENDS[resolve_backend(backend, z_s.device)]
     terms: dict[str, torch.Tensor] = {}
-    for call in backend_calls(weights):
-        # Both heads read the student's one embedding (the official code's design): z_s is also the backends' z_st.
-        terms.update(fn(z_s, labels, W_s, b_s, z_s, W_t, b_t, z_t, head, call))
-    if weights.l2e:
-        terms["l2e"] = l2_embedding(z_s, z_t)
+    # Autocast stops here (module doc, "Precision"): every backend computes the terms alike under it.
+    with torch.autocast(z_s.device.type, enabled=False):
+        z_s, z_t = (_to_head_dtype(z, W_s if W_s is not None else W_t) for z in (z_s, z_t))
+        for call in backend_calls(weights):
+            # Both heads read the student's one embedding (the official code's design): z_s is also the backends' z_st.
+            terms.update(fn(z_s, labels, W_s, b_s, z_s, W_t, b_t, z_t, head, call))
+        if weights.l2e:
+            terms["l2e"] = l2_embedding(z_s, z_t)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, terms
+
+
+def _to_head_dtype(z: torch.Tensor | None, W: torch.Tensor | None) -> torch.Tensor | None:
+    """``z`` promoted to the head's dtype (a bf16 embedding of an autocast backbone, float32 head: float32)."""
+    if z is None or W is None:
+        return z
+    return z.to(torch.promote_types(z.dtype, W.dtype))
 
 
 def head_loss_fn(head, teacher_head, weights: LossWeights, backend: str | LossBackend):
