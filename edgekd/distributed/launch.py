@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,19 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+    def check_visible(self, path: Path, advice: str) -> None:
+        """Raise the same one-line ``EdgekdError`` on every rank unless every rank sees ``path`` (one rank 0 found or
+        wrote): ranks on other nodes need a filesystem they share, and a rank that went on without the file would
+        leave the others waiting in a collective. A collective itself: every rank calls it."""
+        if self.group is None:
+            return
+        seen = [None] * self.size
+        dist.all_gather_object(seen, Path(path).exists(), group=self.group)
+        blind = [str(rank) for rank, ok in enumerate(seen) if not ok]
+        if blind:
+            ranks = f"rank{'s' if len(blind) > 1 else ''} {', '.join(blind)}"
+            raise EdgekdError(f"{ranks} of {self.size} cannot see {path}, which rank 0 sees; {advice}")
 
 
 def launched() -> bool:

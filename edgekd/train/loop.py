@@ -25,7 +25,7 @@ import torch
 from edgekd.atomic import atomic_path
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize_and_flip
-from edgekd.distributed.launch import current_world
+from edgekd.distributed.launch import World, current_world
 from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
 from edgekd.losses import LossWeights, resolve_backend
 from edgekd.losses.shared_head import head_loss_fn
@@ -39,6 +39,7 @@ from edgekd.train.checkpoint import (
 from edgekd.train.config import TrainConfig
 from edgekd.train.optim import build_optimizer, lr_factor, set_lr
 from edgekd.train.order import OrderSampler, StepOrder
+from edgekd.train.readback import Readback
 from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
 from edgekd.utils.device import move_module, resolve_device
@@ -99,8 +100,10 @@ class LocalTrainee:
         loss_fn = make_loss_fn(self.trainee, self.teacher, weights, backend)
         return torch.compile(loss_fn) if self.compile else loss_fn
 
-    def reduce(self, terms: dict, total: torch.Tensor, weights: LossWeights) -> tuple[float, dict[str, torch.Tensor]]:
-        return float(total.detach()), {name: value.detach() for name, value in terms.items()}
+    def reduce(
+        self, terms: dict, total: torch.Tensor, weights: LossWeights
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return total.detach(), {name: value.detach() for name, value in terms.items()}
 
     def agree(self, stop: bool) -> bool:
         return stop
@@ -124,12 +127,51 @@ class LocalTrainee:
         pass
 
 
-def _ensure_checkpoint(run_dir: Path, done: int, trainer, optimizer, cfg: TrainConfig) -> Path:
-    """The checkpoint after ``done`` steps, written now unless the schedule already wrote it in this step."""
+def _ensure_checkpoint(run_dir: Path, done: int, trainer, optimizer, cfg: TrainConfig, world: World) -> Path:
+    """The checkpoint after ``done`` steps, written now unless the schedule already wrote it in this step.
+
+    Rank 0 looks (``_latest_checkpoint``): every rank must enter the save's collectives or none."""
     path = checkpoint_path(run_dir, done)
-    if latest_checkpoint(run_dir) != path:
+    if _latest_checkpoint(run_dir, world) != path:
         trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
     return path
+
+
+def _latest_checkpoint(run_dir: Path, world: World) -> Path | None:
+    """``latest_checkpoint`` as rank 0 sees it, on every rank, and checked to be visible to every rank.
+
+    Ranks on other nodes (NFS attribute caches, node-local folders) may see another state of the run folder; each
+    deciding on its own view would send them into the save or load collectives unevenly, a hang until the timeout."""
+    path = world.broadcast(latest_checkpoint(run_dir) if world.is_main else None)
+    if path is not None:
+        world.check_visible(path, "--out must be a folder every node sees (a shared filesystem)")
+    return path
+
+
+class _LossWatch:
+    """The divergence check, one step late (``Readback``): a step's loss is read while the next step runs, and at
+    once before a checkpoint is written, so no checkpoint ever holds the weights of a step whose loss was not finite.
+    """
+
+    def __init__(self, run_dir: Path, world: World) -> None:
+        self.run_dir, self.world = run_dir, world
+        self.pending: tuple[int, Readback] | None = None
+
+    def push(self, step: int, loss: torch.Tensor) -> None:
+        """Check the step before, then queue the read of ``step``'s loss."""
+        self.check()
+        self.pending = (step, Readback(loss))
+
+    def check(self) -> None:
+        """Raise ``TrainingDiverged`` if the pending loss is not finite; nothing is pending afterwards."""
+        if self.pending is None:
+            return
+        (step, readback), self.pending = self.pending, None
+        loss = readback.value()
+        if not math.isfinite(loss):
+            kept = _latest_checkpoint(self.run_dir, self.world)
+            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {where}; lower --lr or check the data")
 
 
 class StopSignals:
@@ -214,7 +256,7 @@ def _fit(
         optimizer = build_optimizer(trainer.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
 
         start = 0
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = _latest_checkpoint(run_dir, world)
         if checkpoint is not None and not resume:
             raise EdgekdError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose a new --out")
         if world.is_main:
@@ -242,6 +284,7 @@ def _fit(
         bar = progress(total=total_steps, initial=start, desc=desc, unit="step", disable=not world.is_main)
         last: dict = {}
         stopping = False
+        watch = _LossWatch(run_dir, world)
         tic, seen = time.perf_counter(), 0
         for step, (images, labels) in enumerate(loader, start=start):
             indices, flips = order.batch(step)
@@ -253,19 +296,18 @@ def _fit(
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                 total, terms = step_fn(x, labels, z_t)
             # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
+            # Both stay on the device: the host reads them a step later (_LossWatch) or when it logs.
             loss, terms = trainer.reduce(terms, total, weights)
-            if not math.isfinite(loss):
-                kept = latest_checkpoint(run_dir)
-                where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
-                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {where}; lower --lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if cfg.clip_grad > 0:
                 trainer.clip(cfg.clip_grad)
             optimizer.step()
+            watch.push(step, loss)
             seen += trainer.images_per_step(len(labels))
             done = step + 1
             if world.is_main and (done % cfg.log_every == 0 or done == stop):
+                loss = float(loss)
                 rate = seen / max(time.perf_counter() - tic, 1e-9)
                 last = {
                     "step": done,
@@ -280,13 +322,15 @@ def _fit(
                 tic, seen = time.perf_counter(), 0
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == stop:
+                watch.check()  # this step's loss, before its weights are written
                 trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
             stopping = trainer.agree(signals.received is not None)
             if stopping:
                 break  # leaving the loop here also shuts the data loader's workers down
         bar.close()
+        watch.check()
         if stopping:
-            saved = _ensure_checkpoint(run_dir, done, trainer, optimizer, cfg)
+            saved = _ensure_checkpoint(run_dir, done, trainer, optimizer, cfg, world)
             raise TrainingInterrupted(signals.received or signal.SIGTERM, done, saved)
         trainer.finish()
         return FitResult(stop, total_steps, last, stopped=stop < total_steps)

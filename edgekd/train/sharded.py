@@ -22,6 +22,7 @@ Everything that one process would compute on the whole model is computed here fr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -55,12 +56,22 @@ from edgekd.train.dcp_checkpoint import (
     saved_keys,
     set_momentum,
 )
+from edgekd.train.readback import Readback
 from edgekd.train.teacher import Teacher
 from edgekd.utils.device import move_module
 
 # Inductor's gradient of a 1x1 convolution can come with other strides than DDP's bucket view along its size-1 dims
 # (the same memory order); DDP then warns on every step of a compiled run that it copies them.
 warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
+
+
+# DDP's option that stops it broadcasting rank 0's buffers before every forward: ``forward_sync_buffers`` from torch
+# 2.13, which deprecates the older ``broadcast_buffers`` (the only one before 2.13, e.g. the GPU image's 2.11).
+NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def shard_sweep(backend: str, device: torch.device) -> str:
@@ -95,7 +106,7 @@ class ShardedTrainee:
             inner,
             device_ids=[device.index] if device.type == "cuda" else None,
             process_group=group,
-            forward_sync_buffers=False,  # SyncBatchNorm keeps the running statistics equal on every rank
+            **NO_FORWARD_BUFFER_SYNC,  # SyncBatchNorm keeps the running statistics equal on every rank
         )
         self.head = HeadShard(trainee.head, group).to(device)
         t_head = teacher.head if teacher is not None else None
@@ -110,6 +121,7 @@ class ShardedTrainee:
             shard_of[id(trainee.head.bias)] = self.head.bias
         self.params = [(name, shard_of.get(id(p), p)) for name, p in full_names]
         release(trainee.head)  # until finish: no rank holds the student's full head
+        self._stop_flags: Readback | None = None  # the last step's, read in the next (agree)
 
     @property
     def is_main(self) -> bool:
@@ -127,21 +139,26 @@ class ShardedTrainee:
         loss = torch.compile(head_loss, backend=self.compile) if self.compile else head_loss
         return lambda x, labels, z_t: loss(self.backbone(x), labels, z_t)
 
-    def reduce(self, terms: dict, total: torch.Tensor, weights: LossWeights) -> tuple[float, dict[str, torch.Tensor]]:
-        """The step's loss and terms as one process would log them: ``l2e`` averaged over the ranks."""
+    def reduce(
+        self, terms: dict, total: torch.Tensor, weights: LossWeights
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss and terms as one process would log them: ``l2e`` averaged over the ranks (on the device)."""
         terms = {name: value.detach() for name, value in terms.items()}
         if "l2e" in terms:
             l2e = terms["l2e"].clone()
             dist.all_reduce(l2e, op=dist.ReduceOp.SUM, group=self.world.group)
             terms["l2e"] = l2e / self.world.size
         total = sum(getattr(weights, name) * value for name, value in terms.items())
-        return float(total), terms
+        return total, terms
 
     def agree(self, stop: bool) -> bool:
-        """Whether any rank was asked to stop: every rank then leaves the loop after the same step."""
+        """Whether any rank was asked to stop, as of the step before: every rank then leaves the loop after the same
+        step. The flags of this step are combined on the device and read while the next step runs (``Readback``),
+        so the host never waits for the device here."""
         flag = torch.tensor([float(stop)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.world.group)
-        return bool(flag.item())
+        previous, self._stop_flags = self._stop_flags, Readback(flag)
+        return previous is not None and previous.value() > 0
 
     def clip(self, max_norm: float) -> None:
         head = [p for p in self.head.parameters() if p.requires_grad]

@@ -30,6 +30,11 @@ from edgekd.utils.progress import progress
 # The cache folder is shared by every run on the machine, so a temporary there may belong to a live writer; one
 # not written to for this long belongs to a killed one (a writer appends to it continuously until its rename).
 STALE_TEMPORARY_S = 15 * 60
+# Ranks on several nodes fill and read one cache file: its folder must be one they all see.
+SHARED_CACHE_ADVICE = (
+    "with several nodes, point EDGEKD_CACHE_DIR at a folder every node sees (a shared filesystem), "
+    "or train without the cache (--no-teacher-cache)"
+)
 
 
 def cache_key(teacher: nn.Module, dataset, mean, std) -> str:
@@ -119,6 +124,7 @@ def _build_together(teacher, dataset, mean, std, cache_dir: Path, device, batch_
     key = world.broadcast(key if world.is_main else None)
     path = cache_dir / f"teacher_{key}.npy"
     if world.broadcast(path.is_file() if world.is_main else None):
+        world.check_visible(path, SHARED_CACHE_ADVICE)
         return TeacherCache(path)
     teacher.eval()
     n = len(dataset)
@@ -133,6 +139,7 @@ def _build_together(teacher, dataset, mean, std, cache_dir: Path, device, batch_
         tmp = Path(name)
     tmp = world.broadcast(tmp)
     try:
+        world.check_visible(tmp, SHARED_CACHE_ADVICE)
         table = np.load(tmp, mmap_mode="r+")
         lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
         bar = progress(total=hi - lo, desc="teacher cache", unit="img", disable=not world.is_main)
