@@ -142,25 +142,40 @@ def _lse_rows(terms: int) -> tuple[tuple[int, int], ...]:
     )
 
 
-def combine_partials(part: torch.Tensor, terms: int) -> torch.Tensor:
+def union_partials(part: torch.Tensor, terms: int, reduce_max, reduce_sum) -> torch.Tensor:
     """The partials ``(N_PARTIALS, B)`` of the union of disjoint class ranges from theirs, ``(n, N_PARTIALS, B)``.
 
-    Each ``(max, sum)`` pair goes to the largest max with its sums rescaled; the KL sums follow the teacher's max;
-    a row's target logit is the one range holding its label (the others hold 0). Rows of inactive terms are left as
-    the first range has them (their max is −inf). With one range every factor is ``exp(0) = 1``: exact.
+    The maxima of the active log-sum-exps are combined first; then every range's sums are rescaled to them (the KL
+    sums follow the teacher's max) and added, with each row's target logit (the range holding its label has it, the
+    others 0). ``reduce_max`` and ``reduce_sum`` take ``(n, k, B)`` to ``(k, B)`` over the ranges: over dim 0 when
+    all ranges are here (``combine_partials``), or an all_reduce across processes that hold one each (the class-sharded
+    loss: two reductions of at most 5 and 9 rows of B, whatever the number of processes). Rows of inactive terms are
+    left as the first range has them (their max is −inf). With one range every factor is ``exp(0) = 1``: exact.
     """
+    lse = [row for row, used in _lse_rows(terms) if used]
     out = part[0].clone()
-    for row, used in _lse_rows(terms):
-        if used:
-            m = part[:, row].max(0).values
-            out[row], out[row + 1] = m, (part[:, row + 1] * torch.exp(part[:, row] - m)).sum(0)
+    out[lse] = reduce_max(part[:, lse])
+    sums, rows = [], []
+    for row in lse:
+        sums.append(part[:, row + 1] * torch.exp(part[:, row] - out[row]))
+        rows.append(row + 1)
     if terms & (TERM_KD | TERM_TH_KD):
         rescale = torch.exp(part[:, P_T] - out[P_T])  # (n, B): each range's teacher max to the union's
-        for row in (P_K_S, P_K_TH):
-            out[row] = (part[:, row] * rescale).sum(0)
-    for row in (P_TGT_S, P_TGT_TH):
-        out[row] = part[:, row].sum(0)
+        for row, bit in ((P_K_S, TERM_KD), (P_K_TH, TERM_TH_KD)):
+            if terms & bit:
+                sums.append(part[:, row] * rescale)
+                rows.append(row)
+    for row, bit in ((P_TGT_S, TERM_CE), (P_TGT_TH, TERM_TH_CE)):
+        if terms & bit:
+            sums.append(part[:, row])
+            rows.append(row)
+    out[rows] = reduce_sum(torch.stack(sums, 1))
     return out
+
+
+def combine_partials(part: torch.Tensor, terms: int) -> torch.Tensor:
+    """``union_partials`` of ranges all held here, ``(n, N_PARTIALS, B)``."""
+    return union_partials(part, terms, lambda x: x.max(0).values, lambda x: x.sum(0))
 
 
 def merge_partials(part: torch.Tensor, terms: int, T: float) -> tuple[torch.Tensor, torch.Tensor]:

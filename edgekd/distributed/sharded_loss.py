@@ -9,8 +9,10 @@ Forward:
 1. all_gather the rows ``[z_s | z_st | z_t]`` and the labels (every rank passes the same ``B``: gloo needs it);
 2. the sweep's ``sweep_partials`` on the local shard, labels made local to it: per-row partials ``(N_PARTIALS, N)``
    (running max and sum of exp of every logit matrix, the KL sums, the target logit where the shard owns the label);
-3. all_gather the partials and ``merge_partials`` them: the losses of the global batch and its per-row log-sum-exps,
-   the same on every rank (one shard is one more split of the single-process merge).
+3. combine the partials across ranks (``union_partials``): an all_reduce MAX of the active log-sum-exps' maxima, then
+   an all_reduce SUM of the sums rescaled to them, the KL sums and the target logits (at most 5 and 9 rows of N
+   floats, whatever W; an all_gather of every rank's partials would move W·14·N) and ``merge_partials``: the losses
+   of the global batch and its per-row log-sum-exps, the same on every rank (a reduction's result is).
 
 Backward, analytic (autograd through collectives would differentiate the rank-sum of the replicated loss): every
 logit's gradient needs only its row's global log-sum-exps, so the sweep's ``sweep_backward`` on the local shard gives
@@ -45,7 +47,6 @@ from edgekd.kernels._shared_head_autograd import empty_grad, outside_autocast, t
 from edgekd.kernels._shared_head_math import (
     HEAD_TERM_NAMES,
     KIND_LINEAR,
-    N_PARTIALS,
     N_STATS,
     NEED_W_S,
     NEED_Z_S,
@@ -57,6 +58,7 @@ from edgekd.kernels._shared_head_math import (
     TERM_TH_KD,
     accum_dtype,
     merge_partials,
+    union_partials,
 )
 
 if TYPE_CHECKING:
@@ -139,9 +141,20 @@ def _sharded_forward(
     local = labels_all - class_start  # rows whose label another rank owns fall outside [0, shard size)
     part = _sweeps(sweep).sweep_partials(zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms,
                                          block_c)  # fmt: skip
-    parts, _ = _gather(part, pg, world)  # (W·N_PARTIALS, N)
-    losses, stats = merge_partials(parts.view(world, N_PARTIALS, -1), terms, T)
+    whole = union_partials(part[None], terms, _all_reduce(dist.ReduceOp.MAX, pg), _all_reduce(dist.ReduceOp.SUM, pg))
+    losses, stats = merge_partials(whole[None], terms, T)
     return losses, stats, rows, labels_all
+
+
+def _all_reduce(op: dist.ReduceOp, pg: dist.ProcessGroup):
+    """``(1, k, N)`` of this rank -> ``(k, N)`` reduced over the ranks with ``op`` (``union_partials``' reductions)."""
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        out = x[0].contiguous()
+        dist.all_reduce(out, op=op, group=pg)
+        return out
+
+    return reduce
 
 
 def _sharded_backward(

@@ -5,9 +5,9 @@ statistics, so the model a W-rank run trains would depend on W. ``SyncBatchNorm`
 per-channel mean and sum of squared deviations (Chan's parallel formula: one all_gather of ``(2, C)`` float64
 numbers per layer) into the statistics of all ``N`` rows, normalizes with them and updates the running statistics as
 a single process with batch ``N`` would (unbiased variance). torch's own ``nn.SyncBatchNorm`` runs only on GPUs;
-this one is plain tensor math around one custom op, ``edgekd::gather_batch_stats``, whose backward sums every rank's
-gradient of the gathered statistics and hands each rank its own (a reduce-scatter), so autograd differentiates the
-global statistics, and a compiled step has no graph break.
+this one is plain tensor math around one custom op, ``edgekd::global_batch_stats``, whose analytic backward
+all_reduces the ``(2, C)`` gradient of the global statistics (the same size whatever W) and maps it to each rank's
+own statistics, so autograd differentiates the global statistics, and a compiled step has no graph break.
 
 Gradient convention: as the sharded head's (``edgekd.distributed.sharded_loss``). Every rank's loss gradient wrt its
 rows is W times the global loss's and DDP averages parameter gradients; the summed backward keeps that exact.
@@ -34,44 +34,60 @@ def _world_size(group: str) -> int:
     return dist.get_world_size(_resolve_process_group(group))
 
 
-@torch.library.custom_op("edgekd::gather_batch_stats", mutates_args=())
-def gather_batch_stats(stats: torch.Tensor, group: str) -> torch.Tensor:
-    """``(2, C)`` statistics of this rank -> ``(W, 2, C)`` of every rank, in rank order."""
+@torch.library.custom_op("edgekd::global_batch_stats", mutates_args=())
+def global_batch_stats(stats: torch.Tensor, count: int, group: str) -> torch.Tensor:
+    """``(2, C)`` mean and sum of squared deviations of this rank's ``count`` rows per channel -> ``(2, C)`` mean and
+    biased variance of every rank's rows (each rank has ``count``): Chan's parallel formula over one all_gather."""
     pg = _resolve_process_group(group)
     world = dist.get_world_size(pg)
-    out = stats.new_empty((world * stats.shape[0], *stats.shape[1:]))  # the tensor form stacks along dim 0
-    _all_gather(out, stats.contiguous(), group=pg)
-    return out.view(world, *stats.shape)
+    every = stats.new_empty((world * 2, *stats.shape[1:]))  # the tensor form stacks along dim 0
+    _all_gather(every, stats.contiguous(), group=pg)
+    means, m2s = every.view(world, 2, -1).unbind(1)
+    mean = means.mean(0)
+    var = (m2s.sum(0) + count * (means - mean).square().sum(0)) / (world * count)
+    return torch.stack([mean, var])
 
 
-@gather_batch_stats.register_fake
-def _(stats, group):
-    return stats.new_empty((_world_size(group), *stats.shape))
+@global_batch_stats.register_fake
+def _(stats, count, group):
+    return torch.empty_like(stats)
 
 
-@torch.library.custom_op("edgekd::scatter_batch_stats_grad", mutates_args=())
-def scatter_batch_stats_grad(grad: torch.Tensor, group: str) -> torch.Tensor:
-    """``(W, 2, C)`` gradient of the gathered statistics -> this rank's ``(2, C)`` share of their sum over ranks."""
+@torch.library.custom_op("edgekd::global_batch_stats_grad", mutates_args=())
+def global_batch_stats_grad(grad: torch.Tensor, stats: torch.Tensor, mean: torch.Tensor, count: int, group: str
+                            ) -> torch.Tensor:  # fmt: skip
+    """This rank's ``(2, C)`` gradient of its ``stats`` from every rank's ``grad`` of the global ``(mean, var)``.
+
+    Every rank's loss reads the same global statistics, so the summed gradient ``G`` of all ranks' losses (one
+    all_reduce of ``(2, C)``, whatever W) is what reaches each rank's statistics: with ``n = count`` rows per rank and
+    ``N = W·n``, ``∂mean/∂mean_r = 1/W``, ``∂var/∂mean_r = 2n(mean_r − mean)/N`` (the mean's own path cancels, since
+    the ``mean_r − mean`` sum to 0) and ``∂var/∂M2_r = 1/N``.
+    """
     pg = _resolve_process_group(group)
+    world = dist.get_world_size(pg)
     total = grad.contiguous().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
-    return total[dist.get_rank(pg)].clone()
+    g_mean, g_var = total
+    N = world * count
+    return torch.stack([g_mean / world + g_var * (2 * count / N) * (stats[0] - mean), g_var / N])
 
 
-@scatter_batch_stats_grad.register_fake
-def _(grad, group):
-    return grad.new_empty(grad.shape[1:])
+@global_batch_stats_grad.register_fake
+def _(grad, stats, mean, count, group):
+    return torch.empty_like(stats)
 
 
 def _backward(ctx, grad):
-    return scatter_batch_stats_grad(grad, ctx.group), None
+    stats, out = ctx.saved_tensors
+    return global_batch_stats_grad(grad, stats, out[0], ctx.count, ctx.group), None, None
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.group = inputs[1]
+    ctx.save_for_backward(inputs[0], output)
+    ctx.count, ctx.group = inputs[1], inputs[2]
 
 
-gather_batch_stats.register_autograd(_backward, setup_context=_setup_context)
+global_batch_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
 class SyncBatchNorm(nn.Module):
@@ -86,6 +102,7 @@ class SyncBatchNorm(nn.Module):
         super().__init__()
         self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
         self.track_running_stats, self.group = bn.track_running_stats, group
+        self.world_size = _world_size(group)  # here, not in forward: Dynamo cannot trace the group's lookup
         self.weight, self.bias = bn.weight, bn.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(bn, name))
@@ -120,11 +137,8 @@ class SyncBatchNorm(nn.Module):
         d = xf - shift.view(shape)
         s1, s2 = d.sum(dims).double(), d.square().sum(dims).double()
         mean_r, m2_r = shift.double() + s1 / n, s2 - s1.square() / n
-        stats = gather_batch_stats(torch.stack([mean_r, m2_r]), self.group)  # (W, 2, C) float64
-        means, m2s = stats[:, 0], stats[:, 1]
-        total = stats.shape[0] * n
-        mean = means.mean(0)
-        var = (m2s.sum(0) + n * (means - mean).square().sum(0)) / total  # biased: what normalizes the batch
+        mean, var = global_batch_stats(torch.stack([mean_r, m2_r]), n, self.group)  # float64; var biased
+        total = self.world_size * n
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
