@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from edgekd.heads import HeadSpec
-from edgekd.kernels._launch import interpreting
+from edgekd.kernels import interpreting
 from edgekd.losses import LossWeights, shared_head_loss
 
 CASES = {

@@ -7,15 +7,11 @@ tiles so CPU tests cross many block boundaries quickly.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from edgekd.kernels import interpreting
 
 
 def next_pow2(n: int) -> int:

@@ -9,7 +9,7 @@ for float64 inputs). The PyTorch fallback of the Triton kernels (any device): th
 custom op, and ``shared_head_loss_chunked``, which ``edgekd.losses`` registers as the ``chunked`` backend.
 
 The forward is two steps so that a class-sharded head (``edgekd.distributed``) runs the same math: ``sweep_partials``
-returns raw per-row partials of one class range, ``merge_partials`` (``_shared_head_math``, shared with the Triton
+returns raw per-row partials of one class range, ``merge_partials`` (``shared_head_math``, shared with the Triton
 backend) merges the partials of disjoint ranges (one range here, one per rank there). ``sweep_backward`` takes the
 merged statistics, so it works on any one range.
 """
@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from edgekd.kernels._shared_head_autograd import define_shared_head_op, empty_grad, make_loss_backend
-from edgekd.kernels._shared_head_math import (
+from edgekd.kernels.shared_head_autograd import define_shared_head_op, empty_grad, make_loss_backend
+from edgekd.kernels.shared_head_math import (
     KIND_LINEAR,
     LSE_CE_S,
     LSE_CE_TH,

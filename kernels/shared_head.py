@@ -4,13 +4,13 @@ Three logit matrices can take part, none of them ever stored: the student head o
 (``l_s = head(z_s, W_s)``: ce, kd), the frozen teacher head on the student embedding (``l_th = head(z_st, W_t)``:
 th_ce, th_kd) and the teacher logits (``l_t = head(z_t, W_t)``: the KD targets, no gradient). A head is
 ``s · ẑ Ŵᵀ`` (normalized rows) or ``z Wᵀ + b``. The margin touches one logit per row: the launcher computes the
-target logit with its margin ``t_ce`` and derivative ``φ'`` per row (O(B·D), ``_shared_head_math``), and the
+target logit with its margin ``t_ce`` and derivative ``φ'`` per row (O(B·D), ``shared_head_math``), and the
 kernels substitute it at the target column.
 
 Kernels (fp32 accumulation for every input dtype, no locks, no ``(B, C)`` buffer):
 - ``_shared_head_fwd_kernel``, grid (row blocks, class splits): online log-sum-exp of every active matrix and
   the running ``Σ exp(a − max)(a − b)`` of KL(p_t ‖ p_x), written as per-split partials ``(n_split, N_PARTIALS, B)``
-  that the launcher combines (O(B · splits)) into the chunked backend's layout (``_shared_head_math``), so a
+  that the launcher combines (O(B · splits)) into the chunked backend's layout (``shared_head_math``), so a
   class-sharded head merges them across ranks like the chunked sweep's.
 - ``_shared_head_dz_kernel``, grid (row blocks, class splits), once per head: recomputes logits tile by tile,
   forms ``d loss / d logits`` from the saved log-sum-exps and accumulates ``dẑ`` over full-D rows in
@@ -31,7 +31,7 @@ import triton.language as tl
 from edgekd.errors import EdgekdError
 from edgekd.heads.margin import NORM_EPS
 from edgekd.kernels._launch import check_device, interpreting, next_pow2, num_splits, sweep_config
-from edgekd.kernels._shared_head_math import (
+from edgekd.kernels.shared_head_math import (
     KIND_LINEAR,
     LSE_CE_S,
     LSE_CE_TH,
@@ -109,7 +109,7 @@ def _shared_head_fwd_kernel(
     eh_ptr, wt_ptr, nt_ptr, bt_ptr, th_ptr,  # teacher head on z_st: ê_st [B, D_t], W_t [C, D_t], ‖W_t‖ [C], b_t, t_ce
     et_ptr,  # [B, D_t] teacher embedding ê_t
     labels_ptr,  # [B] int64
-    part_ptr,  # [n_split, N_PARTIALS, B] fp32 partial statistics (output: rows 0-11, see _shared_head_math)
+    part_ptr,  # [n_split, N_PARTIALS, B] fp32 partial statistics (output: rows 0-11, see shared_head_math)
     B, C, D_s, D_t, scale, inv_T, blocks_per_split,
     NORMALIZED: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
     DO_CE: tl.constexpr, DO_KD: tl.constexpr, DO_TH_CE: tl.constexpr, DO_TH_KD: tl.constexpr,

@@ -1,6 +1,6 @@
 """``edgekd::shared_head_triton``: the fused Triton shared-head loss as a ``torch.library`` custom op.
 
-Signatures (see ``_shared_head_autograd``)::
+Signatures (see ``shared_head_autograd``)::
 
     edgekd::shared_head_triton(Tensor z_s, Tensor labels, Tensor? W_s, Tensor? b_s, Tensor z_st, Tensor? W_t,
                                Tensor? b_t, Tensor? z_t, int kind, float s, float m, float T, int terms,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from edgekd.kernels._shared_head_autograd import define_shared_head_op, make_loss_backend
+from edgekd.kernels.shared_head_autograd import define_shared_head_op, make_loss_backend
 
 if importlib.util.find_spec("triton") is None:
     raise ImportError("triton is not installed; the triton loss backend is unavailable")

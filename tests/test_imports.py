@@ -257,3 +257,22 @@ def test_first_party_imports_inside_functions_say_why():
         "first-party imports inside functions without a comment saying why (optional dependency, start-up time); "
         "move them to the top of the module or add the reason:\n" + "\n".join(sorted(set(missing)))
     )
+
+
+def test_no_package_imports_another_packages_private_module():
+    """A module whose name starts with ``_`` is its package's own (``edgekd.kernels._launch``); other packages use the
+    public modules (``edgekd.kernels.shared_head_math``, ``edgekd.kernels.sweeps``), so a package can change its
+    private ones without breaking another's code. The tree's modules, and bench/ (first-party scripts), are checked."""
+    offenders = [
+        f"{MODULES[module].relative_to(ROOT)}:{line}: {target}"
+        for module, found in IMPORTS.items()
+        for target, line, _, _ in found
+        if target.rsplit(".", 1)[-1].startswith("_") and _package(target) != _package(module)
+    ]
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"bench/{path.name}:{node.lineno}: {name}" for name in names
+                          if name.startswith("edgekd.") and any(p.startswith("_") for p in name.split("."))]  # fmt: skip
+    assert not offenders, "imports of another package's private module:\n" + "\n".join(offenders)

@@ -42,9 +42,8 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from edgekd.distributed.shards import class_shard_of
 from edgekd.errors import EdgekdError
 from edgekd.heads.margin import HeadSpec
-from edgekd.kernels import chunked
-from edgekd.kernels._shared_head_autograd import empty_grad, outside_autocast, term_mask
-from edgekd.kernels._shared_head_math import (
+from edgekd.kernels.shared_head_autograd import empty_grad, outside_autocast, term_mask
+from edgekd.kernels.shared_head_math import (
     HEAD_TERM_NAMES,
     KIND_LINEAR,
     N_STATS,
@@ -60,6 +59,7 @@ from edgekd.kernels._shared_head_math import (
     merge_partials,
     union_partials,
 )
+from edgekd.kernels.sweeps import SWEEPS
 
 if TYPE_CHECKING:
     from edgekd.losses.terms import LossWeights
@@ -80,27 +80,14 @@ _BACKWARD_SCHEMA = (
     "int d_st, int need) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
-# How a rank sweeps its shard: the module with ``sweep_partials`` and ``sweep_backward`` of a blocked loss backend.
-SHARD_SWEEPS = ("chunked", "triton")
-
-
 def check_sharded_backend(backend: str) -> None:
     """Refuse, in one line, a ``--loss-backend`` that cannot run on a class shard: ``reference`` forms whole-head
-    logits; ``auto`` and the sweeps (``SHARD_SWEEPS``) can."""
-    if backend not in ("auto", *SHARD_SWEEPS):
+    logits; ``auto`` and every sweep (``edgekd.kernels.sweeps``) can."""
+    if backend not in ("auto", *SWEEPS):
         raise EdgekdError(
             f"--loss-backend {backend}: under torchrun the head is class-sharded and each rank sweeps its shard; "
-            f"use --loss-backend auto, {' or '.join(SHARD_SWEEPS)}"
+            f"use --loss-backend auto, {' or '.join(SWEEPS)}"
         )
-
-
-def _sweeps(sweep: str):
-    """The module of ``sweep``; the Triton one is imported on first use (an optional dependency)."""
-    if sweep == "triton":
-        from edgekd.kernels import shared_head  # late: it imports Triton
-
-        return shared_head
-    return chunked
 
 
 def _world(group: str) -> tuple[dist.ProcessGroup, int]:
@@ -139,7 +126,7 @@ def _sharded_forward(
     labels_work.wait()
     zs_all, zst_all, zt_all = _split_rows(rows, z_s.shape[1], 0 if z_st is None else z_st.shape[1])
     local = labels_all - class_start  # rows whose label another rank owns fall outside [0, shard size)
-    part = _sweeps(sweep).sweep_partials(zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms,
+    part = SWEEPS[sweep].partials(zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms,
                                          block_c)  # fmt: skip
     whole = union_partials(part[None], terms, _all_reduce(dist.ReduceOp.MAX, pg), _all_reduce(dist.ReduceOp.SUM, pg))
     losses, stats = merge_partials(whole[None], terms, T)
@@ -168,7 +155,7 @@ def _sharded_backward(
     if shared and need & NEED_Z_S:
         sweep_need |= NEED_Z_ST  # the th head's path into the shared embedding
     local = labels_all - class_start
-    dzs, dzst, dW_s, db_s = _sweeps(sweep).sweep_backward(
+    dzs, dzst, dW_s, db_s = SWEEPS[sweep].backward(
         grad, stats, zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms, block_c, sweep_need
     )
     if shared and dzs.numel():
@@ -293,8 +280,8 @@ def sharded_shared_head_loss(
     Returns:
         Each active term, the same value on every rank. Gradients: module docstring (row gradients are ×W for DDP).
     """
-    if sweep not in SHARD_SWEEPS:
-        raise EdgekdError(f"a class shard is swept by one of {', '.join(SHARD_SWEEPS)}, not {sweep!r}")
+    if sweep not in SWEEPS:
+        raise EdgekdError(f"a class shard is swept by one of {', '.join(SWEEPS)}, not {sweep!r}")
     shard = class_shard_of(num_classes, group)
     for name, w in (("W_s", W_s), ("W_t", W_t)):
         if w is not None and w.shape[0] != shard.size:

@@ -2,9 +2,9 @@
 
 A backend computes the head terms (``ce``, ``kd``, ``th_ce``, ``th_kd``) from embeddings and class
 matrices, with the signature of ``shared_head_loss_reference``; ``l2e`` is cheap and always computed here in
-PyTorch. The registry below is the one list of backends: ``reference`` (this package), ``chunked`` (the
-PyTorch op of ``edgekd.kernels``) and ``triton`` (the Triton op, imported on first use because Triton is an
-optional dependency). The dependency runs one way: ``edgekd.kernels`` imports nothing from here.
+PyTorch. The backends are ``reference`` (this package) and every sweep of ``edgekd.kernels.sweeps`` (``chunked``,
+the PyTorch op, and ``triton``, the Triton op, imported on first use because Triton is an optional dependency). The
+dependency runs one way: ``edgekd.kernels`` imports nothing from here.
 
 Precision. The loss does not follow autocast: training on CUDA runs the backbone under bf16 autocast, and its bf16
 embedding reaches the loss promoted to the head's dtype (exactly: float32 for float32 heads). Every backend then
@@ -25,28 +25,28 @@ import torch
 
 from edgekd.errors import EdgekdError, EdgekdWarning, MissingDependency
 from edgekd.heads.margin import HeadSpec
-from edgekd.kernels.chunked import shared_head_loss_chunked
+from edgekd.kernels.sweeps import SWEEPS
 from edgekd.losses.reference import shared_head_loss_reference
 from edgekd.losses.terms import LossWeights, l2_embedding
 
 LossBackend = Callable[..., dict[str, torch.Tensor]]
-LOSS_BACKENDS: dict[str, LossBackend] = {"reference": shared_head_loss_reference, "chunked": shared_head_loss_chunked}
-
-
-def _load_triton() -> LossBackend:
-    if importlib.util.find_spec("triton") is None:
-        raise MissingDependency(
-            "loss backend 'triton' needs the triton package, which is not installed; pip install triton, or use "
-            "the chunked backend"
-        )
-    from edgekd.kernels.shared_head_op import shared_head_loss_triton  # optional dependency: Triton
-
-    return shared_head_loss_triton
-
-
-# Backends whose module needs an optional dependency: name -> loader, run on first use.
-OPTIONAL_BACKENDS: dict[str, Callable[[], LossBackend]] = {"triton": _load_triton}
+# The reference and every sweep that needs torch alone; a sweep with an optional package joins on first use
+# (load_backend). The sweeps themselves are listed once, in edgekd.kernels.sweeps.
+LOSS_BACKENDS: dict[str, LossBackend] = {
+    "reference": shared_head_loss_reference,
+    **{name: sweep.loss_backend() for name, sweep in SWEEPS.items() if sweep.requires is None},
+}
 _LOAD_ERRORS: dict[str, EdgekdError] = {}
+
+
+def _load_sweep(name: str) -> LossBackend:
+    sweep = SWEEPS[name]
+    if sweep.requires and importlib.util.find_spec(sweep.requires) is None:
+        raise MissingDependency(
+            f"loss backend {name!r} needs the {sweep.requires} package, which is not installed; pip install "
+            f"{sweep.requires}, or use the chunked backend"
+        )
+    return sweep.loss_backend()
 
 
 def register_loss_backend(name: str, fn: LossBackend) -> LossBackend:
@@ -56,8 +56,9 @@ def register_loss_backend(name: str, fn: LossBackend) -> LossBackend:
 
 
 def list_loss_backends() -> list[str]:
-    """Backend names a user may pass, ``auto`` first; optional ones are listed even where they cannot load."""
-    return ["auto", *LOSS_BACKENDS, *(name for name in OPTIONAL_BACKENDS if name not in LOSS_BACKENDS)]
+    """Backend names a user may pass, ``auto`` first; optional sweeps are listed even where they cannot load."""
+    registered = (name for name in LOSS_BACKENDS if name not in SWEEPS and name != "reference")
+    return ["auto", "reference", *SWEEPS, *registered]
 
 
 def load_backend(name: str) -> LossBackend:
@@ -69,11 +70,11 @@ def load_backend(name: str) -> LossBackend:
     """
     if name in LOSS_BACKENDS:
         return LOSS_BACKENDS[name]
-    if name not in OPTIONAL_BACKENDS:
+    if name not in SWEEPS:
         raise EdgekdError(f"unknown loss backend {name!r}; choose one of {', '.join(list_loss_backends())}")
     if name not in _LOAD_ERRORS:
         try:
-            return register_loss_backend(name, OPTIONAL_BACKENDS[name]())
+            return register_loss_backend(name, _load_sweep(name))
         except EdgekdError as exc:
             _LOAD_ERRORS[name] = exc
         except Exception as exc:  # a broken install or module: name it instead of running without the backend

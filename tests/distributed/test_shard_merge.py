@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
-from edgekd.kernels import chunked
-from edgekd.kernels._shared_head_math import NEED_W_S, NEED_Z_S, NEED_Z_ST, merge_partials
 from edgekd.kernels.chunked import shared_head_chunked, sweep_backward
+from edgekd.kernels.shared_head_math import NEED_W_S, NEED_Z_S, NEED_Z_ST, merge_partials
+from edgekd.kernels.sweeps import SWEEPS, Sweep
 
 C, B, D_S, D_T = 11, 7, 6, 5
 RANGES = ((0, 4), (4, 8), (8, 11))
@@ -24,16 +24,14 @@ TOL = {"rtol": 1e-11, "atol": 1e-12}
 TOL_FP32 = {"rtol": 1e-4, "atol": 1e-5}  # the Triton sweep in float32 against the float64 whole head
 
 
-def _sweep_module(name: str):
-    if name == "triton":
-        pytest.importorskip("triton", reason="the triton sweep needs the triton package")
-        from edgekd.kernels import shared_head
-
-        return shared_head
-    return chunked
+def _sweep(name: str) -> Sweep:
+    sweep = SWEEPS[name]
+    if sweep.requires:
+        pytest.importorskip(sweep.requires, reason=f"the {name} sweep needs the {sweep.requires} package")
+    return sweep
 
 
-@pytest.mark.parametrize("sweep", ["chunked", "triton"])
+@pytest.mark.parametrize("sweep", list(SWEEPS))
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_partials_of_class_ranges_merge_to_the_whole_head(kind, sweep):
     g = torch.Generator().manual_seed(0)
@@ -50,8 +48,8 @@ def test_partials_of_class_ranges_merge_to_the_whole_head(kind, sweep):
     whole_losses, whole_stats = shared_head_chunked(*args, *scalars)
     whole_grads = sweep_backward(grad, whole_stats, *args, *scalars, need)
 
-    module, dtype, tol = _sweep_module(sweep), torch.float64, TOL
-    if sweep == "triton":
+    module, dtype, tol = _sweep(sweep), torch.float64, TOL
+    if module.requires == "triton":
         dtype, tol = torch.float32, TOL_FP32
 
     def shard(c0, c1):
@@ -62,11 +60,11 @@ def test_partials_of_class_ranges_merge_to_the_whole_head(kind, sweep):
     def close(got, want):
         torch.testing.assert_close(got.double(), want, **tol)
 
-    parts = torch.stack([module.sweep_partials(*shard(c0, c1), *scalars) for c0, c1 in RANGES])
+    parts = torch.stack([module.partials(*shard(c0, c1), *scalars) for c0, c1 in RANGES])
     losses, stats = merge_partials(parts, 15, 2.0)
     close(losses, whole_losses)
     close(stats, whole_stats)
-    grads = [module.sweep_backward(grad.to(dtype), stats, *shard(c0, c1), *scalars, need) for c0, c1 in RANGES]
+    grads = [module.backward(grad.to(dtype), stats, *shard(c0, c1), *scalars, need) for c0, c1 in RANGES]
     dz_s, dz_st, dW_s, db_s = whole_grads
     close(sum(g[0] for g in grads), dz_s)
     close(sum(g[1] for g in grads), dz_st)

@@ -8,7 +8,8 @@ its row gradients with W = 2 times the reference's (the DDP convention of ``edge
 case trains a DDP-wrapped linear backbone: its averaged gradient equals the single-process gradient of the global
 loss, l2e (a per-rank mean) included; ``torch.library.opcheck`` checks the op on both ranks. Tolerance: rtol 1e-11,
 atol 1e-12 (float64; the worst measured error is 6e-14). The same cases with the Triton sweep on each shard (float32
-inputs, Triton's CPU interpreter) hold to rtol 1e-4, atol 1e-5 against the float64 reference.
+inputs, Triton's CPU interpreter) hold to rtol 1e-4, atol 1e-5 against the float64 reference; so does every sweep of
+the registry, and a third one the workers register (tests/distributed/third_sweep.py), with no other edit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import os
 
 import pytest
+import third_sweep  # tests/distributed/third_sweep.py: a sweep only these tests register
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -26,6 +28,7 @@ from edgekd.distributed import class_shard_of, sharded_shared_head_loss
 from edgekd.distributed.sharded_loss import sharded_shared_head
 from edgekd.errors import EdgekdError
 from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
+from edgekd.kernels.sweeps import SWEEPS
 from edgekd.losses.reference import shared_head_loss_reference
 from edgekd.losses.terms import LossWeights, l2_embedding
 
@@ -165,6 +168,7 @@ def _opcheck(group) -> None:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
+    SWEEPS[third_sweep.SWEEP.name] = third_sweep.SWEEP  # registered once: the sharded op must run it as it is
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         group, errors = dist.group.WORLD, {}
@@ -172,8 +176,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for kind, head in HEADS.items():
             _check_case(f"{kind} all terms", _global_case(shared=False), head, ALL_TERMS, everything, group, errors)
             _check_case(f"{kind} shared z", _global_case(shared=True), head, ALL_TERMS, everything, group, errors)
-            _check_case(f"{kind} triton", _global_case(shared=False), head, ALL_TERMS, everything, group, errors,
-                        sweep="triton", dtype=torch.float32, tol=TOL_FP32)  # fmt: skip
+            for sweep in (name for name in SWEEPS if name != "chunked"):  # chunked: the cases above
+                fp32 = SWEEPS[sweep].requires == "triton"  # the Triton sweep takes float32 and accumulates in it
+                _check_case(f"{kind} {sweep}", _global_case(shared=False), head, ALL_TERMS, everything, group, errors,
+                            sweep=sweep, dtype=torch.float32 if fp32 else torch.float64,
+                            tol=TOL_FP32 if fp32 else TOL)  # fmt: skip
         ce_only = {"z_s", "W_s", "b_s"}
         _check_case("linear ce only", _global_case(False), HEADS["linear"], LossWeights(), ce_only, group, errors)
         th_only = {"z_s", "W_t", "b_t", "z_t"}
@@ -199,9 +206,10 @@ def test_sharded_loss_matches_reference_on_two_gloo_ranks(tmp_path):
         errors |= {f"rank {rank} {k}": v for k, v in json.loads((tmp_path / f"rank{rank}.json").read_text()).items()}
     per_rank = [{k.split(" ", 2)[2] for k in errors if k.startswith(f"rank {rank} ")} for rank in range(WORLD)]
     # Every comparison ran on both ranks: 4 head kinds × (4 terms + dz_s, dW_s, dz_st; + db_s for linear), the same
-    # with a shared embedding (no dz_st) and with the Triton sweep in float32, ce alone (1 + dz_s, dW_s, db_s), th
-    # alone (2 + dz_s), DDP (3).
-    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 29 + 25 + 29 + 4 + 3 + 3, per_rank
+    # with a shared embedding (no dz_st) and with every other sweep (the Triton one in float32, and the test's third,
+    # registered in the workers only), ce alone (1 + dz_s, dW_s, db_s), th alone (2 + dz_s), DDP (3).
+    others = len(SWEEPS) - 1 + 1
+    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 29 + 25 + 29 * others + 4 + 3 + 3, per_rank
     for label, keep in (("float64 chunked", lambda k: "triton" not in k), ("float32 triton", lambda k: "triton" in k)):
         part = {k: v for k, v in errors.items() if keep(k)}
         worst = max(part, key=part.get)
@@ -216,7 +224,7 @@ def _nccl_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         group, errors = dist.group.WORLD, {}
         everything = {"z_s", "W_s", "b_s", "W_t", "b_t", "z_t", "z_st"}
         for kind, head in HEADS.items():
-            for sweep in ("chunked", "triton"):
+            for sweep in SWEEPS:
                 case = _global_case(shared=kind == "arcface")
                 # block_c 0: the GPU's own tiles (tl.dot needs 16 classes at least, this test's CPU blocks hold 4).
                 kw = {"sweep": sweep, "dtype": torch.float32, "tol": TOL_FP32, "device": device, "block_c": 0}
@@ -244,4 +252,4 @@ def test_sharded_loss_on_nccl_ranks_matches_the_reference(tmp_path, record_prope
     record_property("worst_abs_error", f"{errors[worst]:.1e} ({worst})")
     # Per rank and sweep: 4 terms + dz_s, dW_s; + dz_st where z_st is its own tensor (all but arcface); + db_s on
     # the linear head: 6 + 7 + 7 + 8 = 28.
-    assert len(errors) == world * 2 * 28, sorted(errors)
+    assert len(errors) == world * len(SWEEPS) * 28, sorted(errors)

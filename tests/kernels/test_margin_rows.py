@@ -15,9 +15,9 @@ import torch
 
 from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
 from edgekd.heads.margin import margin_logits
-from edgekd.kernels._launch import interpreting
-from edgekd.kernels._shared_head_math import LSE_CE_S, TERM_CE
+from edgekd.kernels import interpreting
 from edgekd.kernels.chunked import shared_head_chunked
+from edgekd.kernels.shared_head_math import LSE_CE_S, TERM_CE
 from edgekd.losses.terms import cross_entropy
 
 C, D = 40, 24

@@ -17,9 +17,9 @@ import torch
 from edgekd.errors import EdgekdError
 from edgekd.heads import HeadSpec
 from edgekd.kernels._launch import interpreting, num_splits, sweep_config
-from edgekd.kernels._shared_head_autograd import make_loss_backend
-from edgekd.kernels._shared_head_math import NEED_W_S, NEED_Z_S, NEED_Z_ST
 from edgekd.kernels.chunked import shared_head_chunked
+from edgekd.kernels.shared_head_autograd import make_loss_backend
+from edgekd.kernels.shared_head_math import NEED_W_S, NEED_Z_S, NEED_Z_ST
 from edgekd.kernels.shared_head_op import shared_head_triton
 from edgekd.losses import LossWeights
 from edgekd.losses.reference import shared_head_loss_reference

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from edgekd.heads import HeadSpec
-from edgekd.kernels._launch import interpreting
-from edgekd.losses import LossWeights, list_loss_backends, shared_head_loss
+from edgekd.kernels import interpreting
+from edgekd.losses import LossWeights, list_loss_backends, resolve_backend, shared_head_loss
 
 BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_TOL = 2e-5
@@ -60,6 +60,7 @@ def test_compiled_step_under_bf16_autocast_matches_float64(backend):
     if backend == "triton" and not (torch.cuda.is_available() or interpreting()):
         pytest.skip("triton backend needs CUDA or TRITON_INTERPRET=1 (make test sets it)")
     torch._dynamo.reset()
+    resolve_backend(backend, torch.device("cpu"))  # outside the compiled step: a first load imports its module
     backbone, W_s, W_t, x, z_t, labels = _inputs()
 
     def step(x, z_t, labels):

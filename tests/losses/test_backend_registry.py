@@ -11,12 +11,16 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from edgekd.distributed.sharded_loss import check_sharded_backend
 from edgekd.errors import EdgekdError, EdgekdWarning, MissingDependency
-from edgekd.losses import resolve_backend
+from edgekd.heads import HeadSpec
+from edgekd.kernels.sweeps import SWEEPS
+from edgekd.losses import LossWeights, list_loss_backends, resolve_backend, shared_head_loss
 from edgekd.losses import shared_head as registry
 
 SPEC_BACKENDS = {"auto", "reference", "chunked", "triton"}  # SPEC §4
@@ -62,8 +66,9 @@ def test_every_backend_loads_by_name_in_a_fresh_process():
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """The registry as a fresh process has it: no optional backend loaded, no load failure remembered."""
-    for name in registry.OPTIONAL_BACKENDS:
-        monkeypatch.delitem(registry.LOSS_BACKENDS, name, raising=False)
+    for name, sweep in SWEEPS.items():
+        if sweep.requires:
+            monkeypatch.delitem(registry.LOSS_BACKENDS, name, raising=False)
     monkeypatch.setattr(registry, "_LOAD_ERRORS", {})
 
 
@@ -90,3 +95,27 @@ def test_broken_backend_is_an_error_naming_it(monkeypatch, fresh_registry):
         resolve_backend("triton", torch.device("cuda"))
     with pytest.warns(EdgekdWarning, match="using chunked, not triton: loss backend 'triton' failed to load"):
         assert resolve_backend("auto", torch.device("cuda")) == "chunked"
+
+
+def test_a_sweep_registered_once_is_a_loss_backend_and_a_shard_sweep(monkeypatch):
+    """One entry in ``edgekd.kernels.sweeps.SWEEPS`` is all a blocked backend needs: it is listed and loads as a loss
+    backend here, and the class-sharded op accepts it (tests/distributed/test_sharded_head_loss.py runs it on 2
+    ranks)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    monkeypatch.setattr(sys, "path", sys.path)
+    import third_sweep  # tests/distributed/third_sweep.py: the chunked sweep's code at 3-class blocks, its own op
+
+    monkeypatch.setitem(SWEEPS, "third", third_sweep.SWEEP)
+    monkeypatch.delitem(registry.LOSS_BACKENDS, "third", raising=False)
+    assert "third" in list_loss_backends()
+    check_sharded_backend("third")  # no error
+    g = torch.Generator().manual_seed(0)
+    z, z_t, W = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g) * 0.1
+    labels = torch.randint(0, 20, (6,), generator=g)
+    weights = LossWeights(ce=1.0, kd=0.5, th_ce=0.3, th_kd=0.2, T=2.0)
+    totals = {
+        backend: shared_head_loss(z.double(), labels, W_s=W.double(), W_t=0.5 * W.double(), z_t=z_t.double(),
+                                  head=HeadSpec("arcface", 16.0, 0.5), weights=weights, backend=backend)[0]
+        for backend in ("reference", "third")
+    }  # fmt: skip
+    torch.testing.assert_close(totals["third"], totals["reference"], rtol=1e-12, atol=1e-12)  # float64: exact math

@@ -20,9 +20,9 @@ import torch
 
 from edgekd.errors import MissingDependency
 from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
-from edgekd.kernels._launch import interpreting
-from edgekd.kernels._shared_head_autograd import make_loss_backend
+from edgekd.kernels import interpreting
 from edgekd.kernels.chunked import shared_head_chunked
+from edgekd.kernels.shared_head_autograd import make_loss_backend
 from edgekd.losses import LossWeights, list_loss_backends, load_backend, resolve_backend, shared_head_loss
 
 # Every head kind with the field's margin (ArcFace 0.5, CosFace 0.4); the scale is 1 for linear heads.

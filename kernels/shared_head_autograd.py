@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from edgekd.kernels._shared_head_math import (
+from edgekd.kernels.shared_head_math import (
     HEAD_TERM_NAMES,
     KIND_LINEAR,
     N_STATS,
