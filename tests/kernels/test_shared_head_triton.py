@@ -166,6 +166,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import edgekd.kernels.shared_head as sh
+import edgekd.kernels.shared_head_kernels as shk
 from edgekd.kernels._launch import next_pow2
 
 FP32_PTRS = {"ns_ptr", "nt_ptr", "ts_ptr", "th_ptr", "part_ptr", "n_ptr", "ntt_ptr", "t_ptr", "dphi_ptr", "stats_ptr",
@@ -199,10 +200,10 @@ for dtype, D in (("bf16", 512), ("fp16", 128), ("fp32", 128)):
     flags = dict(NORMALIZED=dtype != "fp16", UPCAST=False, PRECISION="tf32" if dtype == "fp32" else "ieee",
                  DO_CE=True, DO_KD=True)
     fwd = dict(flags, HAS_BIAS_S=dtype == "fp16", HAS_BIAS_T=dtype == "fp16", DO_TH_CE=True, DO_TH_KD=True)
-    compile_kernel(sh._shared_head_fwd_kernel, dtype, fwd, cfg("fwd"))
+    compile_kernel(shk.shared_head_fwd_kernel, dtype, fwd, cfg("fwd"))
     bwd = dict(flags, HAS_BIAS=dtype == "fp16", HAS_BIAS_T=dtype == "fp16", BLOCK_D=next_pow2(D))
-    compile_kernel(sh._shared_head_dz_kernel, dtype, dict(bwd, COL_CE=0, COL_KD=1, G_CE=0, G_KD=1), cfg("dz"))
-    compile_kernel(sh._shared_head_dw_kernel, dtype, bwd, cfg("dw"))
+    compile_kernel(shk.shared_head_dz_kernel, dtype, dict(bwd, COL_CE=0, COL_KD=1, G_CE=0, G_KD=1), cfg("dz"))
+    compile_kernel(shk.shared_head_dw_kernel, dtype, bwd, cfg("dw"))
 print("ok")
 """
 
