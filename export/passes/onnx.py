@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,10 @@ def export_onnx(
     batch_axis = {0: "batch"} if static_batch is None else None
     quiet = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(quiet):
+        with torch.no_grad(), contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+            # torch 2.11's run_decompositions deep-copies pytree LeafSpecs, and each copy prints a FutureWarning
+            # ("`isinstance(treespec, LeafSpec)` is deprecated") on stderr; torch 2.14 no longer does.
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             if legacy_exporter:
                 buf = io.BytesIO()
                 torch.onnx.export(
