@@ -1,46 +1,60 @@
 """GPU check: one command that records a GPU machine's environment, runs the GPU tests, and measures the shared-head
-loss, the distillation step and mbf latency, in under 8 minutes; ``--dry-run`` runs the same stages on a CPU at
-tiny sizes in well under a minute, so CI proves the script works before a GPU session spends device time on it.
+loss, the distillation step and mbf latency, in at most 520 s (the device tool's call is 600 s); ``--dry-run`` runs
+the same stages on a CPU at tiny sizes in about a minute, so CI proves the script works before a GPU session spends
+device time on it. Nothing here assumes a second GPU.
 
-Stages, each in its own process with its own time budget (a stage that fails or runs out of time is recorded and
-the next one starts; each writes its JSON after every result, so even a killed stage leaves what it measured):
+Steps, each stage in its own process (a stage that fails or runs out of time is recorded and the next one starts;
+each writes its JSON after every result, so even a killed stage leaves what it measured). A step's seconds are its
+own budget plus whatever the steps before it left unspent; none runs past the total, 520 s from the start:
 
-a. ``environment`` (15 s): GPU, driver (nvidia-smi), CUDA, package versions, TF32 settings, commit.
-b. ``gpu_tests`` (110 s): ``pytest -m gpu tests/losses tests/kernels tests/distributed``: every loss backend
-   (reference, chunked, triton) on CUDA against float64 on odd shapes in fp32, fp16 and bf16; ArcFace fallback rows
-   (θ + m > π); a ``torch.compile(fullgraph=True)`` training step on CUDA; the triton backend's atomics run 20 times
-   on the same inputs, the spread of the results recorded; the class-sharded loss under NCCL with the chunked and
-   Triton sweeps (2 ranks on 2 GPUs, a world of one on one GPU). Without CUDA they skip. With pytest-xdist (the GPU
-   image has it) 8 processes share the work, most of which is compiling Triton kernel variants.
-c. ``loss`` (135 s): bench/shared_head_loss.py's method at B = 512, D = 512, C ∈ {100k, 1M, 2M}, bf16: reference,
+0. ``install`` (30 s): the optional wheels in ``.whl/`` (Liger-Kernel), each pip-installed into a scratch folder on
+   the stages' PYTHONPATH; one that does not install is a warning, and the stages run without it.
+a. ``environment`` (25 s): commit (git, else ``bench/.gpu-check-commit``), package versions, GPU, CUDA, TF32
+   settings, then nvidia-smi (started first, waited for last, within the stage's seconds: on a cold machine it can
+   take 30 s); each field recorded as soon as it is known.
+b. ``gpu_tests`` (160 s): ``pytest -v`` over the ``gpu``-marked tests of tests/losses, tests/kernels,
+   tests/distributed and tests/train/test_gpu_first_contact.py, through bench/gpu_check_pytest.py: each test's
+   result written as it finishes (a killed stage still says what passed, and which tests were running), 120 s at
+   most per test. Every loss backend (reference, chunked, triton) on CUDA against float64 on odd shapes in fp32,
+   fp16 and bf16; ArcFace fallback rows (θ + m > π); a ``torch.compile(fullgraph=True)`` training step; the triton
+   backend's atomics run 20 times on the same inputs, the spread recorded; the class-sharded loss under NCCL (2
+   ranks on 2 GPUs, a world of one on one GPU); what a GPU breaks first in training: the class-sharded step under
+   NCCL with a DCP save and resume, ``fit`` under bf16 autocast with the chunked and the Triton loss, the compiled
+   step with Triton. Without CUDA they skip; the dry run runs the quick CPU variants of the last group instead. With
+   pytest-xdist (the GPU image has it) 8 processes share the work, most of which is compiling kernels.
+c. ``loss`` (125 s): bench/shared_head_loss.py's method at B = 512, D = 512, C ∈ {100k, 1M, 2M}, bf16: reference,
    torch.compile(reference), chunked, triton and Liger-Kernel's fused linear cross entropy (plain CE; recorded as
    'not installed' without it), plain CE and the full ArcFace TH-KD loss; time, peak memory and the physical floor
    (FLOPs of the logit matmuls at the measured bf16 matmul rate, bytes of the class matrices at the measured
    bandwidth; the formula is in the output).
-d. ``distill`` (130 s): bench/train_step.py, compiled: mbf student, r50 teacher, B = 256, 112×112, bf16 autocast:
+d. ``distill`` (110 s): bench/train_step.py, compiled: mbf student, r50 teacher, B = 256, 112×112, bf16 autocast:
    images/s with a live teacher, with the teacher cache, student alone, and with 100k and 1M classes.
-e. ``latency`` (90 s): mbf at batch 1, 8 and 64 through edgekd.export.latency: torch eager, torch.compile, each also
+e. ``latency`` (70 s): mbf at batch 1, 8 and 64 through edgekd.export.latency: torch eager, torch.compile, each also
    as a CUDA graph, and ONNX Runtime's CPU build for scale.
 
-Outputs in ``--out`` (8 files): ``environment.json``, ``gpu_tests.json``, ``loss.json``, ``distill.json``,
-``latency.json``, ``summary.json`` (status, wall time and budget per stage), ``gpu_check.md`` (a ``## GPU check``
-section; ``python bench/gpu_check.py --merge DIR`` puts it into BENCHMARKS.md) and ``log.txt`` (every stage's
-output). The last thing printed is a one-screen summary. The exit status is 0 only when every stage is ``ok``.
+Outputs in ``--out`` (7 files, so that a stray temporary still fits the device tool's 8): ``environment.json``,
+``gpu_tests.json``, ``loss.json``, ``distill.json``, ``latency.json``, ``summary.json`` (date, install, status, wall
+time and budget per stage) and ``log.txt`` (pip's and every stage's output). The last thing printed is a one-screen
+summary; ``python bench/gpu_check.py --merge DIR`` renders DIR's results as the ``## GPU check`` section of
+BENCHMARKS.md. The exit status is 0 only when every stage is ``ok``.
 
     make gpu-check OUT=dir             # on a GPU machine (python3 there when .venv is missing; PYTHON= overrides)
-    make gpu-check DRY=1               # the dry run, here
+    make gpu-check DRY=1               # the dry run, here (it also writes bench/.gpu-check-commit)
+    make gpu-stamp                     # only that: the commit, for a device machine without .git
     python bench/gpu_check.py --out dir [--dry-run] [--stages loss distill] [--budget loss=200]
 
 edgekd needs no install: where the importable edgekd is not this tree (the GPU image has none), the stages import
 it from the tree through a folder of symbolic links on PYTHONPATH (``tree_overlay``). The stages run in the order
 above, most important first; to repeat one that ran out of time, pass ``--stages NAME --budget NAME=SECONDS``.
 
-On the device machine (the ``run`` tool; its image has no venv and no network), pass this command with timeout_s
-600, and carry [".whl"] when the Liger-Kernel wheel was first downloaded into .whl (git ignores it; pure Python:
-``python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform
-manylinux2014_x86_64 -d .whl liger-kernel==0.8.5``):
+On the device machine (the ``run`` tool; its image has no venv, no network and no .git), first run ``make
+gpu-stamp`` here (``git rev-parse HEAD`` and a dirty flag into bench/.gpu-check-commit, which git neither tracks
+nor ignores, so it travels), then pass this command with timeout_s 600, and carry [".whl"] when the Liger-Kernel
+wheel was first downloaded into .whl (git ignores it; pure Python: ``python3 -m pip download --no-deps
+--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl
+liger-kernel==0.8.5``):
 
-    export PYTHONUNBUFFERED=1; if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1; fi; python3 bench/gpu_check.py --out $OUT
+    export PYTHONUNBUFFERED=1; python3 bench/gpu_check.py --out $OUT
 """  # noqa: E501
 
 from __future__ import annotations
@@ -55,36 +69,43 @@ import sys
 import tempfile
 import time
 import tomllib
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import gpu_check_stages as stages_module
-from gpu_check_stages import STAGES, write_json
+from gpu_check_stages import STAGES, STAMP, write_json
 
+START = time.monotonic()  # this process's start: the total budget counts from here
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET_S = {"environment": 15, "gpu_tests": 110, "loss": 135, "distill": 130, "latency": 90}
-TOTAL_BUDGET_S = 480  # the issue's 8 minutes; a stage gets the smaller of its own budget and what is left
+INSTALL_S = 30  # the optional wheels' install (pip, a few seconds a wheel)
+BUDGET_S = {"environment": 25, "gpu_tests": 160, "loss": 125, "distill": 110, "latency": 70}
+# The install and the stages, from START. With Python's start and the summary the command ends by 525 s or so, a
+# minute and more inside the device tool's 600 s call.
+TOTAL_BUDGET_S = 520
 STAGE_FILES = {stage: f"{stage}.json" for stage in STAGES}
-SUMMARY, MARKDOWN, LOG = "summary.json", "gpu_check.md", "log.txt"
-OUTPUTS = (*STAGE_FILES.values(), SUMMARY, MARKDOWN, LOG)
+SUMMARY, LOG = "summary.json", "log.txt"
+OUTPUTS = (*STAGE_FILES.values(), SUMMARY, LOG)
 KILL_MARGIN_S = 5  # the child is told its budget minus this, so it can record before the parent kills it
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="results folder (at most 8 files are written there)")
+    parser.add_argument("--out", type=Path, help=f"results folder (at most {len(OUTPUTS)} files are written there)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (Triton's interpreter)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="a subset, in order")
     parser.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS", help="override a budget")
-    parser.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all stages")
+    parser.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S, help="seconds for everything")
+    parser.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="optional wheels to install (*.whl)")
     parser.add_argument("--from-tree", action="store_true", help="import edgekd from the tree even if installed")
-    parser.add_argument("--merge", type=Path, metavar="DIR", help="merge DIR/gpu_check.md into BENCHMARKS.md")
+    parser.add_argument("--merge", type=Path, metavar="DIR", help="render DIR's results into BENCHMARKS.md")
     parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md", help="the file --merge edits")
+    parser.add_argument("--stamp", action="store_true", help=f"write this checkout's commit to {STAMP.name}")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage here
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--budget-s", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not (args.merge or args.out):
-        parser.error("--out is required (or --merge DIR)")
+    if not (args.merge or args.out or args.stamp):
+        parser.error("--out is required (or --merge DIR, or --stamp)")
     return args
 
 
@@ -96,6 +117,47 @@ def budgets(overrides: list[str]) -> dict[str, float]:
         if stage not in result or not seconds:
             raise SystemExit(f"--budget takes STAGE=SECONDS with STAGE one of {', '.join(STAGES)}; got {item!r}")
         result[stage] = float(seconds)
+    return result
+
+
+def write_stamp(path: Path = STAMP) -> str:
+    """Write this checkout's commit (``source_commit``: ``+dirty`` when tracked files differ) to ``path`` for the
+    environment stage of a device run, whose copy of the tree has no .git; returns the commit."""
+    # A child imports edgekd from the tree (the current folder comes first on its sys.path): this process does not
+    # import edgekd, which need not be importable here.
+    code = f"from edgekd.utils.env import source_commit; print(source_commit({str(ROOT)!r}) or '')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    commit = out.stdout.strip()
+    if out.returncode != 0 or not commit:
+        raise SystemExit(f"gpu-check --stamp: no git commit for {ROOT} (not a checkout, or no git); nothing written")
+    stamped = datetime.now(UTC).isoformat(timespec="seconds")
+    write_json(path, {"git_commit": commit, "stamped_at": stamped})
+    return commit
+
+
+def install_wheels(folder: Path, site: Path, seconds: float, log) -> dict:
+    """pip-install each optional wheel in ``folder`` (Liger-Kernel, a provider of the loss stage) into ``site``
+    within ``seconds`` in all; one that does not install is a printed warning, and the stages run without it."""
+    result: dict = {"wheels": [w.name for w in sorted(folder.glob("*.whl"))], "installed": [], "failed": {}}
+    deadline = time.monotonic() + seconds
+    for name in result["wheels"]:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--upgrade", "--target", str(site), str(folder / name)]  # fmt: skip
+        log.write(f"\n===== install {name} =====\n")
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()))
+            log.write(out.stdout + out.stderr)
+            lines = (out.stderr or out.stdout).strip().splitlines()
+            error = None if out.returncode == 0 else f"pip exit {out.returncode}: {lines[-1] if lines else ''}"[:300]
+        except subprocess.TimeoutExpired:
+            error = f"pip ran past the install's {seconds:.0f} s"
+        log.flush()
+        if error:
+            result["failed"][name] = error
+            print(f"[gpu-check] warning: optional wheel {name} did not install, going on without it ({error})",
+                  flush=True)  # fmt: skip
+        else:
+            result["installed"].append(name)
     return result
 
 
@@ -192,60 +254,81 @@ def clear_outputs(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def with_site(extra: dict, site: Path) -> dict:
+    """``extra`` (``import_setup``'s) with ``site``, where the optional wheels went, first on PYTHONPATH."""
+    rest = extra.get("PYTHONPATH", os.environ.get("PYTHONPATH"))
+    return dict(extra, PYTHONPATH=os.pathsep.join(filter(None, (str(site), rest))))
+
+
 def run_all(args) -> dict:
-    """Every selected stage in order, each within its budget and the total; returns the summary."""
+    """The install, then every selected stage in order, each within its budget plus what the steps before it left
+    unspent, and all within the total; returns the summary."""
     per_stage = budgets(args.budget)
     command = "python bench/gpu_check.py " + " ".join(sys.argv[1:])
-    summary = {"command": command, "dry_run": args.dry_run, "budget_s": 0.0, "stages": {}}
-    started = time.monotonic()
+    summary = {"command": command, "date": date.today().isoformat(), "dry_run": args.dry_run,
+               "budget_s": args.total_budget, "stages": {}}  # fmt: skip
+    deadline = START + args.total_budget
     work = Path(tempfile.mkdtemp(prefix="edgekd-gpu-check-"))
     try:
-        extra, summary["edgekd_from"] = import_setup(work, args.from_tree)
-        env = child_env(args.dry_run, work, extra)
         with open(args.out / LOG, "a") as log:
+            site = work / "site"
+            summary["install"] = install_wheels(args.wheels, site, min(INSTALL_S, deadline - time.monotonic()), log)
+            extra, summary["edgekd_from"] = import_setup(work, args.from_tree)
+            env = child_env(args.dry_run, work, with_site(extra, site) if summary["install"]["installed"] else extra)
+            planned = START + INSTALL_S  # where the plan ends each step: the sum of the budgets so far
             for stage in args.stages:
-                budget = min(per_stage[stage], args.total_budget - (time.monotonic() - started))
+                planned += per_stage[stage]
+                budget = min(planned, deadline) - time.monotonic()  # its own seconds and those left unspent
                 if budget < 5:
                     summary["stages"][stage] = {"status": "not run: total budget spent", "budget_s": 0.0}
                     continue
-                summary["budget_s"] += budget
                 summary["stages"][stage] = run_stage_process(stage, args, budget, work, env, log)
+                summary["stages"][stage]["own_budget_s"] = per_stage[stage]
                 s = summary["stages"][stage]
                 print(f"[gpu-check] {stage}: {s['status']} ({s['wall_s']:.0f} s of {budget:.0f})", flush=True)
-                summary["wall_s"] = round(time.monotonic() - started, 1)
+                summary["wall_s"] = round(time.monotonic() - START, 1)
                 write_json(args.out / SUMMARY, summary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary["wall_s"] = round(time.monotonic() - started, 1)
+    summary["wall_s"] = round(time.monotonic() - START, 1)
     write_json(args.out / SUMMARY, summary)
     return summary
 
 
-def render(args, summary: dict) -> list[str]:
-    """Write the markdown section and return the summary lines; a rendering bug costs the report, not the results."""
+def load_results(folder: Path) -> tuple[dict, dict]:
+    """The stages' JSON files (None for a missing one) and the summary of a results folder."""
+    summary = read_json(folder / SUMMARY)
+    if summary is None:
+        raise SystemExit(f"{folder / SUMMARY}: missing or not JSON; is {folder} a gpu-check results folder?")
+    return {stage: read_json(folder / STAGE_FILES[stage]) for stage in STAGES}, summary
+
+
+def screen(args) -> list[str]:
+    """The one-screen summary; a rendering bug costs the summary, not the results (the JSON files hold them)."""
     import gpu_check_report as report
 
-    stages = {stage: read_json(args.out / STAGE_FILES[stage]) for stage in STAGES}
+    stages, summary = load_results(args.out)
     try:
-        (args.out / MARKDOWN).write_text("\n".join(report.markdown_lines(stages, summary)).rstrip("\n") + "\n")
         return report.summary_lines(stages, summary, str(args.out))
-    except Exception as exc:  # the JSON files hold every number; say what broke and keep going
-        message = f"report rendering failed: {type(exc).__name__}: {exc}"
-        (args.out / MARKDOWN).write_text(f"{report.SECTION}\n\n{message}\n")
-        return [message, json.dumps(summary["stages"], indent=1)]
+    except Exception as exc:
+        return [f"summary rendering failed: {type(exc).__name__}: {exc}", json.dumps(summary["stages"], indent=1)]
 
 
 def merge(args) -> None:
-    from gpu_check_report import SECTION
+    """Render a results folder as the ``## GPU check`` section of BENCHMARKS.md (the report needs torch)."""
+    from gpu_check_report import SECTION, markdown_lines
     from markdown_section import merge_section
 
-    lines = (args.merge / MARKDOWN).read_text().splitlines()
-    merge_section(args.benchmarks, SECTION, lines)
-    print(f"merged {args.merge / MARKDOWN} into {args.benchmarks}")
+    stages, summary = load_results(args.merge)
+    merge_section(args.benchmarks, SECTION, markdown_lines(stages, summary))
+    print(f"merged {args.merge} into {args.benchmarks}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.stamp:
+        print(f"{STAMP.relative_to(ROOT)}: {write_stamp()}")
+        return 0
     if args.merge:
         merge(args)
         return 0
@@ -256,7 +339,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     clear_outputs(args.out)
     summary = run_all(args)
-    print("\n".join(render(args, summary)), flush=True)
+    print("\n".join(screen(args)), flush=True)
     return 0 if all(s["status"] == "ok" for s in summary["stages"].values()) else 1
 
 

@@ -29,12 +29,22 @@ def machine_line(env_stage: dict | None) -> str:
     env = (env_stage or {}).get("environment")
     if not env:
         return "environment not recorded"
-    v, gpu, smi = env["versions"], env.get("gpu"), env.get("nvidia_smi") or {}
-    where = f"{gpu['name']} ({gpu.get('multiprocessors', '?')} SMs, {gpu['memory_gib']} GiB)" if gpu else env["cpu"]
+    # A stage cut short records only the fields it reached.
+    v, gpu, smi = env.get("versions") or {}, env.get("gpu"), env.get("nvidia_smi") or {}
+    where = f"{gpu['name']} ({gpu.get('multiprocessors', '?')} SMs, {gpu['memory_gib']} GiB)" if gpu else env.get("cpu")
     driver = f", driver {smi['driver_version']}" if smi.get("driver_version") else ""
     cuda = f", CUDA {gpu['cuda']}" if gpu else ""
-    return (f"{where}{driver}{cuda}; torch {v['torch']}, triton {v['triton']}, onnxruntime {v['onnxruntime']}, "
-            f"python {v['python']}, liger-kernel {env.get('liger_kernel')}")  # fmt: skip
+    return (f"{where}{driver}{cuda}; torch {v.get('torch')}, triton {v.get('triton')}, onnxruntime "
+            f"{v.get('onnxruntime')}, python {v.get('python')}, liger-kernel {env.get('liger_kernel')}")  # fmt: skip
+
+
+def commit_text(env_stage: dict | None) -> str:
+    """The tested commit (12 digits, ``+dirty`` kept) and where it was read when not from git (the stamp file)."""
+    env = (env_stage or {}).get("environment") or {}
+    commit, source = env.get("git_commit"), env.get("git_commit_source", "git")
+    if not commit:
+        return f"not recorded ({source})" if "git_commit_source" in env else "not recorded"
+    return commit[:12] + commit[40:] + ("" if source == "git" else f" (from {source})")
 
 
 def spreads(tests_stage: dict | None) -> list[dict]:
@@ -56,12 +66,15 @@ def tests_text(tests_stage: dict | None) -> str:
     counts = (tests_stage or {}).get("counts")
     if not counts:
         return "no results"
-    return ", ".join(f"{v} {k}" for k, v in counts.items())
+    running = len((tests_stage or {}).get("running", []))
+    return ", ".join(f"{v} {k}" for k, v in counts.items()) + (f", {running} unfinished" if running else "")
 
 
 def failed_tests(tests_stage: dict | None) -> list[str]:
-    return [f"{c['test']}: {c['message']}" for c in (tests_stage or {}).get("tests", [])
-            if c["outcome"] in ("failed", "error")]  # fmt: skip
+    """Failed tests with their message, then those still running when the stage ended (killed, or hung)."""
+    stage = tests_stage or {}
+    failed = [f"{c['test']}: {c['message']}" for c in stage.get("tests", []) if c["outcome"] in ("failed", "error")]
+    return failed + [f"{test}: unfinished when the stage ended" for test in stage.get("running", [])]
 
 
 def loss_pivot(rows: list[dict]) -> tuple[list[str], list[tuple]]:
@@ -189,12 +202,12 @@ def markdown_lines(stages: dict, summary: dict) -> list[str]:
         if summary["dry_run"]
         else ""
     )
-    commit = ((stages.get("environment") or {}).get("environment") or {}).get("git_commit")
     lines = [
         SECTION,
         "",
-        f"Written by `{summary['command']}` (bench/gpu_check.py) on {date.today().isoformat()}.{dry}",
-        f"Machine: {machine_line(stages.get('environment'))}." + (f" Commit {commit[:12]}." if commit else ""),
+        f"Written by `{summary['command']}` (bench/gpu_check.py) on {summary.get('date', date.today().isoformat())}."
+        f"{dry}",
+        f"Machine: {machine_line(stages.get('environment'))}. Commit {commit_text(stages.get('environment'))}.",
         "",
         *stage_table(summary),
         "",
@@ -258,13 +271,23 @@ def latency_summary(data: dict | None) -> list[str]:
     return lines
 
 
+def install_lines(install: dict | None) -> list[str]:
+    """The optional wheels: installed, or why not (a warning; the stages ran without them)."""
+    if not install or not install.get("wheels"):
+        return []
+    failed = [f"{name} NOT installed ({why})" for name, why in install["failed"].items()]
+    return [("optional wheels: " + ", ".join([*install["installed"], *failed]))[:300]]
+
+
 def summary_lines(stages: dict, summary: dict, out: str) -> list[str]:
     """At most about 40 lines: machine, stage table, then the key numbers of each stage."""
     dry = " [dry run]" if summary["dry_run"] else ""
     lines = [
-        f"edgekd gpu-check{dry}, out: {out}, total {summary['wall_s']:.0f} s (stage budgets "
-        f"{summary['budget_s']:.0f} s), edgekd from {summary.get('edgekd_from')}",
+        f"edgekd gpu-check{dry}, out: {out}, total {summary['wall_s']:.0f} s (budget {summary['budget_s']:.0f} s), "
+        f"edgekd from {summary.get('edgekd_from')}",
         machine_line(stages.get("environment")),
+        f"commit {commit_text(stages.get('environment'))}",
+        *install_lines(summary.get("install")),
         "",
         f"{'stage':<13}{'status':<10}{'wall s':>7}{'budget':>8}  result",
     ]

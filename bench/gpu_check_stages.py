@@ -3,6 +3,9 @@ rewrites its JSON file after every result, so a stage that fails or runs out of 
 
 A stage's JSON: ``stage``, ``status`` (``running`` until it ends; then ``ok``, ``partial`` when some rows or tests
 failed, or ``skipped``), ``dry_run``, ``config`` (the sizes), ``rows`` and stage-specific keys.
+
+The stages import torch and edgekd inside their functions: bench/gpu_check.py imports this module too, and it
+imports neither (edgekd may not even be importable there; the stages get it through ``tree_overlay``).
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ import platform
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("environment", "gpu_tests", "loss", "distill", "latency")
-GPU_TEST_PATHS = ("tests/losses", "tests/kernels", "tests/distributed")
+# What a GPU breaks first in training; the dry run runs its CPU variants too (gpu_check_pytest's --gpu-check-also).
+FIRST_CONTACT = "tests/train/test_gpu_first_contact.py"
+GPU_TEST_PATHS = ("tests/losses", "tests/kernels", "tests/distributed", FIRST_CONTACT)
+# The commit of the tree the device machine got, where .git does not travel: untracked and not ignored, so it does.
+STAMP = ROOT / "bench" / ".gpu-check-commit"
 # Notes of loss rows that say a provider does not apply here; any other note is a failure.
 NOT_APPLICABLE = ("not installed", "plain CE only", "GPU only", "skipped: does not fit")
 
@@ -52,6 +58,7 @@ class Profile:
     batches: tuple[int, ...]
     latency_iters: int
     latency_seconds: float
+    test_timeout: float  # seconds per test of the gpu_tests stage (gpu_check_pytest)
 
 
 GPU = Profile(
@@ -59,12 +66,14 @@ GPU = Profile(
     loss_rounds=5, loss_runs=4, loss_warmup=2, loss_seconds=2.0, compile_backend="inductor",
     student="mbf", teacher="r50", batch_size=256, image_size=112, identities=16, steps=12, step_warmup=4,
     classes=(100_000, 1_000_000), latency_model="mbf", batches=(1, 8, 64), latency_iters=50, latency_seconds=0.5,
+    test_timeout=120.0,
 )  # fmt: skip
 DRY = Profile(
     device="cpu", loss_B=8, loss_D=16, loss_C=(64,), loss_cases=("full",),
     loss_rounds=2, loss_runs=1, loss_warmup=1, loss_seconds=10.0, compile_backend="aot_eager",
     student="cnn_tiny", teacher="r_tiny", batch_size=8, image_size=32, identities=4, steps=3, step_warmup=1,
     classes=(1000,), latency_model="cnn_tiny", batches=(1, 2), latency_iters=3, latency_seconds=0.0,
+    test_timeout=60.0,
 )  # fmt: skip
 
 
@@ -130,11 +139,6 @@ def use_light_compiler() -> None:
     torch.compile = compile_light
 
 
-def as_text(output: bytes | str | None) -> str:
-    """Captured output as text (``TimeoutExpired`` keeps bytes even from a text-mode run)."""
-    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
-
-
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
@@ -150,96 +154,177 @@ def package_version(dist: str) -> str | None:
         return None
 
 
-def nvidia_smi() -> dict | None:
-    """Name, driver, memory and clocks from ``nvidia-smi`` (None where it is missing or fails)."""
-    fields = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "power.limit", "pstate")
-    cmd = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"]
+NVIDIA_SMI_FIELDS = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "power.limit", "pstate")
+
+
+def start_nvidia_smi() -> subprocess.Popen | None:
+    """``nvidia-smi`` started now, so that it runs while torch imports (None where it is missing): on a cold machine
+    it can take half a minute."""
+    cmd = ["nvidia-smi", f"--query-gpu={','.join(NVIDIA_SMI_FIELDS)}", "--format=csv,noheader"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
         return None
-    if out.returncode != 0 or not out.stdout.strip():
+
+
+def nvidia_smi_result(proc: subprocess.Popen | None, timeout: float) -> dict | None:
+    """Name, driver, memory and clocks from ``start_nvidia_smi``'s process, waiting at most ``timeout`` seconds
+    (None where it is missing or fails; an ``error`` where it did not answer in time)."""
+    if proc is None:
         return None
-    values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
-    return dict(zip(fields, values, strict=False))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"error": f"no answer in {timeout:.0f} s"}
+    if proc.returncode != 0 or not out.strip():
+        return None
+    values = [v.strip() for v in out.strip().splitlines()[0].split(",")]
+    return dict(zip(NVIDIA_SMI_FIELDS, values, strict=False))
+
+
+def recorded_commit(root: Path, stamp: Path) -> tuple[str | None, str]:
+    """The commit of the tree at ``root`` and where it was read: git, else ``stamp`` (``make gpu-stamp`` writes it
+    before a device run, whose copy of the tree has no .git)."""
+    from edgekd.utils.env import source_commit
+
+    commit = source_commit(root)
+    if commit:
+        return commit, "git"
+    try:
+        data = json.loads(stamp.read_text())
+        return data["git_commit"], f"{stamp.name}, stamped {data['stamped_at']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"unknown: no git and no readable {stamp.name} (make gpu-stamp before the device run)"
 
 
 def stage_environment(ctx: Context) -> str:
+    """Each field recorded as soon as it is known, slow ones last: a stage cut short keeps the ones before."""
+    smi = start_nvidia_smi()
+    env: dict = {}
+
+    def add(**fields) -> None:
+        env.update(fields)
+        ctx.record.set(environment=env)
+
+    commit, source = recorded_commit(ROOT, STAMP)
+    add(git_commit=commit, git_commit_source=source)
+    add(python_executable=sys.executable, machine=platform.machine())
+    add(triton_interpret=os.environ.get("TRITON_INTERPRET"))
+    from edgekd.utils.env import cpu_name, gpu_info, package_versions, thread_info  # inside: see the module doc
+
+    add(versions=package_versions())
+    add(liger_kernel=package_version("liger-kernel") or "not installed")
+    add(platform=platform.platform())
+    add(cpu=cpu_name())
     import torch
 
     import edgekd.kernels
-    from edgekd.utils.env import environment, source_commit
 
-    env = environment(
-        edgekd_kernels=edgekd.kernels.__file__,  # which edgekd the stages import (installed, or the tree's links)
-        nvidia_smi=nvidia_smi(),
-        liger_kernel=package_version("liger-kernel") or "not installed",
-        git_commit=source_commit(ROOT),
-        python_executable=sys.executable,
-        machine=platform.machine(),
-        triton_interpret=os.environ.get("TRITON_INTERPRET"),
-        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-        float32_matmul_precision=torch.get_float32_matmul_precision(),
-    )
-    if torch.cuda.is_available():
-        env["gpu"]["multiprocessors"] = torch.cuda.get_device_properties(0).multi_processor_count
-    ctx.record.set(environment=env)
+    add(edgekd_kernels=edgekd.kernels.__file__)  # which edgekd the stages import (installed, or the tree's links)
+    add(threads=thread_info())
+    add(cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, float32_matmul_precision=torch.get_float32_matmul_precision())
+    gpu = gpu_info()  # initializes CUDA
+    if gpu is not None:
+        gpu["multiprocessors"] = torch.cuda.get_device_properties(0).multi_processor_count
+    add(gpu=gpu)
+    add(nvidia_smi=nvidia_smi_result(smi, timeout=max(1.0, ctx.seconds_left() - 2)))
     return "ok"
 
 
 # -------------------------------------------------------------------------------------------------- gpu tests
 
 
-def parse_junit(path: Path) -> dict:
-    """Counts and one entry per test case (outcome, seconds, first line of the failure, recorded properties)."""
-    root = ET.parse(path).getroot()
-    cases = []
-    for case in root.iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            child = case.find(tag)
-            if child is not None:
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                text = (child.get("message") or child.text or "").strip()
-                message = text.splitlines()[0][:300] if text else ""
-                break
-        props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        cases.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": float(case.get("time") or 0.0), "message": message, "properties": props})  # fmt: skip
-    counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
-    return {"counts": counts, "tests": cases}
+COUNTED = ("passed", "failed", "error", "skipped")
+POLL_S = 0.5  # how often the stage folds new test results into its JSON while pytest runs
+
+
+def read_results(path: Path) -> dict:
+    """gpu_check_pytest's results file folded: counts, the finished tests in the order they started, and the tests
+    started but not finished (running, or killed while running). A line cut short by a kill is skipped."""
+    latest: dict[str, dict] = {}
+    text = path.read_text() if path.is_file() else ""
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        latest[entry["test"]] = entry
+    tests = [e for e in latest.values() if e["outcome"] != "running"]
+    counts = {k: sum(e["outcome"] == k for e in tests) for k in COUNTED}
+    return {"counts": counts, "tests": tests, "running": [t for t, e in latest.items() if e["outcome"] == "running"]}
+
+
+WORKERS = 8  # pytest-xdist processes of the GPU run
 
 
 def pytest_workers(dry_run: bool) -> list[str]:
     """``-n 8`` where pytest-xdist is installed (the GPU image has it): most of this stage is compiling Triton kernel
-    variants, which parallel processes do side by side; nothing where the tests only skip (the dry run)."""
-    return ["-n", "8"] if not dry_run and importlib.util.find_spec("xdist") is not None else []
+    variants, which parallel processes do side by side; nothing in the dry run (a few quick CPU tests)."""
+    return ["-n", str(WORKERS)] if not dry_run and importlib.util.find_spec("xdist") is not None else []
+
+
+def pytest_options(dry_run: bool, timeout: float) -> list[str]:
+    """gpu-check's own options: the time limit per test, the dry run's CPU variants, the workers."""
+    also = [f"--gpu-check-also={FIRST_CONTACT}"] if dry_run else []
+    return [f"--gpu-check-timeout={timeout:g}", *also, *pytest_workers(dry_run)]
+
+
+def pytest_command(options: list[str], results: Path) -> list[str]:
+    """Verbose pytest over GPU_TEST_PATHS with gpu-check's plugin (selection, time limit per test, results as they
+    come) and ``options``.
+
+    ``--capture=sys`` leaves file descriptors 1 and 2 alone: what CUDA, NCCL or faulthandler print goes to the log.
+    The absolute paths and the scratch folder as the current one keep the repository root off sys.path (python -m
+    puts the current folder there), where its edgekd/, which lacks the side folders, would shadow the importable one.
+    """
+    return [sys.executable, "-m", "pytest", "-p", "gpu_check_pytest", "-v", "-rfE", "--capture=sys",
+            "--durations=10", "-p", "no:cacheprovider", f"--rootdir={ROOT}", f"--gpu-check-results={results}",
+            *options, *(str(ROOT / p) for p in GPU_TEST_PATHS)]  # fmt: skip
+
+
+def run_pytest(ctx: Context, cmd: list[str], results: Path) -> int | None:
+    """Run ``cmd`` until it ends or the stage's time is nearly spent, folding ``results`` into the stage's JSON as
+    tests finish; pytest's exit status, or None when it was stopped."""
+    path = os.pathsep.join(filter(None, (str(ROOT / "bench"), os.environ.get("PYTHONPATH"))))  # the plugin's folder
+    # Each process's Inductor would start a pool of compile workers as wide as the machine: share the CPUs instead.
+    threads = str(max(1, (os.cpu_count() or WORKERS) // WORKERS))
+    proc = subprocess.Popen(
+        cmd, cwd=ctx.work, env=dict(os.environ, PYTHONPATH=path, TORCHINDUCTOR_COMPILE_THREADS=threads)
+    )
+    deadline, seen = time.monotonic() + max(10.0, ctx.seconds_left() - 5), -1
+    rc = None
+    while rc is None and time.monotonic() < deadline:
+        try:
+            rc = proc.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        size = results.stat().st_size if results.is_file() else 0
+        if size != seen:
+            seen = size
+            ctx.record.set(**read_results(results))
+    if rc is None:
+        proc.kill()  # its xdist workers are in the stage's process group, which gpu_check.py kills when it ends
+        proc.wait()
+    ctx.record.set(**read_results(results))
+    return rc
 
 
 def stage_gpu_tests(ctx: Context) -> str:
-    """``pytest -m gpu`` over the loss and kernel tests; they skip themselves without CUDA (the dry run)."""
-    junit = ctx.work / "junit.xml"
-    # Run from the scratch folder with absolute paths: the repository root on sys.path (python -m puts the current
-    # folder there) would let its edgekd/, which lacks the side folders, shadow the importable edgekd.
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
-           "-o", "junit_family=xunit1", f"--junitxml={junit}", *pytest_workers(ctx.dry_run),
-           *(str(ROOT / p) for p in GPU_TEST_PATHS)]  # fmt: skip
-    ctx.record.set(command=f"pytest -m gpu {' '.join(pytest_workers(ctx.dry_run) + list(GPU_TEST_PATHS))}")
-    try:
-        timeout = max(10.0, ctx.seconds_left() - 10)
-        out = subprocess.run(cmd, cwd=ctx.work, capture_output=True, text=True, timeout=timeout)
-        rc, output = out.returncode, out.stdout + out.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, output = None, as_text(exc.stdout) + as_text(exc.stderr)  # pytest was killed: keep what it printed
-    print(output, flush=True)
-    results = parse_junit(junit) if junit.is_file() else {"counts": None, "tests": []}
-    ctx.record.set(pytest_exit=rc, output_tail=output[-3000:], **results)
+    """The ``gpu``-marked tests (``gpu_check_pytest``); they skip without CUDA, and the dry run adds the CPU variants
+    of the first-contact tests."""
+    results = ctx.work / "results.jsonl"
+    options = pytest_options(ctx.dry_run, ctx.profile.test_timeout)
+    ctx.record.set(command=" ".join(["pytest -p gpu_check_pytest -v", *options, *GPU_TEST_PATHS]))
+    rc = run_pytest(ctx, pytest_command(options, results), results)
+    ctx.record.set(pytest_exit=rc)
     if rc is None:
         return "timeout"
-    counts = results["counts"] or {}
-    if rc != 0 or counts.get("failed") or counts.get("error"):
+    counts, running = ctx.record.data["counts"], ctx.record.data["running"]
+    if rc != 0 or counts["failed"] or counts["error"] or running:
         return "partial"
-    return "ok" if ctx.dry_run or counts.get("passed") else "partial"  # on a GPU, all skipped means none ran
+    return "ok" if ctx.dry_run or counts["passed"] else "partial"  # on a GPU, all skipped means none ran
 
 
 # ------------------------------------------------------------------------------------------------------- loss
