@@ -1,26 +1,28 @@
 """Calibration sets: a fixed, normalized sample of images drawn from any ``edgekd.data`` source.
 
-``SOURCE`` is an image folder (one subfolder per identity, or a flat folder of images), any ``create_dataset`` spec
-(``synthetic:...``, ``rec:/path``, ``fmnist``), or ``builtin`` for the built-in synthetic identities. Images are drawn
-without replacement with a seeded generator, resized to the model's input size, and normalized exactly as the model
-expects (mean/std from its config), so calibration sees the deployment preprocessing.
+``SOURCE`` is anything training's ``--data`` takes (an image folder, a RecordIO folder or ``.rec`` file with or
+without ``rec:``, ``synthetic:...``, ``fmnist``; ``edgekd.data.resolve_data`` tells them apart), a flat folder of
+images, or ``builtin`` for the built-in synthetic identities. Images are drawn without replacement with a seeded
+generator, resized to the model's input size, and normalized exactly as the model expects (mean/std from its config),
+so calibration sees the deployment preprocessing. With ``skip_bad`` an image that cannot be read is left out and
+another one drawn in its place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgekd.data import create_dataset
+from edgekd.data import create_dataset, resolve_data
 from edgekd.data.image_folder import IMAGE_EXTENSIONS, _decode
 from edgekd.data.transforms import normalize
 from edgekd.errors import DataError
 from edgekd.utils.hashing import content_digest
 
-__all__ = ["CalibrationSet", "build_calibration_set", "BUILTIN_SOURCES", "BatchReader"]
+__all__ = ["CalibrationSet", "build_calibration_set", "BUILTIN_SOURCES", "BatchReader", "even_batch_size"]
 
 BUILTIN_SOURCES = ("builtin", "synthetic")
 
@@ -33,11 +35,13 @@ class CalibrationSet:
         images: the calibration inputs.
         source: what they were drawn from (for reports).
         fingerprint: hash of the bytes of ``images`` (keys the calibration cache).
+        skipped: what was wrong with each drawn image that could not be read and was left out (``skip_bad``).
     """
 
     images: np.ndarray
     source: str
     fingerprint: str
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -47,13 +51,26 @@ class CalibrationSet:
         return BatchReader(self.images, input_name, batch_size)
 
 
+def even_batch_size(count: int, batch_size: int) -> int:
+    """The largest batch size up to ``batch_size`` that divides ``count`` (1 at worst): every batch the same size.
+
+    ONNX Runtime's histogram calibrators (entropy, percentile) stack the outputs of all batches into one array, which
+    fails on a shorter last batch; batches of one size give exactly the ranges of the whole set run as one batch.
+    """
+    batch_size = max(1, min(int(batch_size), int(count)))
+    return next(b for b in range(batch_size, 0, -1) if count % b == 0)
+
+
 class BatchReader:
-    """Feeds ``images`` in batches as ``{input_name: array}``; ``get_next`` returns None at the end (ORT protocol)."""
+    """Feeds ``images`` in batches as ``{input_name: array}``; ``get_next`` returns None at the end (ORT protocol).
+
+    Batches all have one size (``even_batch_size``), at most ``batch_size``.
+    """
 
     def __init__(self, images: np.ndarray, input_name: str, batch_size: int) -> None:
         self.images = images
         self.input_name = input_name
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = even_batch_size(len(images), batch_size) if len(images) else 1
         self.start, self.end = 0, len(images)
         self._pos = 0
 
@@ -92,11 +109,11 @@ def _open_source(source: str, channels: int, image_size: int, count: int):
         return create_dataset(
             "synthetic", split="val", image_size=image_size, channels=channels, identities=count, images_per_identity=1
         )
-    path = Path(source).expanduser()
-    if path.is_dir() and not any(p.is_dir() for p in path.iterdir()):
-        return _FlatFolder(path, image_size, channels)
+    data = resolve_data(source)  # the --data resolution, so --calib takes every spelling --data takes
+    if data.kind == "folder" and not any(p.is_dir() for p in data.path.iterdir()):
+        return _FlatFolder(data.path, image_size, channels)
     kw = {"image_size": image_size, "channels": channels}
-    return create_dataset(source, split="train" if not source.startswith("synthetic") else "val", **kw)
+    return create_dataset(source, split="val" if data.kind == "synthetic" else "train", **kw)
 
 
 class _FlatFolder:
@@ -123,14 +140,17 @@ def build_calibration_set(
     cfg,
     num_images: int = 128,
     seed: int = 0,
+    skip_bad: bool = False,
 ) -> CalibrationSet:
     """Draw ``num_images`` images from ``source`` and normalize them for a model with config ``cfg``.
 
     Args:
-        source: an image folder, a ``create_dataset`` spec, or ``builtin``.
+        source: anything ``--data`` takes, a flat folder of images, or ``builtin``.
         cfg: the model's ``ModelCfg`` (input size, mean, std).
         num_images: how many images (all of them if the source has fewer).
         seed: picks which images.
+        skip_bad: leave out images that cannot be read (listed in ``skipped``), drawing others in their place;
+            without it the first one is a one-line ``DataError``.
 
     Returns:
         The calibration set.
@@ -143,11 +163,42 @@ def build_calibration_set(
     if total == 0:
         raise DataError(f"calibration source {source!r} is empty")
     count = min(int(num_images), total)
-    index = np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
-    batch = torch.stack([dataset[int(i)][0] for i in index])
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(total, size=count, replace=False))
+    loaded, skipped = _load(dataset, index, skip_bad)
+    if skipped:
+        # Replacements come from the images not drawn yet, in a seeded order: the same source gives the same set.
+        rest = np.setdiff1d(np.arange(total), index)
+        for i in rng.permutation(rest):
+            if len(loaded) == count:
+                break
+            more, bad = _load(dataset, [i], skip_bad)
+            loaded += more
+            skipped += bad
+    if not loaded:
+        raise DataError(f"no image of calibration source {source!r} could be read (first: {skipped[0]})")
+    batch = torch.stack(loaded)
     if tuple(batch.shape[1:]) != tuple(cfg.input_size):
         raise DataError(f"calibration images are {tuple(batch.shape[1:])}, the model takes {tuple(cfg.input_size)}")
     images = normalize(batch, cfg.mean, cfg.std).numpy()
     images = np.ascontiguousarray(images, dtype=np.float32)
     fingerprint = content_digest(str(images.shape), images.tobytes())
-    return CalibrationSet(images=images, source=str(source), fingerprint=fingerprint)
+    return CalibrationSet(images=images, source=str(source), fingerprint=fingerprint, skipped=skipped)
+
+
+def _load(dataset, index, skip_bad: bool) -> tuple[list[torch.Tensor], list[str]]:
+    """The images at ``index`` that could be read, and ``"<why>"`` for each one that could not (``skip_bad``)."""
+    images, skipped = [], []
+    for i in index:
+        try:
+            images.append(dataset[int(i)][0])
+        except DataError as exc:
+            # The readers end their messages with "; <advice>" for their own callers (skip_bad=True); keep what
+            # is wrong, and give the advice that fits here.
+            problem = str(exc).rsplit("; ", 1)[0]
+            if not skip_bad:
+                raise DataError(
+                    f"{problem}; replace or remove it, or pass --skip-bad to leave such images out"
+                ) from None
+            skipped.append(problem)
+    return images, skipped

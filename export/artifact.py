@@ -31,7 +31,7 @@ from edgekd.eval.embed import Forward
 from edgekd.export.checks.gates import GateReport, parity_gate, task_gate
 from edgekd.utils.env import environment
 
-__all__ = ["DEFAULT_GATE_PAIRS", "Gates", "Artifact", "gate_inputs", "load_gate_pairs", "write_gated"]
+__all__ = ["DEFAULT_GATE_PAIRS", "Gates", "Artifact", "gate_inputs", "load_gate_pairs", "log_skipped", "write_gated"]
 
 DEFAULT_GATE_PAIRS = 3000
 MIN_IMPOSTORS_AT_FAR = 20
@@ -39,10 +39,18 @@ Log = Callable[[str], None]
 
 
 def gate_inputs(
-    cfg, count: int, seed: int, real: str | None, with_noise: bool, generated: str = "synthetic"
+    cfg,
+    count: int,
+    seed: int,
+    real: str | None,
+    with_noise: bool,
+    generated: str = "synthetic",
+    skip_bad: bool = False,
+    log: Log | None = None,
 ) -> dict[str, torch.Tensor]:
     """Normalized gate images: ``count`` generated faces (held-out identities of the ``generated`` synthetic spec),
-    uniform noise (FP32/FP16 only: parity must hold for any input), and ``real`` images (a folder or data spec)."""
+    uniform noise (FP32/FP16 only: parity must hold for any input), and ``real`` images (a folder or data spec; with
+    ``skip_bad`` unreadable ones are left out, and ``log`` hears how many)."""
     c, h, w = cfg.input_size
     if h != w:
         raise EdgekdError(f"gates need a square input size, the model takes {h}x{w}")
@@ -56,9 +64,21 @@ def gate_inputs(
         noise = torch.randint(0, 256, (max(8, count // 2), c, h, w), generator=gen, dtype=torch.uint8)
         inputs["noise"] = normalize(noise, cfg.mean, cfg.std)
     if real:
-        real_set = build_calibration_set(real, cfg, num_images=count, seed=seed + 1)
+        real_set = build_calibration_set(real, cfg, num_images=count, seed=seed + 1, skip_bad=skip_bad)
+        log_skipped(real_set.skipped, f"gate images {real}", log or (lambda _msg: None))
         inputs["real"] = torch.from_numpy(real_set.images)
     return inputs
+
+
+def log_skipped(skipped: list[str], source: str, log: Log, shown: int = 3) -> None:
+    """How many images of ``source`` were left out as unreadable (``--skip-bad``), and the first few of them."""
+    if not skipped:
+        return
+    log(f"{source}: skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''}")
+    for problem in skipped[:shown]:
+        log(f"  {problem}")
+    if len(skipped) > shown:
+        log(f"  ... and {len(skipped) - shown} more")
 
 
 def load_gate_pairs(spec: str | None, cfg, seed: int) -> PairSet | None:

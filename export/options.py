@@ -41,6 +41,7 @@ class ExportOptions:
     calib_images: int = 128
     calib_method: str = "percentile"
     calib_cache: str | None = None
+    skip_bad: bool = False  # leave unreadable calibration (and --images) images out instead of stopping
     int8: Int8Options = field(default_factory=Int8Options)
     # tensorrt
     trt: bool = False

@@ -21,7 +21,7 @@ import torch
 
 from edgekd.bundle import load_bundle
 from edgekd.calib import build_calibration_set, calibrate
-from edgekd.export.artifact import Gates, gate_inputs, load_gate_pairs, write_gated
+from edgekd.export.artifact import Gates, gate_inputs, load_gate_pairs, log_skipped, write_gated
 from edgekd.export.builders.tensorrt import EngineProfile
 from edgekd.export.checks.gates import GateReport
 from edgekd.export.checks.insightface import insightface_problems
@@ -131,9 +131,11 @@ def export_checkpoint(
         options.real_images,
         with_noise=precision != "int8",
         generated=options.gate_data,
+        skip_bad=options.skip_bad,
+        log=log,
     )
     pairs = load_gate_pairs(options.pairs or ("synthetic" if precision == "int8" else None), cfg, options.seed)
-    calib_set = _calibration_set(cfg, options) if precision == "int8" else None
+    calib_set = _calibration_set(cfg, options, log) if precision == "int8" else None
     _log_deployment_notes(cfg, options, out, log)
 
     batch = f", static batch {options.static_batch}" if options.static_batch else ""
@@ -200,8 +202,12 @@ def export_checkpoint(
     return result
 
 
-def _calibration_set(cfg, options: ExportOptions):
-    return build_calibration_set(options.calib, cfg, num_images=options.calib_images, seed=options.seed)
+def _calibration_set(cfg, options: ExportOptions, log: Log):
+    calib_set = build_calibration_set(
+        options.calib, cfg, num_images=options.calib_images, seed=options.seed, skip_bad=options.skip_bad
+    )
+    log_skipped(calib_set.skipped, f"calibration source {options.calib}", log)
+    return calib_set
 
 
 def _int8(fp32: onnx.ModelProto, calib_set, options: ExportOptions, log: Log) -> tuple[onnx.ModelProto, dict]:
@@ -216,6 +222,7 @@ def _int8(fp32: onnx.ModelProto, calib_set, options: ExportOptions, log: Log) ->
     info = {
         "source": options.calib,
         "images": len(calib_set),
+        "skipped": calib_set.skipped,
         "data_fingerprint": calib_set.fingerprint,
         "method": result.method,
         "settings": result.settings,

@@ -28,7 +28,7 @@ from edgekd.cli.options import (
 )
 from edgekd.distill.methods import METHODS, method_weights, resolve_preset
 from edgekd.distill.pipeline import check_teacher_head, training_dataset
-from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config
+from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config, verification_sets
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.heads import HeadSpec
 from edgekd.losses import list_loss_backends
@@ -47,6 +47,7 @@ SETTINGS = TRAIN_SETTINGS + [
         click.Path(dir_okay=False, exists=True),
         "teacher checkpoint (.safetensors)",
         shown_default="train one here",
+        path="file",
     ),
     Setting("teacher_model", ModelName(), "architecture of a teacher trained here", default="r50"),
     Setting(
@@ -80,7 +81,13 @@ SETTINGS = TRAIN_SETTINGS + [
         flag="--teacher-cache/--no-teacher-cache",
     ),
     Setting(
-        "pairs", click.STRING, "verification pairs of the final evaluation", resumable=True, shown_default="--data's"
+        "pairs",
+        click.STRING,
+        "verification pairs of the final evaluation: synthetic[:k=v,...] or an insightface .bin",
+        resumable=True,
+        shown_default="synthetic --data's own; otherwise every .bin beside --data (lfw, cfp_fp, agedb_30, ...), "
+        "checked before training; none there: no verification",
+        path="spec",
     ),
     Setting(
         "vanilla_baseline",
@@ -98,7 +105,7 @@ SETTINGS = TRAIN_SETTINGS + [
         resumable=True,
         flag="--eval/--no-eval",
     ),
-    Setting("out", click.Path(file_okay=False), "run folder", default="runs/distill", resumable=True),
+    Setting("out", click.Path(file_okay=False), "run folder", default="runs/distill", resumable=True, path="file"),
 ]
 
 
@@ -140,12 +147,19 @@ def command(**kwargs) -> None:
     )
     set_threads(threads_per_rank(values["threads"]))
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
+    # So do the evaluation's pair sets: a broken .bin must not cost a whole training run.
+    job.pairs = verification_sets(cfg.data, values["pairs"]) if values["eval"] and face else []
     if values["teacher"] and values["method"] != "sh-kd" and weights.reads_teacher_head:
         # A teacher whose head does not fit fails before the run folder is written; only its header is read here.
         teacher_spec = head_spec_of(read_bundle_meta(values["teacher"]))
         if teacher_spec is not None:
             check_teacher_head(teacher_spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
     echo(describe_settings(values, SETTINGS))
+    if values["eval"] and face and not job.pairs:
+        echo(
+            f"note: no verification .bin files beside {cfg.data} and no --pairs: this run ends without a "
+            "verification evaluation (--pairs FILE.bin gives it one)"
+        )
     if world.is_main:
         save_settings(out, "distill", values, SETTINGS)
     report = run_distill(job, dataset, log=echo)

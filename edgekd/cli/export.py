@@ -201,9 +201,15 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 @click.option(
     "--calib",
     default=None,
-    help="int8 calibration source: an image folder, a data spec (synthetic:..., rec:...) or builtin",
+    help="int8 calibration source: anything --data takes (an image folder, a RecordIO folder or .rec, "
+    "synthetic:..., fmnist), a flat folder of images, or builtin",
 )
 @click.option("--calib-images", type=click.IntRange(min=1), default=128, show_default=True, help="calibration images")
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="leave out calibration (and --images) images that cannot be read, and say how many, instead of stopping",
+)
 @click.option(
     "--calib-method",
     type=click.Choice(CALIBRATION_METHODS),

@@ -8,13 +8,15 @@ the built-in demo, which applies only when no ``--data`` is given.
 
 ``resolve_settings`` layers them: defaults < demo (no data given) < config file < command line; with ``--resume``
 the run's saved ``settings.json`` replaces the defaults, and an option that would change the run's meaning is a
-one-line error naming both values.
+one-line error naming both values. Paths (``--data``, ``--teacher``, ``--pairs``, ``--out``, ...) are made absolute
+against the working directory before anything else, so the saved run names its files from wherever it resumes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import tomllib
@@ -26,6 +28,7 @@ from typing import Any
 import click
 
 from edgekd.atomic import write_json
+from edgekd.data import absolute_spec
 from edgekd.errors import EdgekdError
 from edgekd.heads import default_margin
 from edgekd.models import require_model
@@ -115,6 +118,8 @@ class Setting:
         saved: restored by ``--resume``; False for per-invocation values such as ``--stop-after``.
         flag: the option; default ``--key-with-dashes``. A ``--x/--no-x`` pair for booleans.
         shown_default: --help's text for a default that depends on other settings.
+        path: ``file`` for a file or folder, ``spec`` for a data or pairs spec (``synthetic:...``, ``rec:DIR``, a
+            path): made absolute when the run starts and saved that way.
     """
 
     key: str
@@ -125,6 +130,7 @@ class Setting:
     saved: bool = True
     flag: str | None = None
     shown_default: str | None = None
+    path: str | None = None
 
     @property
     def option(self) -> str:
@@ -159,6 +165,7 @@ TRAIN_SETTINGS = [
         click.STRING,
         "training data: synthetic[:k=v,...], fmnist, an image folder or a train.rec folder",
         shown_default="the demo: 200 synthetic identities x 20 images, 32 px",
+        path="spec",
     ),
     Setting("model", ModelName(), "backbone (see `python -m edgekd.models`): mbf, r50, timm/resnet18, ..."),
     Setting("model_kwargs", JSONObject(), "extra backbone arguments as JSON, e.g. '{\"embed_dim\": 256}'"),
@@ -243,7 +250,8 @@ def add_options(settings: list[Setting], demo: dict) -> Callable:
         return click.option(
             "--resume",
             is_flag=True,
-            help="continue the run in --out with its saved settings, from its newest checkpoint",
+            help="continue the run in --out with its saved settings, from its newest checkpoint (paths are saved "
+            "absolute, so it resumes from any working directory)",
         )(func)
 
     return decorate
@@ -302,11 +310,14 @@ def resolve_settings(
     config_file, resume = kwargs.pop("config_file", None), bool(kwargs.pop("resume", False))
     explicit = read_config_file(config_file, settings) if config_file else {}
     explicit.update({k: v for k, v in kwargs.items() if v is not None})
-    out = Path(explicit.get("out") or default_out)
+    # A scheduler may start the resumed job in another folder: the run keeps absolute paths, not the typed ones.
+    explicit = {k: absolute_path(_setting(settings, k), v) for k, v in explicit.items()}
+    out = Path(os.path.abspath(explicit.get("out") or default_out))
     if out.exists() and not out.is_dir():
         raise EdgekdError(f"--out {out} is a file; give a folder for the run")
     if resume:
         saved = load_settings(out, command)
+        _keep_saved_spelling(saved, explicit, settings)
         _refuse_meaning_changes(saved, explicit, settings, command, out)
         # A setting newer than the run's settings.json takes its default, the value the run had in effect.
         values = {**{s.key: s.real_default() for s in settings}, **saved, **explicit}
@@ -324,6 +335,32 @@ def resolve_settings(
         values["margin"] = default_margin(values["head"])
     values["out"] = str(out)
     return values, resume
+
+
+def absolute_path(setting: Setting | None, value: Any) -> Any:
+    """``value`` with its path made absolute against the working directory when ``setting`` holds one."""
+    if setting is None or setting.path is None or not isinstance(value, str):
+        return value
+    if setting.path == "spec":
+        return absolute_spec(value)
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _setting(settings: list[Setting], key: str) -> Setting | None:
+    return next((s for s in settings if s.key == key), None)
+
+
+def _keep_saved_spelling(saved: dict, explicit: dict, settings: list[Setting]) -> None:
+    """An option that names the saved path again takes the saved spelling (in place).
+
+    settings.json files from before paths were saved absolute hold them as typed, relative to the folder the run
+    started in, and such a run resumes from there: a path given again, in any spelling, is no change of meaning, and
+    the run keeps the string it trained with (the caches of its teacher and vanilla student are keyed by it).
+    """
+    for s in settings:
+        if s.path and s.key in explicit and isinstance(saved.get(s.key), str):
+            if absolute_path(s, saved[s.key]) == explicit[s.key]:
+                explicit[s.key] = saved[s.key]
 
 
 def _refuse_meaning_changes(saved: dict, explicit: dict, settings: list[Setting], command: str, out: Path) -> None:

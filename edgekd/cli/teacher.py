@@ -30,12 +30,14 @@ SETTINGS = [replace(s, default="r50") if s.key == "model" else s for s in TRAIN_
         "student_head",
         click.Path(dir_okay=False, exists=True),
         "student checkpoint whose head is copied in and frozen (SH-KD stage I1)",
+        path="file",
     ),
     Setting(
         "init",
         click.Path(dir_okay=False, exists=True),
         "start from this checkpoint (fine-tuning): an edgekd .safetensors, or an arcface_torch model.pt of --model",
         shown_default="random weights",
+        path="file",
     ),
     Setting(
         "out",
@@ -43,6 +45,7 @@ SETTINGS = [replace(s, default="r50") if s.key == "model" else s for s in TRAIN_
         "run folder; the result is OUT/teacher.safetensors",
         default="runs/teacher",
         resumable=True,
+        path="file",
     ),
 ]
 TEACHER_DEMO = {

@@ -26,7 +26,7 @@ from edgekd.data.recordio import decode_image
 from edgekd.errors import DataError
 from edgekd.utils.hashing import content_digest
 
-__all__ = ["load_bin", "write_bin"]
+__all__ = ["check_bin", "load_bin", "write_bin"]
 
 _HINT = "re-download the file or re-create it (edgekd data pack-bin)"
 _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's pickled-array constructor, wherever this numpy keeps it
@@ -174,25 +174,47 @@ def load_bin(path: str | os.PathLike, image_size: int | None = None) -> PairSet:
         ``PairSet`` named after the file stem (``lfw``, ``cfp_fp``, ...), fingerprinted by the file's SHA-256.
     """
     path = Path(path)
+    raw, bins, issame = _read(path)
+    images, size = [], image_size
+    for i, item in enumerate(bins):
+        img = _decode_item(path, raw, i, item, size)
+        if size is None:
+            size = int(img.shape[1])
+            img = _decode_item(path, raw, i, item, size) if img.shape[1] != img.shape[2] else img
+        images.append(img)
+    fingerprint = content_digest(raw) + (f"-{size}" if image_size else "")
+    return PairSet(torch.stack(images), np.asarray(issame, dtype=bool), path.stem, fingerprint)
+
+
+def check_bin(path: str | os.PathLike) -> int:
+    """Check a verification ``.bin`` without decoding all of it: it unpickles to ``(bins, issame_list)``, the counts
+    agree and its first image decodes. Returns the number of pairs; a bad file is a one-line ``DataError``.
+
+    A run checks its evaluation sets this way before training, so a broken file stops it in seconds, not at the end.
+    """
+    path = Path(path)
+    raw, bins, issame = _read(path)
+    _decode_item(path, raw, 0, bins[0], None)
+    return len(issame)
+
+
+def _read(path: Path) -> tuple[bytes, list, list[bool]]:
+    """The file's bytes and its checked ``(bins, issame)`` lists."""
     if not path.is_file():
         raise DataError(f"verification file {path} not found")
     raw = path.read_bytes()
     bins, issame = _pair_lists(path, _unpickle(path, raw))
     _check_counts(path, len(bins), len(issame), _HINT)
-    images, size = [], image_size
-    for i, item in enumerate(bins):
-        where = f"{path}: image {i} (pair {i // 2})"
-        try:
-            data = _as_bytes(item, len(raw))
-        except TypeError as exc:
-            raise DataError(f"{where}: {exc}; {_HINT}") from None
-        img = decode_image(data, size, where, _HINT)
-        if size is None:
-            size = int(img.shape[1])
-            img = decode_image(data, size, where, _HINT) if img.shape[1] != img.shape[2] else img
-        images.append(img)
-    fingerprint = content_digest(raw) + (f"-{size}" if image_size else "")
-    return PairSet(torch.stack(images), np.asarray(issame, dtype=bool), path.stem, fingerprint)
+    return raw, bins, issame
+
+
+def _decode_item(path: Path, raw: bytes, i: int, item: object, size: int | None) -> torch.Tensor:
+    where = f"{path}: image {i} (pair {i // 2})"
+    try:
+        data = _as_bytes(item, len(raw))
+    except TypeError as exc:
+        raise DataError(f"{where}: {exc}; {_HINT}") from None
+    return decode_image(data, size, where, _HINT)
 
 
 def _check_counts(path: Path | str, n_images: int, n_pairs: int, hint: str = "") -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
-from edgekd.data import create_dataset, create_pairs
+from edgekd.data import bin_files_beside, check_pairs, create_dataset, create_pairs, resolve_data
 from edgekd.distill.pipeline import (
     default_teacher,
     default_vanilla,
@@ -36,7 +36,7 @@ class DistillJob:
     out: Path
     teacher_cfg: TrainConfig
     teacher_path: str | None = None
-    pairs: str | None = None
+    pairs: list[str] | None = None  # the verification sets of the final evaluation; None: verification_sets(cfg.data)
     evaluate: bool = True
     resume: bool = False
     fresh_head: bool = False  # SH-KD's official final stage: a fresh student head (see run_sh_kd)
@@ -60,34 +60,64 @@ def describe_weights(weights: LossWeights) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in terms.items())
 
 
+def verification_sets(data: str, pairs: str | None) -> list[str]:
+    """The pair sets a face run's final evaluation reads, each checked (``check_pairs``) so that a missing or broken
+    file stops the run before it trains, not after.
+
+    ``pairs`` when given; else the held-out pairs of synthetic ``data``; else, as arcface_torch evaluates, every
+    ``.bin`` set beside the data (lfw, cfp_fp, agedb_30, ...). Empty when there are none.
+    """
+    if pairs:
+        specs = [pairs]
+    elif resolve_data(data).kind == "synthetic":
+        specs = [data]
+    else:
+        specs = [str(path) for path in bin_files_beside(data)]
+    for spec in specs:
+        check_pairs(spec)
+    return specs
+
+
 def evaluate_pair(
-    named: dict[str, Path], cfg: TrainConfig, pairs: str | None, combined: float | None = None
+    named: dict[str, Path], cfg: TrainConfig, pairs: list[str], combined: float | None = None
 ) -> tuple[list[dict], dict]:
-    """One result row per checkpoint (verification on face heads, top-1 on linear heads) and the ROC curves.
+    """Result rows per checkpoint (verification on face heads, one row per pair set of ``pairs`` and checkpoint;
+    top-1 on linear heads) and the ROC curves.
 
     ``combined``: α of the TH-KD paper's combined prediction p′ = (1 − α)·p_s + α·p_th; on linear heads the student
     then gets a second row, ``student p′``, read through the teacher's head (``named["teacher"]``).
     """
-    rows, curves = [], {}
-    face = cfg.head != "linear"
-    pair_set = create_pairs(pairs or cfg.data, image_size=cfg.image_size) if face else None
-    test_set = None if face else create_dataset(cfg.data, split="test", image_size=cfg.image_size)
     bundles = {role: load_bundle(path) for role, path in named.items()}
+    if cfg.head != "linear":
+        return _verify(bundles, cfg, pairs)
+    rows = []
+    test_set = create_dataset(cfg.data, split="test", image_size=cfg.image_size)
     for role, bundle in bundles.items():
         row = {"role": role, "model": bundle.cfg.name, "params": parameter_count(bundle.backbone)}
-        if face:
-            result = verify_bundle(bundle, pair_set, device=cfg.device)
-            curves[f"{role} ({bundle.cfg.name})"] = result.pop("roc")
-            row["acc"] = result["accuracy"]
-            for far in REPORT_FARS:
-                row[f"tar@{far:g}"] = result["tar_at_far"].get(str(far), float("nan"))
-            rows.append(row)
-            continue
         shared = bundles["teacher"].head if role == "student" and combined is not None else None
         result = classify_bundle(bundle, test_set, device=cfg.device, shared_head=shared, alpha=combined or 0.0)
         rows.append({**row, "top1": result["top1"]})
         if "top1_p′" in result:
             rows.append({**row, "role": "student p′", "top1": result["top1_p′"]})
+    return rows, {}
+
+
+def _verify(bundles: dict, cfg: TrainConfig, pairs: list[str]) -> tuple[list[dict], dict]:
+    """Verification rows, pair set by pair set (one in memory at a time), and ROC curves named by set and role."""
+    rows, curves = [], {}
+    size = cfg.image_size or next(iter(bundles.values())).cfg.input_size[1]  # the size the models were trained at
+    for spec in pairs:
+        pair_set = create_pairs(spec, image_size=size)
+        for role, bundle in bundles.items():
+            result = verify_bundle(bundle, pair_set, device=cfg.device)
+            label = f"{role} ({bundle.cfg.name})"
+            curves[f"{pair_set.name}: {label}" if len(pairs) > 1 else label] = result.pop("roc")
+            row = {"pairs": pair_set.name, "role": role, "model": bundle.cfg.name}
+            row["params"] = parameter_count(bundle.backbone)
+            row["acc"] = result["accuracy"]
+            for far in REPORT_FARS:
+                row[f"tar@{far:g}"] = result["tar_at_far"].get(str(far), float("nan"))
+            rows.append(row)
     return rows, curves
 
 
@@ -127,12 +157,16 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     """
     started = time.perf_counter()
     dataset = dataset if dataset is not None else training_dataset(job.cfg)
+    face = job.cfg.head != "linear"
+    if job.evaluate and face and job.pairs is None:
+        job = replace(job, pairs=verification_sets(job.cfg.data, None))
+    evaluates = job.evaluate and (bool(job.pairs) or not face)  # a face run without pair sets has nothing to verify
     teacher_path = _teacher(job, dataset, log)
     # Under torchrun each rank reads only its class shard of the frozen teacher's head from the file.
     lazy = current_world().distributed
     teacher = load_bundle(teacher_path, lazy_head=lazy) if teacher_path and job.method != "sh-kd" else None
     log(f"distilling {job.cfg.model} with {job.method}: {describe_weights(job.weights)}")
-    wants_vanilla = job.evaluate and job.vanilla_baseline and job.method != "vanilla"
+    wants_vanilla = evaluates and job.vanilla_baseline and job.method != "vanilla"
     vanilla = temporary = None
     if job.method == "sh-kd":
         if wants_vanilla:  # SH-KD's I0 is this student (labels only, the same settings, seed and data): trained once
@@ -163,7 +197,7 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
         "config": job.cfg.to_dict(),
     }
     report["plots"] = {"loss": str(_plot_losses(job, teacher_path, student_path, temporary))}
-    if job.evaluate:
+    if evaluates:
         named = {"teacher": Path(teacher_path)} if teacher_path else {}
         if vanilla is not None:
             named["vanilla"] = vanilla
@@ -195,7 +229,7 @@ def results_table(report: dict) -> str:
     rows = report.get("results", [])
     if not rows:
         return ""
-    metrics = [k for k in rows[0] if k not in ("role", "model", "params")]
+    metrics = [k for k in rows[0] if k not in ("pairs", "role", "model", "params")]
     names = {
         "vanilla": "vanilla student",
         "student": f"{report['method']} student",
@@ -210,6 +244,9 @@ def results_table(report: dict) -> str:
         }
         for row in rows
     ]
-    columns = [("role", "role"), ("model", "model"), ("params", "params")]
+    sets = {row["pairs"] for row in rows if "pairs" in row}
+    columns = [("pairs", "pairs")] if len(sets) > 1 else []  # a column only when the rows differ in it
+    columns += [("role", "role"), ("model", "model"), ("params", "params")]
     columns += [(k, f"{k} %") for k in metrics]
-    return format_table(shown, columns)
+    table = format_table(shown, columns)
+    return f"verification on {sets.pop()}\n{table}" if len(sets) == 1 else table

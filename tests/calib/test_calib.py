@@ -123,3 +123,68 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_onnx):
     redo = calibrate(model, data, "minmax", cache_dir=cache)
     assert not redo.hit and json.loads(redo.path.read_text())
     assert calibrate(model, data, "minmax", cache_dir=cache).hit
+
+
+def _ranges(result) -> dict:
+    data = json.loads(result.path.read_text())["data"]
+    return {name: _range(result, name) for name in data}
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+@pytest.mark.parametrize("count", [30, 130])
+def test_any_calibration_count_gives_the_ranges_of_one_batch(tmp_path, method, count):
+    """ORT's histogram calibrators stacked the batches' outputs and failed on a short last batch; the ranges of any
+    count must be those of the whole set run as one batch."""
+    model = _identity_conv_model(side=8)
+    images = np.random.default_rng(count).normal(0.0, 1.0, size=(count, 2, 8, 8))
+    calib_set = _set(images)
+    got = _ranges(calibrate(model, calib_set, method, cache_dir=tmp_path / "batched"))
+    whole = _ranges(calibrate(model, calib_set, method, cache_dir=tmp_path / "whole", batch_size=count))
+    assert got == whole
+    if method == "minmax":
+        assert max(abs(v) for v in got["input"]) == pytest.approx(np.abs(images).max())
+
+
+def _pack_faces(root, size=32):
+    from PIL import Image
+
+    from edgekd.data.recordio import pack_image_folder
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = root / "faces" / f"id{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    pack_image_folder(root / "faces", root / "rec")
+    return root / "rec"
+
+
+def test_calibration_reads_recordio_in_every_spelling_data_takes(tmp_path, tiny_onnx):
+    from edgekd.data import create_dataset
+    from edgekd.data.transforms import normalize
+
+    _, cfg = tiny_onnx
+    folder = _pack_faces(tmp_path)
+    dataset = create_dataset(str(folder))  # what `--data FOLDER` trains on
+    expected = normalize(torch.stack([dataset[i][0] for i in range(len(dataset))]), cfg.mean, cfg.std).numpy()
+    for spec in (str(folder), f"rec:{folder}", str(folder / "train.rec"), f"rec:{folder / 'train.rec'}"):
+        got = build_calibration_set(spec, cfg, num_images=len(dataset))  # all of them: drawn in index order
+        np.testing.assert_array_equal(got.images, expected, err_msg=spec)
+
+
+def test_unreadable_calibration_images_are_one_line_or_left_out_with_skip_bad(tmp_path, tiny_onnx):
+    from edgekd.errors import DataError
+
+    _, cfg = tiny_onnx
+    folder = _pack_faces(tmp_path).parent / "faces"
+    (folder / "id1" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError) as err:
+        build_calibration_set(str(folder), cfg, num_images=13)
+    message = str(err.value)
+    assert "broken.jpg" in message and "--skip-bad" in message and "skip_bad=True" not in message, message
+    # 13 asked, 13 files, one unreadable: the 12 readable ones; 5 asked: 5, whichever were drawn
+    every = build_calibration_set(str(folder), cfg, num_images=13, skip_bad=True)
+    assert len(every) == 12 and len(every.skipped) == 1 and "broken.jpg" in every.skipped[0]
+    for seed in range(4):
+        some = build_calibration_set(str(folder), cfg, num_images=5, seed=seed, skip_bad=True)
+        assert len(some) == 5 and len(some.skipped) <= 1

@@ -201,3 +201,56 @@ def test_sh_kd_with_the_vanilla_baseline_trains_the_vanilla_student_once_as_its_
     report = json.loads((out / "results.json").read_text())
     assert [row["role"] for row in report["results"]] == ["teacher", "vanilla", "student"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _pairs_bin(path, size=16):
+    from edgekd.data.verification_bin import write_bin
+
+    images = torch.randint(0, 256, (40, 3, size, size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    return write_bin(path, images, [i % 2 == 0 for i in range(20)])
+
+
+def test_settings_store_absolute_paths_so_a_run_resumes_from_any_directory(tmp_path, run_cli, monkeypatch):
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _image_folder(start / "faces", per_class=4)
+    _pairs_bin(start / "lfw.bin")
+    monkeypatch.chdir(start)
+    fast = ["--model", "r_tiny", "--batch-size", "8", "--device", "cpu", "--no-compile", "--workers", "0"]
+    assert run_cli(["teacher", "--data", "faces", *fast, "--steps", "1", "--out", "teacher"])[0] == 0
+    argv = ["distill", "--data", "faces", "--teacher", "teacher/teacher.safetensors", "--pairs", "lfw.bin",
+            "--method", "kd", *fast, "--steps", "2", "--stop-after", "1", "--out", "run"]  # fmt: skip
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    saved = settings_of(start / "run")
+    for key, path in (("data", "faces"), ("teacher", "teacher/teacher.safetensors"), ("pairs", "lfw.bin")):
+        assert saved[key] == str(start / path), (key, saved[key])
+    assert settings_of(start / "teacher")["data"] == str(start / "faces")
+
+    # A scheduler starts the job in another folder: the saved paths still name the run's files.
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(["distill", "--out", str(start / "run"), "--resume"])
+    assert code == 0, err
+    assert (start / "run" / "student" / "student.safetensors").is_file()
+    code, text, _ = run_cli(["distill", "--help"])
+    assert "absolute" in " ".join(text.split())
+
+
+def test_an_old_settings_file_with_relative_paths_resumes_from_its_own_directory(tmp_path, run_cli, monkeypatch):
+    """settings.json files written before paths were stored absolute keep working where they were started."""
+    _image_folder(tmp_path / "faces", per_class=4)
+    monkeypatch.chdir(tmp_path)
+    argv = ["distill", "--data", "faces", "--model", "r_tiny", "--method", "vanilla", "--batch-size", "8",
+            "--device", "cpu", "--no-compile", "--workers", "0", "--steps", "2", "--stop-after", "1", "--no-eval",
+            "--out", "run"]  # fmt: skip
+    assert run_cli(argv)[0] == 0
+    path = tmp_path / "run" / "settings.json"
+    old = json.loads(path.read_text())
+    old["settings"].update(data="faces", out="run")  # as an older edgekd wrote them: as typed
+    path.write_text(json.dumps(old))
+    # The same data named again on the command line, relative or absolute, is the same data: not a change.
+    code, _, err = run_cli(["distill", "--out", "run", "--resume", "--data", "faces", "--stop-after", "1"])
+    assert code == 0, err
+    code, _, err = run_cli(["distill", "--out", "run", "--resume", "--data", str(tmp_path / "faces")])
+    assert code == 0, err
+    assert (tmp_path / "run" / "student" / "student.safetensors").is_file()
