@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from edgekd.data.synthetic import SyntheticIdentities
 from edgekd.distill.pipeline import build_trainee
+from edgekd.distributed.launch import current_world
 from edgekd.heads import create_head
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
@@ -76,7 +77,7 @@ def _run(args, classes: int, work: Path) -> None:
     head = create_head(cfg.head, teacher.backbone.embed_dim, data.num_classes, s=cfg.scale).freeze()
     frozen = Teacher(teacher.backbone.eval(), head).with_cache(data, work / "cache", torch.device("cpu"))
     student = build_trainee(cfg, data, embed_dim=teacher.backbone.embed_dim)
-    fit(student, cfg, DISTILL, data, work / f"run_{args.world}_{classes}", teacher=frozen)
+    fit(student, cfg, DISTILL, data, work / f"run_{args.world}_{classes}", teacher=frozen, world=current_world())
 
 
 def _rank(rank: int, args, classes: int, work: str) -> None:

@@ -55,7 +55,7 @@ from edgekd.bundle import Bundle
 from edgekd.heads import create_head
 from edgekd.losses import LossWeights
 from edgekd.models import create_model
-from edgekd.train.loop import make_loss_fn
+from edgekd.train.trainer import make_loss_fn
 torch.manual_seed(0)
 backbone = create_model("mbf", input_size=32)
 student = Bundle(backbone=backbone, head=create_head("arcface", backbone.embed_dim, 200, s=16.0, m=0.3))

@@ -46,8 +46,13 @@ SWEEPS: dict[str, Sweep] = {
     sweep.name: sweep
     for sweep in (
         Sweep("chunked", "edgekd.kernels.chunked", "edgekd.kernels.chunked", "shared_head_loss_chunked"),
-        Sweep("triton", "edgekd.kernels.shared_head", "edgekd.kernels.shared_head_op", "shared_head_loss_triton",
-              requires="triton"),  # fmt: skip
+        Sweep(
+            "triton",
+            "edgekd.kernels.shared_head",
+            "edgekd.kernels.shared_head_op",
+            "shared_head_loss_triton",
+            requires="triton",
+        ),  # fmt: skip
     )
 }
 

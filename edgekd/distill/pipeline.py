@@ -94,7 +94,8 @@ def train_teacher(
                 f"{student_head.embed_dim}; build the teacher with the student's embed_dim"
             )
         trainee.head = _head_copy(student_head).freeze()
-    result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher")
+    result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher",
+                 world=current_world())  # fmt: skip
     return _finish(
         trainee,
         result,
@@ -234,7 +235,8 @@ def distill_student(
     frozen = None
     if teacher is not None:
         frozen = frozen_teacher(teacher, student, dataset, cfg, weights, shared_head)
-    result = fit(student, cfg, weights, dataset, run_dir, teacher=frozen, resume=resume, desc=method or "student")
+    result = fit(student, cfg, weights, dataset, run_dir, teacher=frozen, resume=resume, desc=method or "student",
+                 world=current_world())  # fmt: skip
     return _finish(
         student,
         result,

@@ -74,6 +74,10 @@ class World:
             raise EdgekdError(f"{ranks} of {self.size} cannot see {path}, which rank 0 sees; {advice}")
 
 
+# This process alone: what code that is not given a world runs in.
+ONE_PROCESS = World()
+
+
 def launched() -> bool:
     """Whether torchrun (or an equivalent launcher) started this process as a rank of a larger world."""
     return all(name in os.environ for name in TORCHRUN_ENV[:3]) and int(os.environ["WORLD_SIZE"]) > 1

@@ -11,7 +11,6 @@ the run is the one-process run up to floating-point rounding. Rank 0 alone logs 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -25,16 +24,13 @@ import torch
 from edgekd.atomic import atomic_path
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize_and_flip
-from edgekd.distributed.launch import World, current_world
+from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
-from edgekd.losses import LossWeights, resolve_backend
-from edgekd.losses.shared_head import head_loss_fn
+from edgekd.losses import LossWeights
 from edgekd.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
-    load_checkpoint,
     remove_run_debris,
-    save_checkpoint,
 )
 from edgekd.train.config import TrainConfig
 from edgekd.train.optim import build_optimizer, lr_factor, set_lr
@@ -42,6 +38,7 @@ from edgekd.train.order import OrderSampler, StepOrder
 from edgekd.train.readback import Readback
 from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
+from edgekd.train.trainer import LocalTrainee, Trainer
 from edgekd.utils.device import move_module, resolve_device
 from edgekd.utils.progress import progress
 
@@ -59,18 +56,6 @@ def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
-def make_loss_fn(trainee: Bundle, teacher: Teacher | None, weights: LossWeights, backend: str):
-    """``loss_fn(x, labels, z_t) -> (total, terms)`` over the trainee's modules; this is what gets compiled."""
-    backbone = trainee.backbone
-    backend = resolve_backend(backend, next(backbone.parameters()).device)
-    head_loss = head_loss_fn(trainee.head, teacher.head if teacher is not None else None, weights, backend)
-
-    def loss_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
-        return head_loss(backbone(x), labels, z_t)
-
-    return loss_fn
-
-
 def _trim_metrics(path: Path, step: int) -> None:
     # Lines logged after the checkpoint we resume from describe lost work: drop them so the log reads as one run.
     # A line cut short by a kill is dropped too; the rewrite is atomic, so a second kill cannot lose the log.
@@ -84,47 +69,6 @@ def _trim_metrics(path: Path, step: int) -> None:
                 continue
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
-
-
-class LocalTrainee:
-    """What ``fit`` trains in one process: the trainee's own modules (``ShardedTrainee`` is the torchrun form)."""
-
-    def __init__(self, trainee: Bundle, teacher: Teacher | None, compile: bool) -> None:
-        self.trainee, self.teacher, self.compile = trainee, teacher, compile
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in (self.trainee.backbone, self.trainee.head) if m is not None for p in m.parameters()]
-
-    def step_fn(self, weights: LossWeights, backend: str):
-        """The (compiled) ``loss_fn(x, labels, z_t) -> (total, terms)`` of ``make_loss_fn``."""
-        loss_fn = make_loss_fn(self.trainee, self.teacher, weights, backend)
-        return torch.compile(loss_fn) if self.compile else loss_fn
-
-    def reduce(
-        self, terms: dict, total: torch.Tensor, weights: LossWeights
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return total.detach(), {name: value.detach() for name, value in terms.items()}
-
-    def agree(self, stop: bool) -> bool:
-        return stop
-
-    def clip(self, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], max_norm)
-
-    def images_per_step(self, local: int) -> int:
-        return local
-
-    def save(self, run_dir: Path, step: int, optimizer, extra: dict, keep: int) -> Path:
-        return save_checkpoint(run_dir, step, self.trainee, optimizer, extra, keep=keep)
-
-    def load(self, path: Path, optimizer) -> dict:
-        return load_checkpoint(path, self.trainee, optimizer)
-
-    def finish(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _ensure_checkpoint(run_dir: Path, done: int, trainer, optimizer, cfg: TrainConfig, world: World) -> Path:
@@ -215,122 +159,145 @@ def fit(
     teacher: Teacher | None = None,
     resume: bool = False,
     desc: str = "train",
+    world: World = ONE_PROCESS,
 ) -> FitResult:
     """Train ``trainee`` (its parameters that require grad) on ``dataset`` with ``weights``; see module doc.
 
     ``teacher`` is what a student learns from (None: the labels alone); ``fit`` puts it on the device and asks it for
-    ``z_t`` each step.
+    ``z_t`` each step. ``world``: the processes that train together (``edgekd.distributed.start_world``); the default
+    is this process alone.
 
     SIGINT or SIGTERM during the run saves a checkpoint at the next step boundary and raises
     ``TrainingInterrupted`` (see ``StopSignals``).
     """
-    with StopSignals() as signals:
-        return _fit(trainee, cfg, weights, dataset, Path(run_dir), teacher, resume, desc, signals)
+    with StopSignals() as signals, _Training(trainee, cfg, weights, dataset, Path(run_dir), teacher, world) as run:
+        start = run.start_step(resume)
+        if start >= run.total_steps:
+            run.trainer.finish()
+            return FitResult(start, run.total_steps, {}, stopped=False)
+        return run.train(start, desc, signals)
 
 
-def _fit(
-    trainee: Bundle,
-    cfg: TrainConfig,
-    weights: LossWeights,
-    dataset,
-    run_dir: Path,
-    teacher: Teacher | None,
-    resume: bool,
-    desc: str,
-    signals: StopSignals,
-) -> FitResult:
-    device = resolve_device(cfg.device)
-    world = current_world()
-    order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip, world.rank, world.size)
-    modules = [m for m in (trainee.backbone, trainee.head) if m is not None]
-    for module in modules:
-        move_module(module, device).train()
-    if teacher is not None:
-        teacher.to(device)
-    if world.distributed:
-        trainer = ShardedTrainee(trainee, teacher, world, device, compile="inductor" if cfg.compile else None)
-    else:
-        trainer = LocalTrainee(trainee, teacher, cfg.compile)
-    with contextlib.closing(trainer):  # ShardedTrainee.close gives the trainee its own BatchNorm layers back
-        total_steps = total_steps_of(cfg, order.steps_per_epoch)
-        optimizer = build_optimizer(trainer.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+class _Training:
+    """One ``fit``: the trainee on its device in the ``Trainer`` of its world, the optimizer and the data order.
 
-        start = 0
+    A context manager: on exit ``ShardedTrainee.close`` gives the trainee its own BatchNorm layers back.
+    """
+
+    def __init__(self, trainee, cfg: TrainConfig, weights, dataset, run_dir: Path, teacher, world: World) -> None:
+        self.trainee, self.cfg, self.weights, self.dataset = trainee, cfg, weights, dataset
+        self.run_dir, self.teacher, self.world = run_dir, teacher, world
+        self.device = resolve_device(cfg.device)
+        self.order = StepOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.flip, world.rank, world.size)
+        for module in (m for m in (trainee.backbone, trainee.head) if m is not None):
+            move_module(module, self.device).train()
+        if teacher is not None:
+            teacher.to(self.device)
+        self.trainer: Trainer = (
+            ShardedTrainee(trainee, teacher, world, self.device, compile="inductor" if cfg.compile else None)
+            if world.distributed
+            else LocalTrainee(trainee, teacher, cfg.compile)
+        )
+        self.total_steps = total_steps_of(cfg, self.order.steps_per_epoch)
+        self.optimizer = build_optimizer(self.trainer.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+
+    def __enter__(self) -> _Training:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.trainer.close()
+
+    def start_step(self, resume: bool) -> int:
+        """The step to start from: the latest checkpoint's (loaded) with ``resume``, else 0 in a folder without any."""
+        run_dir, world = self.run_dir, self.world
         checkpoint = _latest_checkpoint(run_dir, world)
         if checkpoint is not None and not resume:
             raise EdgekdError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose a new --out")
         if world.is_main:
             remove_run_debris(run_dir)  # what a killed earlier run left half-written; only this run uses the folder now
         world.barrier()
-        if checkpoint is not None:
-            start = trainer.load(checkpoint, optimizer)["step"]
-            if world.is_main:
-                _trim_metrics(run_dir / "metrics.jsonl", start)
-        if start >= total_steps:
-            trainer.finish()
-            return FitResult(start, total_steps, {}, stopped=False)
+        if checkpoint is None:
+            return 0
+        start = self.trainer.load(checkpoint, self.optimizer)["step"]
+        if world.is_main:
+            _trim_metrics(run_dir / "metrics.jsonl", start)
+        return start
 
-        step_fn = trainer.step_fn(weights, cfg.loss_backend)
-        mean, std = trainee.cfg.mean, trainee.cfg.std
-        stop = total_steps if cfg.stop_after is None else min(total_steps, start + cfg.stop_after)
+    def train(self, start: int, desc: str, signals: StopSignals) -> FitResult:
+        """Steps ``start`` to the end of the run (or ``cfg.stop_after`` of them), checkpointing on the way."""
+        cfg, world, trainer = self.cfg, self.world, self.trainer
+        step_fn = trainer.step_fn(self.weights, cfg.loss_backend)
+        stop = self.total_steps if cfg.stop_after is None else min(self.total_steps, start + cfg.stop_after)
         loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=OrderSampler(order, start, stop),
+            self.dataset,
+            batch_sampler=OrderSampler(self.order, start, stop),
             num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=self.device.type == "cuda",
         )
-        metrics_path = run_dir / "metrics.jsonl"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        bar = progress(total=total_steps, initial=start, desc=desc, unit="step", disable=not world.is_main)
-        last: dict = {}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        bar = progress(total=self.total_steps, initial=start, desc=desc, unit="step", disable=not world.is_main)
+        log = _StepLog(self.run_dir / "metrics.jsonl", bar, world.is_main)
+        watch = _LossWatch(self.run_dir, world)
         stopping = False
-        watch = _LossWatch(run_dir, world)
-        tic, seen = time.perf_counter(), 0
         for step, (images, labels) in enumerate(loader, start=start):
-            indices, flips = order.batch(step)
-            images = images.to(device, non_blocking=True)
-            x = normalize_and_flip(images, mean, std, flips)
-            labels = labels.to(device)
-            z_t = teacher.embed(images, indices, flips) if teacher is not None else None
-            lr = set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, cfg.warmup_steps, cfg.lr_power))
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                total, terms = step_fn(x, labels, z_t)
-            # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
-            # Both stay on the device: the host reads them a step later (_LossWatch) or when it logs.
-            loss, terms = trainer.reduce(terms, total, weights)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.clip_grad > 0:
-                trainer.clip(cfg.clip_grad)
-            optimizer.step()
+            loss, terms, lr = self._step(step_fn, step, images, labels)
             watch.push(step, loss)
-            seen += trainer.images_per_step(len(labels))
             done = step + 1
-            if world.is_main and (done % cfg.log_every == 0 or done == stop):
-                loss = float(loss)
-                rate = seen / max(time.perf_counter() - tic, 1e-9)
-                last = {
-                    "step": done,
-                    "loss": loss,
-                    "lr": lr,
-                    "images_per_s": round(rate, 1),
-                    **{k: float(v) for k, v in terms.items()},
-                }
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
-                tic, seen = time.perf_counter(), 0
-            bar.update(1)
+            log.step(done, trainer.images_per_step(len(labels)), loss, lr, terms, last=done == stop,
+                     every=cfg.log_every)  # fmt: skip
             if done % cfg.checkpoint_every == 0 or done == stop:
                 watch.check()  # this step's loss, before its weights are written
-                trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
+                trainer.save(self.run_dir, done, self.optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
             stopping = trainer.agree(signals.received is not None)
             if stopping:
                 break  # leaving the loop here also shuts the data loader's workers down
         bar.close()
         watch.check()
         if stopping:
-            saved = _ensure_checkpoint(run_dir, done, trainer, optimizer, cfg, world)
+            saved = _ensure_checkpoint(self.run_dir, done, trainer, self.optimizer, cfg, world)
             raise TrainingInterrupted(signals.received or signal.SIGTERM, done, saved)
         trainer.finish()
-        return FitResult(stop, total_steps, last, stopped=stop < total_steps)
+        return FitResult(stop, self.total_steps, log.last, stopped=stop < self.total_steps)
+
+    def _step(self, step_fn, step: int, images: torch.Tensor, labels: torch.Tensor):
+        """One optimizer step; ``(loss, terms, lr)`` with the loss and terms still on the device."""
+        cfg, device, trainer, optimizer = self.cfg, self.device, self.trainer, self.optimizer
+        indices, flips = self.order.batch(step)
+        images = images.to(device, non_blocking=True)
+        x = normalize_and_flip(images, self.trainee.cfg.mean, self.trainee.cfg.std, flips)
+        labels = labels.to(device)
+        z_t = self.teacher.embed(images, indices, flips) if self.teacher is not None else None
+        lr = set_lr(optimizer, cfg.lr, lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.lr_power))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            total, terms = step_fn(x, labels, z_t)
+        # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
+        # Both stay on the device: the host reads them a step later (_LossWatch) or when it logs.
+        loss, terms = trainer.reduce(terms, total, self.weights)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.clip_grad > 0:
+            trainer.clip(cfg.clip_grad)
+        optimizer.step()
+        return loss, terms, lr
+
+
+class _StepLog:
+    """metrics.jsonl and the progress bar's figures, every ``every`` steps and at the last (rank 0 alone)."""
+
+    def __init__(self, path: Path, bar, active: bool) -> None:
+        self.path, self.bar, self.active = path, bar, active
+        self.last: dict = {}
+        self.tic, self.seen = time.perf_counter(), 0
+
+    def step(self, done: int, images: int, loss: torch.Tensor, lr: float, terms: dict, last: bool, every: int) -> None:
+        self.seen += images
+        if self.active and (done % every == 0 or last):
+            loss = float(loss)
+            rate = self.seen / max(time.perf_counter() - self.tic, 1e-9)
+            self.last = {"step": done, "loss": loss, "lr": lr, "images_per_s": round(rate, 1),
+                         **{k: float(v) for k, v in terms.items()}}  # fmt: skip
+            with open(self.path, "a") as f:
+                f.write(json.dumps(self.last) + "\n")
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+            self.tic, self.seen = time.perf_counter(), 0
+        self.bar.update(1)

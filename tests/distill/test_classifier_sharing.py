@@ -12,8 +12,8 @@ from edgekd.errors import EdgekdError
 from edgekd.heads.margin import margin_logits
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
-from edgekd.train.loop import make_loss_fn
 from edgekd.train.teacher import Teacher
+from edgekd.train.trainer import make_loss_fn
 
 CFG = TrainConfig(model="mbf_tiny", batch_size=16, steps=2, compile=False, device="cpu", log_every=1, seed=3)
 TH_ONLY = LossWeights(ce=0.0, th_ce=1.0, th_kd=1.0, T=4.0, T_th=4.0)

@@ -55,7 +55,8 @@ def _fit(run_dir: Path, resume: bool = False, stop_after: int | None = None):
 
     torch.manual_seed(0)
     student = build_trainee(CFG, _data())
-    result = fit(student, replace(CFG, stop_after=stop_after), LossWeights(), _data(), run_dir, resume=resume)
+    result = fit(student, replace(CFG, stop_after=stop_after), LossWeights(), _data(), run_dir, resume=resume,
+                 world=current_world())
     return result, torch.cat([p.detach().flatten() for p in student.backbone.parameters()])
 
 

@@ -59,6 +59,7 @@ from edgekd.train.order import StepOrder
 from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
 from edgekd.train.teacher_cache import build_teacher_cache
+from edgekd.train.trainer import LocalTrainee
 
 WORLD = 2
 CFG = TrainConfig(
@@ -99,7 +100,8 @@ def _fit_float64(run_dir: Path, dataset=None) -> dict[str, torch.Tensor]:
     with pytest.MonkeyPatch.context() as monkeypatch:
         _float64(monkeypatch)
         student, teacher = _models(_data())
-        fit(student, CFG, WEIGHTS, dataset if dataset is not None else _data(), run_dir, teacher=teacher)
+        fit(student, CFG, WEIGHTS, dataset if dataset is not None else _data(), run_dir, teacher=teacher,
+            world=current_world())  # fmt: skip
     if current_world().is_main:
         return bundle_state_dict(student)
     assert student.head.weight.is_meta
@@ -259,7 +261,7 @@ def _timm_families_train_as_one_process(world, errors: dict) -> None:
     for arch in TIMM_FAMILIES:
         one = _student_of(arch)
         z_one = one.backbone(x_all)
-        local = loop.LocalTrainee(_student_of(arch), None, compile=False)
+        local = LocalTrainee(_student_of(arch), None, compile=False)
         total_one, _ = local.step_fn(weights, "chunked")(x_all, labels_all, None)
         total_one.backward()
         grads_one = {name: p.grad for name, p in local.trainee.backbone.named_parameters()}

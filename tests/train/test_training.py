@@ -13,9 +13,10 @@ from edgekd.heads import create_head
 from edgekd.losses import LossWeights
 from edgekd.train.checkpoint import latest_checkpoint, load_checkpoint
 from edgekd.train.config import TrainConfig
-from edgekd.train.loop import fit, make_loss_fn
+from edgekd.train.loop import fit
 from edgekd.train.optim import build_optimizer
 from edgekd.train.teacher import Teacher
+from edgekd.train.trainer import make_loss_fn
 
 CFG = TrainConfig(
     model="mbf_tiny",
