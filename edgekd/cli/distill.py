@@ -162,7 +162,7 @@ def command(**kwargs) -> None:
         )
     if world.is_main:
         save_settings(out, "distill", values, SETTINGS)
-    report = run_distill(job, dataset, log=echo)
+    report = run_distill(job, world, dataset, log=echo)
     if not report:
         return
     if report.get("results"):

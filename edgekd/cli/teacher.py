@@ -83,7 +83,7 @@ def command(**kwargs) -> None:
     if world.is_main:
         click.echo(describe_settings(values, SETTINGS))
         save_settings(out, "teacher", values, SETTINGS)
-    path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init)
+    path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init, world=world)
     if not world.is_main:
         return
     if path is None:

@@ -14,7 +14,7 @@ import torch
 
 from edgekd.bundle import Bundle, assign_state, load_bundle, save_bundle
 from edgekd.data import create_dataset
-from edgekd.distributed.launch import current_world
+from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.errors import EdgekdError
 from edgekd.heads import ClassHead, HeadSpec, create_head
 from edgekd.losses import LossWeights
@@ -38,11 +38,12 @@ def training_dataset(cfg: TrainConfig):
     return dataset
 
 
-def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bundle:
+def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None, world: World = ONE_PROCESS) -> Bundle:
     """A fresh backbone + head for ``dataset``, seeded by ``cfg.seed``.
 
-    Under torchrun the head stays on the meta device: ``fit`` gives each rank its class shard's rows of it (the
-    values one process would have), and the whole head exists only once training has finished.
+    In a world of several ranks the head stays on the meta device (``World.head_device``): ``fit`` gives each rank
+    its class shard's rows of it (the values one process would have), and the whole head exists only once training
+    has finished.
     """
     torch.manual_seed(cfg.seed)
     kwargs = {
@@ -52,18 +53,18 @@ def build_trainee(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> Bu
         **cfg.model_kwargs,
     }
     backbone = create_model(cfg.model, **kwargs)
-    device = "meta" if current_world().distributed else None
-    head = create_head(cfg.head, backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin, device=device)
+    head = create_head(
+        cfg.head, backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin, device=world.head_device
+    )
     return Bundle(backbone=backbone, head=head)
 
 
-def _finish(trainee: Bundle, result, run_dir: Path, final: Path, meta: dict) -> Path | None:
+def _finish(trainee: Bundle, result, run_dir: Path, final: Path, meta: dict, world: World) -> Path | None:
     """Save the final bundle unless the run stopped early (``stop_after``); under torchrun rank 0 writes it (its
     trainee alone holds the whole trained head by then) and the others wait until it is in place."""
     if result.stopped:
         return None
     trainee.meta.update(meta)
-    world = current_world()
     if world.is_main:
         save_bundle(final, trainee)
     world.barrier()
@@ -77,13 +78,14 @@ def train_teacher(
     student_head: ClassHead | None = None,
     resume: bool = False,
     init: Bundle | None = None,
+    world: World = ONE_PROCESS,
 ) -> Path | None:
     """Train a teacher with CE on its own head, or (SH-KD I1) on ``student_head`` frozen; returns its file."""
     final = run_dir / "teacher.safetensors"
     if final.is_file():
         return final
     embed_dim = student_head.embed_dim if student_head is not None else None
-    trainee = init if init is not None else build_trainee(cfg, dataset, embed_dim=embed_dim)
+    trainee = init if init is not None else build_trainee(cfg, dataset, embed_dim=embed_dim, world=world)
     if trainee.head is None:
         # A plain arcface_torch backbone (model.pt) comes without its Partial FC head: train a new one on this data.
         trainee.head = create_head(cfg.head, trainee.backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin)
@@ -94,15 +96,9 @@ def train_teacher(
                 f"{student_head.embed_dim}; build the teacher with the student's embed_dim"
             )
         trainee.head = _head_copy(student_head).freeze()
-    result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher",
-                 world=current_world())  # fmt: skip
-    return _finish(
-        trainee,
-        result,
-        run_dir,
-        final,
-        {"role": "teacher", "data": dataset.fingerprint, "student_aware": student_head is not None},
-    )
+    result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher", world=world)
+    meta = {"role": "teacher", "data": dataset.fingerprint, "student_aware": student_head is not None}
+    return _finish(trainee, result, run_dir, final, meta, world)
 
 
 def _head_copy(head: ClassHead) -> ClassHead:
@@ -112,33 +108,39 @@ def _head_copy(head: ClassHead) -> ClassHead:
     return copy
 
 
-def default_teacher(cfg: TrainConfig, dataset) -> tuple[Path, bool]:
+def default_teacher(cfg: TrainConfig, dataset, world: World = ONE_PROCESS) -> tuple[Path, bool]:
     """The teacher ``edgekd distill`` trains when none is given, cached by (config, data); (file, trained now)."""
-    train = lambda run_dir: train_teacher(cfg, dataset, run_dir, resume=True)  # noqa: E731
-    return _cached_run("teachers", "teacher.safetensors", cfg, dataset, train)
+    train = lambda run_dir: train_teacher(cfg, dataset, run_dir, resume=True, world=world)  # noqa: E731
+    return _cached_run("teachers", "teacher.safetensors", cfg, dataset, train, world)
 
 
-def default_vanilla(cfg: TrainConfig, dataset, embed_dim: int | None = None) -> tuple[Path, bool]:
+def default_vanilla(
+    cfg: TrainConfig, dataset, embed_dim: int | None = None, world: World = ONE_PROCESS
+) -> tuple[Path, bool]:
     """The vanilla student (labels only) ``edgekd distill`` compares its student with: ``cfg`` at ``embed_dim``
     (the distilled student's width), cached like the teacher by (config, data); (file, trained now)."""
     kwargs = {**cfg.model_kwargs, **({"embed_dim": embed_dim} if embed_dim else {})}
     cfg = replace(cfg, model_kwargs=kwargs, stop_after=None)  # stop_after belongs to the distilled student's run
 
     def train(run_dir: Path) -> Path | None:
-        return distill_student(cfg, LossWeights(ce=1.0), dataset, None, run_dir, resume=True, method="vanilla")
+        return distill_student(
+            cfg, LossWeights(ce=1.0), dataset, None, run_dir, resume=True, method="vanilla", world=world
+        )
 
-    return _cached_run("students", "student.safetensors", cfg, dataset, train)
+    return _cached_run("students", "student.safetensors", cfg, dataset, train, world)
 
 
-def _cached_run(kind: str, final: str, cfg: TrainConfig, dataset, train) -> tuple[Path, bool]:
+def _cached_run(kind: str, final: str, cfg: TrainConfig, dataset, train, world: World) -> tuple[Path, bool]:
     # Keyed by the settings that decide what it trains and by the data: a run with other such settings gets its own
     # folder, one that only runs elsewhere or otherwise fast (--no-compile, --device) reuses it. An interrupted
     # training resumes from its checkpoints on the next call. Under torchrun every rank takes rank 0's folder and
     # answer: a data fingerprint reads file sizes and times, which copies on other nodes need not share.
-    world = current_world()
-    key = json_digest({"cfg": cfg.training_settings(), "data": dataset.fingerprint}) if world.is_main else None
-    run_dir = cache_root() / kind / world.broadcast(key)
-    if world.broadcast((run_dir / final).is_file() if world.is_main else None):
+    run_dir = (
+        cache_root()
+        / kind
+        / world.decide(lambda: json_digest({"cfg": cfg.training_settings(), "data": dataset.fingerprint}))
+    )
+    if world.decide((run_dir / final).is_file):
         return run_dir / final, False
     path = train(run_dir)
     if path is None:
@@ -167,6 +169,7 @@ def frozen_teacher(
     cfg: TrainConfig,
     weights: LossWeights,
     shared_head: ClassHead | None = None,
+    world: World = ONE_PROCESS,
 ) -> Teacher:
     """The frozen teacher as the student sees it: the shared head plus cached (``cfg.teacher_cache``) or live
     embeddings; a head of other classes than the data's, another head spec (kind, s, m) than the student's when a
@@ -188,7 +191,7 @@ def frozen_teacher(
         )
     frozen = Teacher(teacher.backbone, head)
     if cfg.teacher_cache:
-        return frozen.with_cache(dataset, cache_root() / "teacher_outputs", resolve_device(cfg.device))
+        return frozen.with_cache(dataset, cache_root() / "teacher_outputs", resolve_device(cfg.device), world)
     return frozen
 
 
@@ -222,6 +225,7 @@ def distill_student(
     method: str = "",
     init_head: ClassHead | None = None,
     shared_head: ClassHead | None = None,
+    world: World = ONE_PROCESS,
 ) -> Path | None:
     """Train a student with ``weights`` from ``teacher`` (None for vanilla); returns its final file."""
     final = run_dir / "student.safetensors"
@@ -229,21 +233,16 @@ def distill_student(
         raise EdgekdError(f"{final} exists already; choose a new --out or pass --resume")
     if final.is_file():
         return final
-    student = build_trainee(cfg, dataset, embed_dim=student_embed_dim(cfg, teacher, weights))
+    student = build_trainee(cfg, dataset, embed_dim=student_embed_dim(cfg, teacher, weights), world=world)
     if init_head is not None:
         student.head = _head_copy(init_head)
     frozen = None
     if teacher is not None:
-        frozen = frozen_teacher(teacher, student, dataset, cfg, weights, shared_head)
+        frozen = frozen_teacher(teacher, student, dataset, cfg, weights, shared_head, world)
     result = fit(student, cfg, weights, dataset, run_dir, teacher=frozen, resume=resume, desc=method or "student",
-                 world=current_world())  # fmt: skip
-    return _finish(
-        student,
-        result,
-        run_dir,
-        final,
-        {"role": "student", "method": method, "data": dataset.fingerprint, "weights": weights.__dict__},
-    )
+                 world=world)  # fmt: skip
+    meta = {"role": "student", "method": method, "data": dataset.fingerprint, "weights": weights.__dict__}
+    return _finish(student, result, run_dir, final, meta, world)
 
 
 def run_sh_kd(
@@ -255,6 +254,7 @@ def run_sh_kd(
     teacher_init: Bundle | None = None,
     fresh_head: bool = False,
     temporary_student: Path | None = None,
+    world: World = ONE_PROCESS,
 ) -> Path | None:
     """SH-KD: I0 temporary student (keeps θ_s) → I1 teacher on frozen θ_s → I2 student distilled from that teacher.
 
@@ -272,14 +272,18 @@ def run_sh_kd(
     i0 = temporary_student
     if i0 is None:
         plain = LossWeights(ce=1.0)
-        i0 = distill_student(student_cfg, plain, dataset, None, stages / "i0", resume=True, method="sh-kd:i0")
+        i0 = distill_student(
+            student_cfg, plain, dataset, None, stages / "i0", resume=True, method="sh-kd:i0", world=world
+        )
     if i0 is None:
         return None
     theta_s = load_bundle(i0).head
-    i1 = train_teacher(teacher_cfg, dataset, stages / "i1", student_head=theta_s, resume=True, init=teacher_init)
+    i1 = train_teacher(
+        teacher_cfg, dataset, stages / "i1", student_head=theta_s, resume=True, init=teacher_init, world=world
+    )
     if i1 is None:
         return None
-    teacher = load_bundle(i1, lazy_head=current_world().distributed)  # frozen: a rank reads its class shard alone
+    teacher = load_bundle(i1, lazy_head=world.reads_shards)  # frozen: a rank reads its class shard alone
     # I2 on the run's own seed: the same initialization and data order as every other method's student (a study
     # pairs SH-KD with them); I0 shares them too, as the plain student it is.
     return distill_student(
@@ -291,5 +295,6 @@ def run_sh_kd(
         resume=True,
         method="sh-kd",
         init_head=None if fresh_head else theta_s,
+        world=world,
         shared_head=teacher.head,
     )

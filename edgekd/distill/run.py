@@ -18,7 +18,7 @@ from edgekd.distill.pipeline import (
     student_embed_dim,
     training_dataset,
 )
-from edgekd.distributed.launch import current_world
+from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, verify_bundle
 from edgekd.eval.roc_plot import plot_roc
 from edgekd.losses import LossWeights
@@ -121,13 +121,13 @@ def _verify(bundles: dict, cfg: TrainConfig, pairs: list[str]) -> tuple[list[dic
     return rows, curves
 
 
-def _teacher(job: DistillJob, dataset, log: Callable[[str], None]) -> str | None:
+def _teacher(job: DistillJob, dataset, log: Callable[[str], None], world: World) -> str | None:
     """The teacher checkpoint: given, or the default one trained here (or found in the cache)."""
     if job.method in ("vanilla", "sh-kd") or job.teacher_path is not None:
         return job.teacher_path
     t = job.teacher_cfg
     length = f"{t.epochs:g} epoch" + ("" if t.epochs == 1 else "s")
-    path, trained = default_teacher(t, dataset)
+    path, trained = default_teacher(t, dataset, world)
     verb = "trained" if trained else "reusing the cached"
     log(f"teacher: {verb} {t.model} ({length}) at {path}")
     return str(path)
@@ -142,18 +142,19 @@ def _combined_alpha(job: DistillJob) -> float | None:
     return w.th_ce / (w.ce + w.th_ce)
 
 
-def _vanilla(job: DistillJob, dataset, teacher, log: Callable[[str], None]) -> Path:
+def _vanilla(job: DistillJob, dataset, teacher, log: Callable[[str], None], world: World) -> Path:
     """The vanilla student at the distilled student's width, trained here or found in the cache."""
     width = student_embed_dim(job.cfg, teacher, job.weights) if teacher is not None else None
-    path, trained = default_vanilla(job.cfg, dataset, embed_dim=width)
+    path, trained = default_vanilla(job.cfg, dataset, embed_dim=width, world=world)
     log(f"vanilla student: {'trained' if trained else 'reusing the cached'} {job.cfg.model} at {path}")
     return path
 
 
-def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = print) -> dict:
+def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: Callable[[str], None] = print) -> dict:
     """Train (or reuse) a teacher, distill the student with the job's method, evaluate both; returns the report.
 
-    Under torchrun every rank trains and rank 0 alone evaluates: the others return an empty report.
+    ``world``: the processes that train together (``edgekd.distributed.start_world``); every rank trains and rank 0
+    alone evaluates: the others return an empty report.
     """
     started = time.perf_counter()
     dataset = dataset if dataset is not None else training_dataset(job.cfg)
@@ -161,33 +162,34 @@ def run_distill(job: DistillJob, dataset=None, log: Callable[[str], None] = prin
     if job.evaluate and face and job.pairs is None:
         job = replace(job, pairs=verification_sets(job.cfg.data, None))
     evaluates = job.evaluate and (bool(job.pairs) or not face)  # a face run without pair sets has nothing to verify
-    teacher_path = _teacher(job, dataset, log)
-    # Under torchrun each rank reads only its class shard of the frozen teacher's head from the file.
-    lazy = current_world().distributed
-    teacher = load_bundle(teacher_path, lazy_head=lazy) if teacher_path and job.method != "sh-kd" else None
+    teacher_path = _teacher(job, dataset, log, world)
+    # In a world of several ranks each reads only its class shard of the frozen teacher's head from the file.
+    read = teacher_path and job.method != "sh-kd"
+    teacher = load_bundle(teacher_path, lazy_head=world.reads_shards) if read else None
     log(f"distilling {job.cfg.model} with {job.method}: {describe_weights(job.weights)}")
     wants_vanilla = evaluates and job.vanilla_baseline and job.method != "vanilla"
     vanilla = temporary = None
     if job.method == "sh-kd":
         if wants_vanilla:  # SH-KD's I0 is this student (labels only, the same settings, seed and data): trained once
-            vanilla = temporary = _vanilla(job, dataset, None, log)
+            vanilla = temporary = _vanilla(job, dataset, None, log, world)
         init = load_bundle(teacher_path) if teacher_path else None
         student_path = run_sh_kd(
             job.cfg, job.teacher_cfg, job.weights, dataset, job.out, teacher_init=init, fresh_head=job.fresh_head,
-            temporary_student=temporary,
+            temporary_student=temporary, world=world,
         )  # fmt: skip
         teacher_path = str(job.out / "sh_kd" / "i1" / "teacher.safetensors")
         temporary = temporary or job.out / "sh_kd" / "i0" / "student.safetensors"
     else:
         student_path = distill_student(
-            job.cfg, job.weights, dataset, teacher, job.out / "student", resume=job.resume, method=job.method
-        )
+            job.cfg, job.weights, dataset, teacher, job.out / "student", resume=job.resume, method=job.method,
+            world=world,
+        )  # fmt: skip
     if student_path is None:
         log(f"stopped after --stop-after steps; continue with `edgekd distill --out {job.out} --resume`")
         return {}
     if wants_vanilla and vanilla is None:
-        vanilla = _vanilla(job, dataset, teacher, log)  # trained by every rank under torchrun, like the student
-    if not current_world().is_main:
+        vanilla = _vanilla(job, dataset, teacher, log, world)  # trained by every rank, like the student
+    if not world.is_main:
         return {}  # rank 0 alone evaluates, plots and writes the report
     report = {
         "method": job.method,

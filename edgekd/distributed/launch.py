@@ -52,6 +52,22 @@ class World:
         if self.group is not None:
             dist.barrier(group=self.group)
 
+    @property
+    def head_device(self) -> str | None:
+        """Where a fresh class head is built: on the meta device in a world of several ranks (each then computes
+        only its class shard's rows, ``HeadShard``), in memory in a world of one."""
+        return "meta" if self.distributed else None
+
+    @property
+    def reads_shards(self) -> bool:
+        """Whether a frozen head is read from its file a class shard at a time (``load_bundle(lazy_head=...)``)."""
+        return self.distributed
+
+    def decide(self, question):
+        """``question()`` as rank 0 answers it, on every rank (called on rank 0 alone): one view of the file system,
+        or of anything ranks may see differently (file times on other nodes), for the whole run."""
+        return self.broadcast(question() if self.is_main else None)
+
     def broadcast(self, value):
         """Rank 0's ``value`` (any picklable object), on every rank."""
         if self.group is None:

@@ -86,7 +86,7 @@ def _latest_checkpoint(run_dir: Path, world: World) -> Path | None:
 
     Ranks on other nodes (NFS attribute caches, node-local folders) may see another state of the run folder; each
     deciding on its own view would send them into the save or load collectives unevenly, a hang until the timeout."""
-    path = world.broadcast(latest_checkpoint(run_dir) if world.is_main else None)
+    path = world.decide(lambda: latest_checkpoint(run_dir))
     if path is not None:
         world.check_visible(path, "--out must be a folder every node sees (a shared filesystem)")
     return path

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from edgekd.data.transforms import normalize_and_flip
+from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.heads import ClassHead
 from edgekd.train.teacher_cache import TeacherCache, build_teacher_cache
 from edgekd.utils.device import move_module
@@ -48,13 +49,14 @@ class Teacher:
         """The head's ``HeadSpec`` (kind, s, m), as the teacher was trained with; None without a head."""
         return self.head.spec if self.head is not None else None
 
-    def with_cache(self, dataset, cache_dir: str | Path, device: torch.device) -> Teacher:
-        """This teacher reading its embeddings of ``dataset`` from ``cache_dir``, computed now on ``device`` if missing.
+    def with_cache(self, dataset, cache_dir: str | Path, device: torch.device, world: World = ONE_PROCESS) -> Teacher:
+        """This teacher reading its embeddings of ``dataset`` from ``cache_dir``, computed now on ``device`` if missing
+        (by every rank of ``world`` together).
 
         The cache is keyed by the backbone's weights, the dataset's fingerprint and this teacher's normalization.
         """
         self.backbone.to(device)
-        cache = build_teacher_cache(self.backbone, dataset, self.mean, self.std, Path(cache_dir), device)
+        cache = build_teacher_cache(self.backbone, dataset, self.mean, self.std, Path(cache_dir), device, world=world)
         return Teacher(self.backbone, self.head, cache)
 
     def to(self, device: torch.device) -> Teacher:

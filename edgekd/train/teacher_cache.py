@@ -23,7 +23,7 @@ from torch import nn
 
 from edgekd.atomic import TEMP_FILE, atomic_path, file_mode, remove_debris, write_json
 from edgekd.data.transforms import hflip, normalize
-from edgekd.distributed.launch import World, current_world
+from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.utils.hashing import json_digest, module_fingerprint
 from edgekd.utils.progress import progress
 
@@ -78,13 +78,12 @@ def build_teacher_cache(
     cache_dir: Path,
     device: torch.device,
     batch_size: int = 128,
-    world: World | None = None,
+    world: World = ONE_PROCESS,
 ) -> TeacherCache:
     """Return the cache for (teacher, dataset), computing and writing it atomically if it does not exist yet.
 
-    ``world``: the ranks that build it together (default: the current process group, or this process alone).
+    ``world``: the ranks that build it together (default: this process alone).
     """
-    world = world if world is not None else current_world()
     if world.distributed:
         return _build_together(teacher, dataset, mean, std, Path(cache_dir), device, batch_size, world)
     cache_dir = Path(cache_dir)
@@ -120,10 +119,9 @@ def _build_together(teacher, dataset, mean, std, cache_dir: Path, device, batch_
     """``build_teacher_cache`` by every rank of ``world``: see the module doc."""
     if world.is_main:
         remove_debris(cache_dir, TEMP_FILE, min_age_s=STALE_TEMPORARY_S)
-        key = cache_key(teacher, dataset, mean, std)
-    key = world.broadcast(key if world.is_main else None)
+    key = world.decide(lambda: cache_key(teacher, dataset, mean, std))
     path = cache_dir / f"teacher_{key}.npy"
-    if world.broadcast(path.is_file() if world.is_main else None):
+    if world.decide(path.is_file):
         world.check_visible(path, SHARED_CACHE_ADVICE)
         return TeacherCache(path)
     teacher.eval()

@@ -10,6 +10,7 @@ import pytest
 from edgekd.cli.distill import SETTINGS as DISTILL_SETTINGS
 from edgekd.cli.teacher import SETTINGS as TEACHER_SETTINGS
 from edgekd.distill.pipeline import _cached_run
+from edgekd.distributed.launch import ONE_PROCESS
 from edgekd.train.config import RUNTIME_SETTINGS, TrainConfig
 
 
@@ -24,7 +25,7 @@ def _cache(cfg: TrainConfig, trained: list) -> tuple:
         (run_dir / "teacher.safetensors").write_bytes(b"weights")
         return run_dir / "teacher.safetensors"
 
-    return _cached_run("teachers", "teacher.safetensors", cfg, _Data(), train)
+    return _cached_run("teachers", "teacher.safetensors", cfg, _Data(), train, ONE_PROCESS)
 
 
 def test_a_run_that_differs_only_in_runtime_settings_reuses_the_cached_model(tmp_path, monkeypatch):

@@ -55,8 +55,15 @@ def _fit(run_dir: Path, resume: bool = False, stop_after: int | None = None):
 
     torch.manual_seed(0)
     student = build_trainee(CFG, _data())
-    result = fit(student, replace(CFG, stop_after=stop_after), LossWeights(), _data(), run_dir, resume=resume,
-                 world=current_world())
+    result = fit(
+        student,
+        replace(CFG, stop_after=stop_after),
+        LossWeights(),
+        _data(),
+        run_dir,
+        resume=resume,
+        world=current_world(),
+    )
     return result, torch.cat([p.detach().flatten() for p in student.backbone.parameters()])
 
 
@@ -82,12 +89,12 @@ def _checks(world, tmp: Path) -> dict:
 
     backbone = build_trainee(CFG, _data()).backbone.eval()
     cache = tmp / "cache"
-    build_teacher_cache(backbone, _data(), backbone.cfg.mean, backbone.cfg.std, cache, "cpu", 8)
+    build_teacher_cache(backbone, _data(), backbone.cfg.mean, backbone.cfg.std, cache, "cpu", 8, world)
     with pytest.MonkeyPatch.context() as monkeypatch:
         if world.rank == 1:
             _blind_to(monkeypatch, cache)
         try:
-            build_teacher_cache(backbone, _data(), backbone.cfg.mean, backbone.cfg.std, cache, "cpu", 8)
+            build_teacher_cache(backbone, _data(), backbone.cfg.mean, backbone.cfg.std, cache, "cpu", 8, world)
         except EdgekdError as exc:
             out["blind cache"] = str(exc)
     return out

@@ -84,9 +84,10 @@ def _float64(monkeypatch) -> None:
         monkeypatch.setattr(module, "normalize_and_flip", lambda *a, f=normalize: f(*a).double())
 
 
-def _models(dataset) -> tuple[Bundle, Teacher]:
-    teacher = build_trainee(replace(CFG, model="r_tiny", seed=11), dataset)
-    student = build_trainee(CFG, dataset, embed_dim=student_embed_dim(CFG, teacher, WEIGHTS))
+def _models(dataset, world) -> tuple[Bundle, Teacher]:
+    """Heads on the meta device in a world of several ranks (each computes its shard's rows), as edgekd builds them."""
+    teacher = build_trainee(replace(CFG, model="r_tiny", seed=11), dataset, world=world)
+    student = build_trainee(CFG, dataset, embed_dim=student_embed_dim(CFG, teacher, WEIGHTS), world=world)
     for module in (teacher.backbone, teacher.head, student.backbone, student.head):
         module.double()
     return student, Teacher(teacher.backbone.eval(), teacher.head.freeze())
@@ -99,7 +100,7 @@ def _fit_float64(run_dir: Path, dataset=None) -> dict[str, torch.Tensor]:
     trained head, which it writes; the others' stays a placeholder)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         _float64(monkeypatch)
-        student, teacher = _models(_data())
+        student, teacher = _models(_data(), current_world())
         fit(student, CFG, WEIGHTS, dataset if dataset is not None else _data(), run_dir, teacher=teacher,
             world=current_world())  # fmt: skip
     if current_world().is_main:
@@ -312,8 +313,8 @@ def _cached_runs_take_rank_0s_folder(world, tmp: Path) -> None:
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("EDGEKD_CACHE_DIR", str(tmp / "cached_runs"))
-        first = _cached_run("teachers", "teacher.safetensors", CFG, Copy(), train)
-        again = _cached_run("teachers", "teacher.safetensors", CFG, Copy(), train)
+        first = _cached_run("teachers", "teacher.safetensors", CFG, Copy(), train, world)
+        again = _cached_run("teachers", "teacher.safetensors", CFG, Copy(), train, world)
     paths = [None] * world.size
     dist.all_gather_object(paths, (str(first[0]), first[1], str(again[0]), again[1]), group=world.group)
     assert paths[0] == paths[1] and paths[0][1] is True and paths[0][3] is False, paths
@@ -359,7 +360,7 @@ def _worker(rank: int, tmp: str) -> None:
         _cached_runs_take_rank_0s_folder(world, Path(tmp))
         dataset = _data()
         r_tiny = build_trainee(replace(CFG, model="r_tiny", seed=11), dataset).backbone.eval()
-        build_teacher_cache(r_tiny, dataset, r_tiny.cfg.mean, r_tiny.cfg.std, Path(tmp) / "cache", "cpu", 10)
+        build_teacher_cache(r_tiny, dataset, r_tiny.cfg.mean, r_tiny.cfg.std, Path(tmp) / "cache", "cpu", 10, world)
         (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(errors))
     finally:
         dist.destroy_process_group()
