@@ -22,6 +22,9 @@ flipped which backend won when both were taken in one process. So each (case, B,
 on-disk graph cache) serves every C of a sweep. GPU rows carry the physical floor, ``FLOOR_FORMULA`` below, from
 the matmul rate and memory bandwidth measured at the start of the run (spec-sheet numbers with ``--spec-ceilings``).
 
+The providers and their steps are in shared_head_loss_providers.py, what a worker process runs in
+shared_head_loss_worker.py; this file holds the floor, the sweep and its output.
+
     python bench/shared_head_loss.py --device cuda                       # full GPU sweep
     python bench/shared_head_loss.py --device cpu --B 256 --D 128 --C 10000 100000 --threads 1 --write-md
 """
@@ -30,30 +33,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
-import time
 from datetime import date
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from shared_head_loss_providers import CASES, PROVIDERS
+from shared_head_loss_worker import time_ms, worker
 
-from edgekd.heads import HeadSpec
-from edgekd.kernels import interpreting
-from edgekd.losses import LossWeights, shared_head_loss
-
-CASES = {
-    "plain_ce": (HeadSpec("linear", 1.0, 0.0), LossWeights(ce=1.0)),
-    "full": (HeadSpec("arcface", 64.0, 0.5), LossWeights(ce=1.0, kd=1.0, th_ce=1.0, th_kd=1.0, T=4.0)),
-}
-PROVIDERS = ("reference", "compile", "chunked", "triton", "liger")
 # Minimum GEMMs of 2·B·C·D FLOPs each. plain_ce: logits, dz, dW. full: student, shared-head and teacher logits,
 # dz through both heads, dW_s.
 GEMMS = {"plain_ce": 3, "full": 6}
@@ -69,57 +62,6 @@ FLOOR_FORMULA = (
 )
 SECTION = "## Shared-head loss"
 RESULT_PREFIX = "RESULT "
-
-
-# ---------------------------------------------------------------------------------------------- measurement
-
-
-def _rss(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def peak_extra_bytes(fn, device: torch.device) -> int | None:
-    """Peak memory above what was allocated before ``fn()`` ran (see the module docstring for the CPU caveat)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    base = _rss("VmRSS")
-    fn()
-    return _rss("VmHWM") - base
-
-
-def time_ms(fn, device: torch.device, runs: int, before=lambda: None) -> list[float]:
-    """Wall (CPU) or CUDA-event (GPU) milliseconds of ``runs`` calls of ``fn``; ``before()`` runs untimed."""
-    times = []
-    for _ in range(runs):
-        before()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def rotated(items: list, r: int) -> list:
-    """``items`` starting at position ``r`` (mod its length): round ``r``'s provider order."""
-    k = r % len(items) if items else 0
-    return items[k:] + items[:k]
 
 
 # ---------------------------------------------------------------------------------------------------- floor
@@ -171,218 +113,7 @@ def floor_ms(case: str, B: int, D: int, C: int, dtype: torch.dtype, ceilings: di
     return max(flops / (ceilings["tflops"] * 1e12), nbytes / (ceilings["tbps"] * 1e12)) * 1e3
 
 
-# ------------------------------------------------------------------------------------------------ providers
-
-
-def make_inputs(case: str, B: int, D: int, C: int, dtype: torch.dtype, device: torch.device) -> dict:
-    g = torch.Generator(device=device).manual_seed(0)
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)  # noqa: E731
-    x = {"z_s": rand(B, D).requires_grad_(), "W_s": rand(C, D, scale=0.05).requires_grad_()}
-    x["labels"] = torch.randint(0, C, (B,), generator=g, device=device)
-    if case == "plain_ce":
-        x["b_s"] = rand(C).requires_grad_()
-    else:
-        x["W_t"], x["z_t"] = rand(C, D, scale=0.05), rand(B, D)
-    return x
-
-
-def loss_args(x: dict) -> tuple:
-    """Positional arguments of ``loss_of``: the inputs, None where a case has none."""
-    return tuple(x.get(k) for k in ("z_s", "labels", "W_s", "b_s", "W_t", "z_t"))
-
-
-def loss_of(case: str, backend: str):
-    """``loss(z_s, labels, W_s, b_s, W_t, z_t) -> total`` of one backend on one case."""
-    head, weights = CASES[case]
-
-    def loss(z_s, labels, W_s, b_s, W_t, z_t):
-        return shared_head_loss(z_s, labels, W_s=W_s, b_s=b_s, W_t=W_t, z_t=z_t, head=head, weights=weights,
-                                backend=backend)[0]  # fmt: skip
-
-    return loss
-
-
-def compiled_reference(case: str, x: dict, compile_backend: str):
-    """``torch.compile(fullgraph=True)`` of the reference loss, the class count marked dynamic on every C-sized input.
-
-    The inputs are arguments (not closure variables) so the dynamic marks apply; Dynamo may still specialize
-    (``maybe_mark_dynamic`` does not insist).
-    """
-    for name in ("W_s", "b_s", "W_t"):
-        if x.get(name) is not None:
-            torch._dynamo.maybe_mark_dynamic(x[name], 0)
-    return torch.compile(loss_of(case, "reference"), fullgraph=True, backend=compile_backend)
-
-
-def liger_loss(x: dict):
-    """Liger-Kernel's fused linear cross entropy (its defaults) on the plain-CE inputs."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    flce = LigerFusedLinearCrossEntropyLoss()
-    return lambda: flce(x["W_s"], x["z_s"], x["labels"], x["b_s"])
-
-
-def make_step(provider: str, case: str, x: dict, compile_backend: str = "inductor"):
-    """A closure running one forward+backward, or a string saying why the provider does not apply."""
-    device = x["z_s"].device
-    if provider == "liger":
-        if case != "plain_ce":
-            return "plain CE only"
-        if importlib.util.find_spec("liger_kernel") is None:
-            return "not installed"
-        if device.type != "cuda":
-            return "GPU only"
-        fn = liger_loss(x)
-    elif provider == "triton" and device.type != "cuda" and not interpreting():
-        return "GPU only (the CPU runs it only in Triton's interpreter, for tests)"
-    elif provider == "compile":
-        compiled = compiled_reference(case, x, compile_backend)
-        fn = lambda: compiled(*loss_args(x))  # noqa: E731
-    else:
-        loss = loss_of(case, provider)
-        fn = lambda: loss(*loss_args(x))  # noqa: E731
-
-    def step():
-        fn().backward()
-
-    return step
-
-
-def clear_grads(x: dict) -> None:
-    for k in ("z_s", "W_s", "b_s"):
-        if k in x:
-            x[k].grad = None
-
-
-def fits(provider: str, case: str, B: int, D: int, C: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Rough check that inputs plus the provider's transient memory fit in half the free memory."""
-    item = torch.finfo(dtype).bits // 8
-    inputs = (2 if case == "plain_ce" else 3) * C * D * item
-    logits = B * C * 4 * (3 if case == "plain_ce" else 12) if provider in ("reference", "compile") else 0
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        with open("/proc/meminfo") as f:
-            free = int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
-    return inputs + logits < 0.5 * free
-
-
-# ---------------------------------------------------------------------------------------------------- worker
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
-def _ready_steps(spec: dict, x: dict, device: torch.device) -> tuple[dict, dict]:
-    """Each provider's step, or its note when it does not apply, does not fit or fails to build."""
-    steps, notes = {}, {}
-    dtype = getattr(torch, spec["dtype"])
-    for provider in spec["providers"]:
-        if not fits(provider, spec["case"], spec["B"], spec["D"], spec["C"], dtype, device):
-            notes[provider] = "skipped: does not fit"
-            continue
-        try:
-            step = make_step(provider, spec["case"], x, spec.get("compile_backend", "inductor"))
-        except Exception as exc:  # a provider that cannot be built is a row note, not the end of the sweep
-            step = f"failed: {_first_line(exc)}"
-        if isinstance(step, str):
-            notes[provider] = step
-        else:
-            steps[provider] = step
-    return steps, notes
-
-
-def _warm_up(steps: dict, notes: dict, x: dict, warmup: int) -> tuple[dict, dict]:
-    """Run each step ``warmup`` times (compilation happens here); drop the ones that fail.
-
-    Returns the seconds all warm-up steps took and the seconds of the last one (the step time to plan rounds by).
-    """
-    total, last = {}, {}
-    sync = torch.cuda.synchronize if x["z_s"].is_cuda else (lambda: None)
-    for provider in list(steps):
-        t0 = time.perf_counter()
-        try:
-            for _ in range(max(1, warmup)):
-                clear_grads(x)
-                t_last = time.perf_counter()
-                steps[provider]()
-                sync()
-        except Exception as exc:
-            notes[provider] = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else _first_line(exc)
-            del steps[provider]
-            if x["z_s"].is_cuda:
-                torch.cuda.empty_cache()
-            continue
-        total[provider] = round(time.perf_counter() - t0, 2)
-        last[provider] = time.perf_counter() - t_last
-    return total, last
-
-
-def runs_per_round(step_s: float, rounds: int, runs: int, max_seconds: float | None) -> int:
-    """``runs``, or fewer (at least 1) so that ``rounds`` rounds of a provider take about ``max_seconds``."""
-    if not max_seconds or step_s <= 0:
-        return runs
-    return max(1, min(runs, int(max_seconds / (rounds * step_s))))
-
-
-def _timing_rounds(steps: dict, notes: dict, x: dict, device: torch.device, rounds: int, runs: dict) -> dict:
-    """Per-provider millisecond samples of ``rounds`` interleaved rounds of ``runs[provider]`` steps each."""
-    samples = {p: [] for p in steps}
-    for r in range(rounds):
-        for provider in rotated(list(samples), r):
-            if provider in notes:
-                continue
-            try:
-                samples[provider] += time_ms(steps[provider], device, runs[provider], lambda: clear_grads(x))
-            except Exception as exc:
-                notes[provider] = _first_line(exc)
-    return {p: s for p, s in samples.items() if p not in notes}
-
-
-def _memory_pass(steps: dict, notes: dict, x: dict, device: torch.device) -> dict:
-    """Peak extra bytes of one step per provider, each provider already warmed up."""
-    peaks = {}
-    for provider, step in steps.items():
-        if provider in notes:
-            continue
-        clear_grads(x)  # the gradients count as extra memory
-        try:
-            peaks[provider] = peak_extra_bytes(step, device)
-        except Exception as exc:
-            notes[provider] = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else _first_line(exc)
-    return peaks
-
-
-def worker(kinds: set[str], spec: dict) -> dict:
-    """Run in a subprocess: time and/or memory of every provider on one (case, B, D, C). Returns per-provider
-    ``{"samples": [...], "warmup_s": s}``, ``{"peak": bytes}`` or ``{"note": why}``.
-
-    ``spec["max_seconds"]`` (optional) caps a provider's timing rounds at about that many seconds by running fewer
-    steps per round (at least one), so a slow provider does not take a GPU run's time budget.
-    """
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    x = make_inputs(spec["case"], spec["B"], spec["D"], spec["C"], dtype, device)
-    steps, notes = _ready_steps(spec, x, device)
-    warm, step_s = _warm_up(steps, notes, x, spec["warmup"] if "time" in kinds else 1)
-    runs = {p: runs_per_round(s, spec["rounds"], spec["runs"], spec.get("max_seconds")) for p, s in step_s.items()}
-    samples = _timing_rounds(steps, notes, x, device, spec["rounds"], runs) if "time" in kinds else {}
-    peaks = _memory_pass(steps, notes, x, device) if "memory" in kinds else {}
-    out = {}
-    for provider in spec["providers"]:
-        if provider in notes:
-            out[provider] = {"note": notes[provider]}
-            continue
-        out[provider] = {"warmup_s": warm.get(provider)}
-        if provider in samples:
-            out[provider]["samples"] = samples[provider]
-        if provider in peaks:
-            out[provider]["peak"] = peaks[provider]
-    return out
+# --------------------------------------------------------------------------------------------------- workers
 
 
 def run_worker(kinds: str, spec: dict, env: dict | None = None, timeout: float | None = None) -> dict:

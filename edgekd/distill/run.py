@@ -50,16 +50,6 @@ def teacher_config(cfg: TrainConfig, model: str, epochs: float | None, lr: float
     )
 
 
-def describe_weights(weights: LossWeights) -> str:
-    """``ce=1, kd=1, T=4``: the active terms, and each temperature only when its KL term is on."""
-    terms = {k: v for k, v in weights.__dict__.items() if k not in ("T", "T_th") and v}
-    if weights.kd:
-        terms["T"] = weights.T
-    if weights.th_kd:
-        terms["T_th"] = weights.T_th
-    return ", ".join(f"{k}={v:g}" for k, v in terms.items())
-
-
 def verification_sets(data: str, pairs: str | None) -> list[str]:
     """The pair sets a face run's final evaluation reads, each checked (``check_pairs``) so that a missing or broken
     file stops the run before it trains, not after.
@@ -166,7 +156,7 @@ def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: 
     # In a world of several ranks each reads only its class shard of the frozen teacher's head from the file.
     read = teacher_path and job.method != "sh-kd"
     teacher = load_bundle(teacher_path, lazy_head=world.reads_shards) if read else None
-    log(f"distilling {job.cfg.model} with {job.method}: {describe_weights(job.weights)}")
+    log(f"distilling {job.cfg.model} with {job.method}: {job.weights.describe()}")
     wants_vanilla = evaluates and job.vanilla_baseline and job.method != "vanilla"
     vanilla = temporary = None
     if job.method == "sh-kd":

@@ -8,7 +8,7 @@ backend (reference, chunked, triton) must agree with these formulas; tests compa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -35,9 +35,12 @@ class LossWeights:
     T_th: float = 4.0
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
+        # fields, not asdict: asdict deep-copies each value, which torch 2.11's Dynamo cannot trace (copy.deepcopy),
+        # and a LossWeights is built inside compiled steps (backend_calls).
+        for field in fields(self):
+            value = getattr(self, field.name)
             if not math.isfinite(value) or value < 0:
-                raise EdgekdError(f"loss weight {name}={value} must be a finite number >= 0")
+                raise EdgekdError(f"loss weight {field.name}={value} must be a finite number >= 0")
         for name in ("T", "T_th"):
             if getattr(self, name) <= 0:
                 raise EdgekdError(f"temperature {name}={getattr(self, name)} must be > 0")
@@ -60,6 +63,19 @@ class LossWeights:
     def active(self) -> tuple[str, ...]:
         """Names of the terms with a non-zero weight, in ``TERM_NAMES`` order."""
         return tuple(name for name in TERM_NAMES if getattr(self, name) != 0)
+
+    def describe(self) -> str:
+        """``ce 1, kd 1, th_kd 1, T 4``: the active terms with their weights, then the temperatures their KL terms read.
+
+        One ``T`` when kd is on or th_kd reads the same temperature; ``T_th`` apart only when th_kd is on at another
+        temperature than T. A temperature no active term reads is left out.
+        """
+        items = [f"{name} {getattr(self, name):g}" for name in self.active()]
+        if self.kd or (self.th_kd and self.T_th == self.T):
+            items.append(f"T {self.T:g}")
+        if self.th_kd and self.T_th != self.T:
+            items.append(f"T_th {self.T_th:g}")
+        return ", ".join(items)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""bench/shared_head_loss.py's method: time and memory from separate workers, providers interleaved, the floor."""
+"""bench/shared_head_loss.py's method: time and memory from separate workers (shared_head_loss_worker.py), providers
+interleaved, the floor."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgekd.kernels import interpreting
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import shared_head_loss as shl  # noqa: E402
+import shared_head_loss_worker as shl_worker  # noqa: E402
+from shared_head_loss_providers import CASES  # noqa: E402
 
 SPEC = {"device": "cpu", "dtype": "float32", "B": 4, "D": 8, "C": 20, "rounds": 2, "runs": 2, "warmup": 1,
         "threads": None, "compile_backend": "aot_eager"}  # fmt: skip
@@ -29,15 +34,15 @@ def test_floor_formula():
 
 
 def test_rounds_rotate_the_provider_order():
-    assert [shl.rotated(["a", "b", "c"], r) for r in range(4)] == [
+    assert [shl_worker.rotated(["a", "b", "c"], r) for r in range(4)] == [
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(shl.CASES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_worker_times_and_measures_every_provider(case):
     providers = ["reference", "compile", "chunked", "triton", "liger"]
-    out = shl.worker({"time", "memory"}, dict(SPEC, case=case, providers=providers))
-    runnable = [p for p in ("reference", "compile", "chunked", "triton") if p != "triton" or shl.interpreting()]
+    out = shl_worker.worker({"time", "memory"}, dict(SPEC, case=case, providers=providers))
+    runnable = [p for p in ("reference", "compile", "chunked", "triton") if p != "triton" or interpreting()]
     for provider in runnable:
         assert len(out[provider]["samples"]) == SPEC["rounds"] * SPEC["runs"], (provider, out[provider])
         assert "peak" in out[provider]

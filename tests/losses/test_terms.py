@@ -162,3 +162,20 @@ def test_compiled_single_term_loss_keeps_its_gradient():
     total.backward()
     assert W.grad is not None and lin.weight.grad is not None
     assert terms["ce"].item() == pytest.approx(total.item())
+
+
+@pytest.mark.parametrize(
+    "weights, text",
+    [
+        (LossWeights(), "ce 1"),
+        (LossWeights(ce=1, kd=1, T=4), "ce 1, kd 1, T 4"),
+        (LossWeights(ce=0.75, kd=0.75, th_ce=0.25, th_kd=0.25), "ce 0.75, kd 0.75, th_ce 0.25, th_kd 0.25, T 4"),
+        (LossWeights(ce=1, kd=1, th_kd=4, l2e=1, T=2, T_th=2), "ce 1, kd 1, th_kd 4, l2e 1, T 2"),
+        (LossWeights(ce=1, kd=1, th_kd=1, T=4, T_th=2), "ce 1, kd 1, th_kd 1, T 4, T_th 2"),
+        (LossWeights(ce=0, th_ce=1, th_kd=1, T=4, T_th=4), "th_ce 1, th_kd 1, T 4"),
+        (LossWeights(ce=0, th_ce=1, th_kd=1, T=4, T_th=2), "th_ce 1, th_kd 1, T_th 2"),
+        (LossWeights(ce=1, l2e=100, T=8), "ce 1, l2e 100"),
+    ],
+)
+def test_describe_names_active_terms_and_the_temperatures_they_read(weights, text):
+    assert weights.describe() == text

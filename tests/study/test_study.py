@@ -14,8 +14,9 @@ import torch
 from edgekd.errors import EdgekdError
 from edgekd.eval.metrics import combined_prediction
 from edgekd.study import build_profile
+from edgekd.study.gates import GateError
 from edgekd.study.grid import ROWS, Gates, Trainee, cell_folder, paper_alpha, row_weights
-from edgekd.study.runner import GateError, run_study
+from edgekd.study.runner import run_study
 from edgekd.study.stats import betainc, flat_gain, mean_std, paired, t_two_sided_p
 
 TRAIN_IMAGES = 5000 + 200  # the Fashion-MNIST reader carves a 5,000-image val split out of train
@@ -133,7 +134,7 @@ def test_tiny_study_runs_every_row_reports_and_resumes(tmp_path, fmnist_root, ru
 def test_interrupted_study_resumes_to_the_same_numbers(tmp_path, fmnist_root, monkeypatch, one_thread):
     """A study stopped part-way (once between cells, once after a training but before its evaluation) and rerun
     ends with the same results as one uninterrupted run; finished cells are not trained again."""
-    import edgekd.study.runner as runner
+    import edgekd.study.cells as cells
 
     profile = replace(build_profile("tiny", seeds=1, fmnist_root=str(fmnist_root)))
     whole = tmp_path / "whole"
@@ -141,7 +142,7 @@ def test_interrupted_study_resumes_to_the_same_numbers(tmp_path, fmnist_root, mo
 
     out = tmp_path / "parts"
     calls = {"n": 0}
-    real_curve = runner.val_curve
+    real_curve = cells.val_curve
 
     def failing_curve(*args, **kwargs):  # the 6th cell dies after training, before its result is written
         calls["n"] += 1
@@ -149,10 +150,10 @@ def test_interrupted_study_resumes_to_the_same_numbers(tmp_path, fmnist_root, mo
             raise KeyboardInterrupt
         return real_curve(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "val_curve", failing_curve)
+    monkeypatch.setattr(cells, "val_curve", failing_curve)
     with pytest.raises(KeyboardInterrupt):
         run_study(profile, out, device="cpu", log=lambda _: None, report=False)
-    monkeypatch.setattr(runner, "val_curve", real_curve)
+    monkeypatch.setattr(cells, "val_curve", real_curve)
     finished = sorted(p.parent for p in out.rglob("result.json"))
     assert len(finished) == 5
     stamps = {p: (p / "result.json").stat().st_mtime_ns for p in finished}
