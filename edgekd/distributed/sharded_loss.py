@@ -80,6 +80,7 @@ _BACKWARD_SCHEMA = (
     "int d_st, int need) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
+
 def check_sharded_backend(backend: str) -> None:
     """Refuse, in one line, a ``--loss-backend`` that cannot run on a class shard: ``reference`` forms whole-head
     logits; ``auto`` and every sweep (``edgekd.kernels.sweeps``) can."""
