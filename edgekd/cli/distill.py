@@ -149,7 +149,7 @@ def command(**kwargs) -> None:
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
     # So do the evaluation's pair sets: a broken .bin must not cost a whole training run.
     job.pairs = verification_sets(cfg.data, values["pairs"]) if values["eval"] and face else []
-    if values["teacher"] and values["method"] != "sh-kd" and weights.reads_teacher_head:
+    if values["teacher"] and not METHODS[values["method"]].staged and weights.reads_teacher_head:
         # A teacher whose head does not fit fails before the run folder is written; only its header is read here.
         teacher_spec = head_spec_of(read_bundle_meta(values["teacher"]))
         if teacher_spec is not None:

@@ -30,7 +30,7 @@ import click
 from edgekd.atomic import write_json
 from edgekd.data import absolute_spec
 from edgekd.errors import EdgekdError
-from edgekd.heads import default_margin
+from edgekd.heads import HEAD_KINDS, default_margin
 from edgekd.models import require_model
 from edgekd.train.config import TrainConfig
 from edgekd.version import __version__
@@ -169,7 +169,7 @@ TRAIN_SETTINGS = [
     ),
     Setting("model", ModelName(), "backbone (see `python -m edgekd.models`): mbf, r50, timm/resnet18, ..."),
     Setting("model_kwargs", JSONObject(), "extra backbone arguments as JSON, e.g. '{\"embed_dim\": 256}'"),
-    Setting("head", click.Choice(["arcface", "cosface", "cosine", "linear"]), "class head kind"),
+    Setting("head", click.Choice(list(HEAD_KINDS)), "class head kind"),
     Setting("scale", positive(float), "scale s of normalized heads"),
     Setting(
         "margin",

@@ -37,7 +37,15 @@ from edgekd.losses import LossWeights
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A KD method: its presets (name → term weights) and which preset each head family uses by default."""
+    """A KD method: its presets (name → term weights), which preset each head family uses by default, and what a
+    run of it does besides training one student with those weights.
+
+    Attributes:
+        needs_teacher: a teacher takes part (given, or the default one trained first).
+        staged: the method trains its own teacher in stages (SH-KD's I0 → I1 → I2) instead of reading one up front.
+        combined_prediction: the student is also scored through the teacher's head, the paper's p′ (TH-KD).
+        fresh_head_presets: presets whose final student starts from a fresh head (SH-KD's official form).
+    """
 
     name: str
     summary: str
@@ -46,6 +54,13 @@ class MethodSpec:
     default_face: str = "default"
     default_classification: str = "default"
     fresh_head_presets: frozenset[str] = frozenset()
+    staged: bool = False
+    combined_prediction: bool = False
+
+    @property
+    def reads_teacher_file(self) -> bool:
+        """Whether a run loads a teacher checkpoint before training its student (not SH-KD: its stages make one)."""
+        return self.needs_teacher and not self.staged
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -73,6 +88,7 @@ METHODS: dict[str, MethodSpec] = {
             },
             default_face="paper",
             default_classification="kdth",
+            combined_prediction=True,
         ),
         MethodSpec(
             "sh-kd",
@@ -88,6 +104,7 @@ METHODS: dict[str, MethodSpec] = {
             default_face="face",
             default_classification="kdeth",
             fresh_head_presets=frozenset({"official"}),
+            staged=True,
         ),
     )
 }

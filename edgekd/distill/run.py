@@ -10,6 +10,7 @@ from pathlib import Path
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
 from edgekd.data import bin_files_beside, check_pairs, create_dataset, create_pairs, resolve_data
+from edgekd.distill.methods import get_method
 from edgekd.distill.pipeline import (
     default_teacher,
     default_vanilla,
@@ -113,7 +114,7 @@ def _verify(bundles: dict, cfg: TrainConfig, pairs: list[str]) -> tuple[list[dic
 
 def _teacher(job: DistillJob, dataset, log: Callable[[str], None], world: World) -> str | None:
     """The teacher checkpoint: given, or the default one trained here (or found in the cache)."""
-    if job.method in ("vanilla", "sh-kd") or job.teacher_path is not None:
+    if not get_method(job.method).reads_teacher_file or job.teacher_path is not None:
         return job.teacher_path
     t = job.teacher_cfg
     length = f"{t.epochs:g} epoch" + ("" if t.epochs == 1 else "s")
@@ -127,7 +128,7 @@ def _combined_alpha(job: DistillJob) -> float | None:
     """α^TH of the paper's p′ for a TH-KD student trained with CE through the teacher head: th_ce's share of the
     CE weight (0.5 under the ``paper`` preset); None when there is no such term or the teacher head is not TH-KD's."""
     w = job.weights
-    if job.method != "th-kd" or not w.th_ce:
+    if not get_method(job.method).combined_prediction or not w.th_ce:
         return None
     return w.th_ce / (w.ce + w.th_ce)
 
@@ -152,14 +153,16 @@ def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: 
     if job.evaluate and face and job.pairs is None:
         job = replace(job, pairs=verification_sets(job.cfg.data, None))
     evaluates = job.evaluate and (bool(job.pairs) or not face)  # a face run without pair sets has nothing to verify
+    spec = get_method(job.method)
     teacher_path = _teacher(job, dataset, log, world)
-    # In a world of several ranks each reads only its class shard of the frozen teacher's head from the file.
-    read = teacher_path and job.method != "sh-kd"
+    # In a world of several ranks each reads only its class shard of the frozen teacher's head from the file. A staged
+    # method's given teacher is the start of its own teacher's training instead (read whole below).
+    read = teacher_path and not spec.staged
     teacher = load_bundle(teacher_path, lazy_head=world.reads_shards) if read else None
     log(f"distilling {job.cfg.model} with {job.method}: {job.weights.describe()}")
-    wants_vanilla = evaluates and job.vanilla_baseline and job.method != "vanilla"
+    wants_vanilla = evaluates and job.vanilla_baseline and spec.needs_teacher  # vanilla is its own baseline
     vanilla = temporary = None
-    if job.method == "sh-kd":
+    if spec.staged:
         if wants_vanilla:  # SH-KD's I0 is this student (labels only, the same settings, seed and data): trained once
             vanilla = temporary = _vanilla(job, dataset, None, log, world)
         init = load_bundle(teacher_path) if teacher_path else None
