@@ -72,8 +72,8 @@ GPU_CHECK_PY = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON
 
 .PHONY: gpu-check gpu-stamp
 gpu-check:
-	$(if $(DRY),-$(GPU_CHECK_PY) bench/gpu_check.py --stamp)
-	$(GPU_CHECK_PY) bench/gpu_check.py --out $(OUT) $(if $(DRY),--dry-run)
+	$(if $(DRY),-$(GPU_CHECK_PY) -m bench.gpu_check --stamp)
+	$(GPU_CHECK_PY) -m bench.gpu_check --out $(OUT) $(if $(DRY),--dry-run)
 
 gpu-stamp:
-	$(GPU_CHECK_PY) bench/gpu_check.py --stamp
+	$(GPU_CHECK_PY) -m bench.gpu_check --stamp

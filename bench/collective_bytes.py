@@ -11,8 +11,8 @@ rank sends ``(W−1)·s``, an all_reduce of ``s`` bytes ``2(W−1)/W·s``, a red
 ``(W−1)/W·s``, a broadcast ``s``. The head's size C enters no collective (each rank sweeps its own shard): the
 script checks that by counting the same step at two values of C.
 
-    python bench/collective_bytes.py --world 2 4 8 --markdown        # mbf (D = 512), B = 128 per rank
-    python bench/collective_bytes.py --world 2 --batch 8 --model mbf_tiny --image-size 32   # toy check
+    python -m bench.collective_bytes --world 2 4 8 --markdown        # mbf (D = 512), B = 128 per rank
+    python -m bench.collective_bytes --world 2 --batch 8 --model mbf_tiny --image-size 32   # toy check
 
 W = 64 cannot be spawned on this machine; its row is computed from the W = 8 counts with each collective's size law
 (per-rank gathers and the all-reduces of parameters and BatchNorm statistics keep their size, the loss's row

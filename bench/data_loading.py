@@ -8,7 +8,7 @@ row decodes the RecordIO payloads on the GPU (``torchvision.io.decode_jpeg(devic
 Prints one row per reader and updates the "Data loading" section of BENCHMARKS.md (rows with the same reader,
 image count, size, workers and host are replaced; other sections are left alone).
 
-    python bench/data_loading.py [--images 2000] [--size 112] [--workers 2] [--batch-size 128] [--no-write]
+    python -m bench.data_loading [--images 2000] [--size 112] [--workers 2] [--batch-size 128] [--no-write]
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     if not args.no_write:
-        command = "python bench/data_loading.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m bench.data_loading " + " ".join(sys.argv[1:] if argv is None else argv)
         update_benchmarks(args.benchmarks, rows, command.strip())
         print(f"updated {os.path.relpath(args.benchmarks)}")
 

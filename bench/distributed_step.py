@@ -8,8 +8,8 @@ pass costs nothing here), eager (compiling would time Inductor, twice). Reports 
 steps after warm-up; ``--classes`` adds rows with the labels spread over C classes, where the head's sweep is most of
 the step and sharding it halves each rank's part.
 
-    python bench/distributed_step.py                          # mbf at 112 px, global batch 32, C = 16 and 100,000
-    python bench/distributed_step.py --model mbf_tiny --image-size 32 --steps 4 --warmup 1 --classes   # toy check
+    python -m bench.distributed_step                          # mbf at 112 px, global batch 32, C = 16 and 100,000
+    python -m bench.distributed_step --model mbf_tiny --image-size 32 --steps 4 --warmup 1 --classes   # toy check
 
 Caveats: on one machine the ranks share its cores, memory bandwidth and caches, so W ranks cannot beat one process
 using all the threads by more than the part of the step that threads do not already parallelize; gloo collectives

@@ -16,7 +16,7 @@ activations have a trained network's scale): latency does not depend on the weig
 occur, but the INT8 cosine of an untrained network is a pipeline check, not an accuracy claim; ``--student`` adds the
 gates of a trained student for that.
 
-    python bench/export_latency.py [--checkpoint CKPT] [--threads 1,2] [--batches 1,8] [--rounds 20] [--write-md]
+    python -m bench.export_latency [--checkpoint CKPT] [--threads 1,2] [--batches 1,8] [--rounds 20] [--write-md]
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def write_markdown(path: Path, rows, cos, meta: dict) -> None:
     lines = [
         SECTION,
         "",
-        "CPU latency of MobileFaceNet (`mbf`, 3x112x112 -> 512) written by `python bench/export_latency.py "
+        "CPU latency of MobileFaceNet (`mbf`, 3x112x112 -> 512) written by `python -m bench.export_latency "
         f"{meta['args']} --write-md` ({meta['date']}, {meta['host']}, torch {meta['torch']}, onnxruntime "
         f"{meta['ort']}). Threads are set for torch (`torch.set_num_threads`) and ONNX Runtime (intra-op) alike. "
         f"Each row: the median of {meta['rounds']} interleaved rounds (each round times every row once, >= "
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         "student_gates": students,
         "checkpoint": str(args.checkpoint or f"untrained {args.model}"),
         "environment": environment(),
-        "command": "python bench/export_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.export_latency " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     write_json(args.out / "export_latency.json", report)
     for r in rows:

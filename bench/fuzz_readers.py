@@ -17,7 +17,7 @@ Every case draws its randomness from ``(seed, case)`` alone, so ``--case K`` rep
 uses at start), so a reader that allocates from an unchecked size fails with MemoryError instead of exhausting the
 machine. The test suite runs the same fuzzer on a small budget (tests/data/test_reader_fuzz.py).
 
-    python bench/fuzz_readers.py [--mutations 2000] [--seed 0] [--case K] [--save-dir DIR] [--memory-cap-gb 4]
+    python -m bench.fuzz_readers [--mutations 2000] [--seed 0] [--case K] [--save-dir DIR] [--memory-cap-gb 4]
 """
 
 from __future__ import annotations
@@ -363,7 +363,7 @@ def describe_failure(case: Case, seed: int, mutations: int) -> str:
     """A failing case: what was mutated, the exception, its traceback tail and the command that replays it."""
     return (
         f"case {case.number}: {case.target}: {case.mutation}\n  {case.error}\n{case.trace}"
-        f"  replay: python bench/fuzz_readers.py --seed {seed} --mutations {mutations} --case {case.number} "
+        f"  replay: python -m bench.fuzz_readers --seed {seed} --mutations {mutations} --case {case.number} "
         f"--save-dir fuzz-case-{case.number}\n"
     )
 

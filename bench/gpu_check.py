@@ -35,17 +35,18 @@ e. ``latency`` (70 s): mbf at batch 1, 8 and 64 through edgekd.export.latency: t
 Outputs in ``--out`` (7 files, so that a stray temporary still fits the device tool's 8): ``environment.json``,
 ``gpu_tests.json``, ``loss.json``, ``distill.json``, ``latency.json``, ``summary.json`` (date, install, status, wall
 time and budget per stage) and ``log.txt`` (pip's and every stage's output). The last thing printed is a one-screen
-summary; ``python bench/gpu_check.py --merge DIR`` renders DIR's results as the ``## GPU check`` section of
+summary; ``python -m bench.gpu_check --merge DIR`` renders DIR's results as the ``## GPU check`` section of
 BENCHMARKS.md. The exit status is 0 only when every stage is ``ok``.
 
     make gpu-check OUT=dir             # on a GPU machine (python3 there when .venv is missing; PYTHON= overrides)
     make gpu-check DRY=1               # the dry run, here (it also writes bench/.gpu-check-commit)
     make gpu-stamp                     # only that: the commit, for a device machine without .git
-    python bench/gpu_check.py --out dir [--dry-run] [--stages loss distill] [--budget loss=200]
+    python -m bench.gpu_check --out dir [--dry-run] [--stages loss distill] [--budget loss=200]
 
-edgekd needs no install: where the importable edgekd is not this tree (the GPU image has none), the stages import
-it from the tree through a folder of symbolic links on PYTHONPATH (``tree_overlay``). The stages run in the order
-above, most important first; to repeat one that ran out of time, pass ``--stages NAME --budget NAME=SECONDS``.
+Run it from the repository root (bench is a package). edgekd needs no install: where the importable edgekd is not
+this tree (the GPU image has none), the stages import it from the tree through a folder of symbolic links on
+PYTHONPATH (``tree_overlay``). The stages run in the order above, most important first; to repeat one that ran out
+of time, pass ``--stages NAME --budget NAME=SECONDS``.
 
 On the device machine (the ``run`` tool; its image has no venv, no network and no .git), first run ``make
 gpu-stamp`` here (``git rev-parse HEAD`` and a dirty flag into bench/.gpu-check-commit, which git neither tracks
@@ -54,7 +55,7 @@ wheel was first downloaded into .whl (git ignores it; pure Python: ``python3 -m 
 --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl
 liger-kernel==0.8.5``):
 
-    export PYTHONUNBUFFERED=1; python3 bench/gpu_check.py --out $OUT
+    export PYTHONUNBUFFERED=1; python3 -m bench.gpu_check --out $OUT
 """  # noqa: E501
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ import tomllib
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-import gpu_check_stages as stages_module
-from gpu_check_stages import STAGES, STAMP, write_json
+from bench import gpu_check_stages as stages_module
+from bench.gpu_check_stages import STAGES, STAMP, write_json
 
 START = time.monotonic()  # this process's start: the total budget counts from here
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,9 +163,15 @@ def install_wheels(folder: Path, site: Path, seconds: float, log) -> dict:
 
 
 def child_env(dry_run: bool, work: Path, extra: dict) -> dict:
-    """The stages' environment: unbuffered output, a private edgekd cache, ``extra`` (``import_setup``); the dry run
-    hides any GPU and runs Triton kernels in its interpreter (chosen before the kernels are defined, hence here)."""
+    """The stages' environment: unbuffered output, a private edgekd cache, ``extra`` (``import_setup``), and the
+    import path of ``python -m bench.NAME``; the dry run hides any GPU and runs Triton kernels in its interpreter
+    (chosen before the kernels are defined, hence here).
+
+    The stages, and every process they start (a loss worker, pytest), import bench from the repository root at the
+    end of PYTHONPATH (``with_root``), with PYTHONSAFEPATH set: ``python -m`` would put the current folder (the
+    root, whose edgekd/ lacks the side folders) first on sys.path, ahead of ``tree_overlay``'s edgekd."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", EDGEKD_CACHE_DIR=str(work / "edgekd-cache"), **extra)
+    env.update(PYTHONPATH=stages_module.with_root(env.get("PYTHONPATH")), PYTHONSAFEPATH="1")
     if dry_run:
         env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     return env
@@ -173,7 +180,7 @@ def child_env(dry_run: bool, work: Path, extra: dict) -> dict:
 def tree_overlay(work: Path) -> Path:
     """A folder that makes the tree importable without installing it: its ``edgekd/`` holds links to the tree's
     edgekd/ entries plus one link per side folder (kernels/, export/, calib/), the package-dir mapping of
-    pyproject.toml rebuilt with symbolic links."""
+    pyproject.toml rebuilt with symbolic links. It holds edgekd only: bench comes from the root (``child_env``)."""
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     overlay = work / "tree"
     package = overlay / "edgekd"
@@ -212,8 +219,9 @@ def kill_group(pgid: int) -> None:
 
 
 def run_stage_process(stage: str, args, budget: float, work: Path, env: dict, log) -> dict:
-    """Run one stage in a child process (its own session) for at most ``budget`` seconds; its outcome."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--out", str(args.out),
+    """Run one stage in a child process (``python -m bench.gpu_check --stage NAME`` from the root, in its own
+    session) for at most ``budget`` seconds; its outcome."""
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--stage", stage, "--out", str(args.out),
            "--work", str(work / stage), "--budget-s", str(max(1.0, budget - KILL_MARGIN_S))]  # fmt: skip
     if args.dry_run:
         cmd.append("--dry-run")
@@ -264,7 +272,7 @@ def run_all(args) -> dict:
     """The install, then every selected stage in order, each within its budget plus what the steps before it left
     unspent, and all within the total; returns the summary."""
     per_stage = budgets(args.budget)
-    command = "python bench/gpu_check.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.gpu_check " + " ".join(sys.argv[1:])
     summary = {"command": command, "date": date.today().isoformat(), "dry_run": args.dry_run,
                "budget_s": args.total_budget, "stages": {}}  # fmt: skip
     deadline = START + args.total_budget
@@ -305,7 +313,7 @@ def load_results(folder: Path) -> tuple[dict, dict]:
 
 def screen(args) -> list[str]:
     """The one-screen summary; a rendering bug costs the summary, not the results (the JSON files hold them)."""
-    import gpu_check_report as report
+    from bench import gpu_check_report as report
 
     stages, summary = load_results(args.out)
     try:
@@ -316,8 +324,8 @@ def screen(args) -> list[str]:
 
 def merge(args) -> None:
     """Render a results folder as the ``## GPU check`` section of BENCHMARKS.md (the report needs torch)."""
-    from gpu_check_report import SECTION, markdown_lines
-    from markdown_section import merge_section
+    from bench.gpu_check_report import SECTION, markdown_lines
+    from bench.markdown_section import merge_section
 
     stages, summary = load_results(args.merge)
     merge_section(args.benchmarks, SECTION, markdown_lines(stages, summary))

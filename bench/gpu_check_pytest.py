@@ -1,5 +1,5 @@
-"""The pytest plugin of gpu-check's gpu_tests stage (``pytest -p gpu_check_pytest``, bench/ on PYTHONPATH): which
-tests run, a time limit per test, and each test's result written the moment it is known.
+"""The pytest plugin of gpu-check's gpu_tests stage (``pytest -p bench.gpu_check_pytest``, the repository root on
+PYTHONPATH): which tests run, a time limit per test, and each test's result written the moment it is known.
 
 A GPU machine is lent for minutes, so a stage that runs out of time must still say what passed, and one test that
 hangs (an NCCL collective, a CUDA synchronization) must not take the rest with it. pytest-timeout and junit XML do

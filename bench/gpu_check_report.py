@@ -142,7 +142,7 @@ def tests_section(stage: dict | None) -> list[str]:
 
 
 def loss_section(stage: dict | None) -> list[str]:
-    import shared_head_loss as shl
+    from bench import shared_head_loss as shl
 
     stage = stage or {}
     cfg, rows = stage.get("config", {}), stage.get("rows", [])
@@ -160,7 +160,7 @@ def loss_section(stage: dict | None) -> list[str]:
 
 
 def distill_section(stage: dict | None) -> list[str]:
-    import train_step as ts
+    from bench import train_step as ts
 
     stage = stage or {}
     cfg = stage.get("config", {})
@@ -301,5 +301,5 @@ def summary_lines(stages: dict, summary: dict, out: str) -> list[str]:
     lines += loss_summary(stages.get("loss"))
     lines += distill_summary(stages.get("distill"))
     lines += latency_summary(stages.get("latency"))
-    lines += ["", f"merge into BENCHMARKS.md: python bench/gpu_check.py --merge {out}"]
+    lines += ["", f"merge into BENCHMARKS.md: python -m bench.gpu_check --merge {out}"]
     return lines

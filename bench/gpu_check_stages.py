@@ -1,4 +1,4 @@
-"""The stages of bench/gpu_check.py. Each runs in its own process (``python bench/gpu_check.py --stage NAME``) and
+"""The stages of bench/gpu_check.py. Each runs in its own process (``python -m bench.gpu_check --stage NAME``) and
 rewrites its JSON file after every result, so a stage that fails or runs out of time still leaves what it measured.
 
 A stage's JSON: ``stage``, ``status`` (``running`` until it ends; then ``ok``, ``partial`` when some rows or tests
@@ -75,6 +75,14 @@ DRY = Profile(
     classes=(1000,), latency_model="cnn_tiny", batches=(1, 2), latency_iters=3, latency_seconds=0.0,
     test_timeout=60.0,
 )  # fmt: skip
+
+
+def with_root(pythonpath: str | None) -> str:
+    """``pythonpath`` with the repository root appended where it is missing: ``bench`` imports from the root in a
+    child process, behind whatever comes first (``tree_overlay``'s edgekd; the root's own edgekd/ lacks the side
+    folders)."""
+    paths = [p for p in (pythonpath or "").split(os.pathsep) if p]
+    return os.pathsep.join(paths if str(ROOT) in paths else [*paths, str(ROOT)])
 
 
 def write_json(path: Path, data) -> None:
@@ -276,18 +284,20 @@ def pytest_command(options: list[str], results: Path) -> list[str]:
     come) and ``options``.
 
     ``--capture=sys`` leaves file descriptors 1 and 2 alone: what CUDA, NCCL or faulthandler print goes to the log.
-    The absolute paths and the scratch folder as the current one keep the repository root off sys.path (python -m
-    puts the current folder there), where its edgekd/, which lacks the side folders, would shadow the importable one.
+    The absolute paths, the scratch folder as the current one and ``-o pythonpath=`` (pyproject's puts the root
+    first) keep the repository root off the front of sys.path (python -m puts the current folder there), where its
+    edgekd/, which lacks the side folders, would shadow the importable one; the plugin's bench comes from the root
+    at the end of PYTHONPATH (``run_pytest``).
     """
-    return [sys.executable, "-m", "pytest", "-p", "gpu_check_pytest", "-v", "-rfE", "--capture=sys",
-            "--durations=10", "-p", "no:cacheprovider", f"--rootdir={ROOT}", f"--gpu-check-results={results}",
-            *options, *(str(ROOT / p) for p in GPU_TEST_PATHS)]  # fmt: skip
+    return [sys.executable, "-m", "pytest", "-p", "bench.gpu_check_pytest", "-o", "pythonpath=", "-v", "-rfE",
+            "--capture=sys", "--durations=10", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
+            f"--gpu-check-results={results}", *options, *(str(ROOT / p) for p in GPU_TEST_PATHS)]  # fmt: skip
 
 
 def run_pytest(ctx: Context, cmd: list[str], results: Path) -> int | None:
     """Run ``cmd`` until it ends or the stage's time is nearly spent, folding ``results`` into the stage's JSON as
     tests finish; pytest's exit status, or None when it was stopped."""
-    path = os.pathsep.join(filter(None, (str(ROOT / "bench"), os.environ.get("PYTHONPATH"))))  # the plugin's folder
+    path = with_root(os.environ.get("PYTHONPATH"))  # the plugin, bench.gpu_check_pytest
     # Each process's Inductor would start a pool of compile workers as wide as the machine: share the CPUs instead.
     threads = str(max(1, (os.cpu_count() or WORKERS) // WORKERS))
     proc = subprocess.Popen(
@@ -316,7 +326,7 @@ def stage_gpu_tests(ctx: Context) -> str:
     of the first-contact tests."""
     results = ctx.work / "results.jsonl"
     options = pytest_options(ctx.dry_run, ctx.profile.test_timeout)
-    ctx.record.set(command=" ".join(["pytest -p gpu_check_pytest -v", *options, *GPU_TEST_PATHS]))
+    ctx.record.set(command=" ".join(["pytest -p bench.gpu_check_pytest -v", *options, *GPU_TEST_PATHS]))
     rc = run_pytest(ctx, pytest_command(options, results), results)
     ctx.record.set(pytest_exit=rc)
     if rc is None:
@@ -337,8 +347,9 @@ def loss_row_failed(row: dict) -> bool:
 
 def stage_loss(ctx: Context) -> str:
     """bench/shared_head_loss.py's method at the profile's sizes; C ascending, both cases per C."""
-    import shared_head_loss as shl
     import torch
+
+    from bench import shared_head_loss as shl
 
     p, gpu = ctx.profile, ctx.profile.device == "cuda"
     dtype = "bfloat16" if gpu else "float32"
@@ -373,7 +384,7 @@ def stage_loss(ctx: Context) -> str:
 
 def stage_distill(ctx: Context) -> str:
     """bench/train_step.py's compiled settings: live teacher, teacher cache, student only, then many classes."""
-    import train_step as ts
+    from bench import train_step as ts
 
     p = ctx.profile
     dataset = ts.synthetic_faces(p.batch_size, p.image_size, p.identities)
@@ -393,8 +404,7 @@ LATENCY_BACKENDS = ("torch", "ort-cpu", "torch-compile")  # of edgekd.export.lat
 
 def stage_latency(ctx: Context) -> str:
     """edgekd.export.latency over torch eager, ONNX Runtime CPU and torch.compile (CUDA graphs too on a GPU)."""
-    from export_latency import untrained_mbf
-
+    from bench.export_latency import untrained_mbf
     from edgekd.bundle import load_bundle
     from edgekd.export.latency import LatencyConfig, ModelSpec, run_benchmark
     from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx

@@ -16,8 +16,8 @@ setting needs about 3·C·D·4 bytes resident (11.4 GiB at the defaults: W_s, W_
 allocated but never touched, so it is counted, not resident), so the script checks ``MemAvailable`` first. Seconds
 per step are CPU times on this machine, not a speed benchmark.
 
-    python bench/sharded_head_memory.py                                   # C = 2M, D = 512, N = 64, W = 1 and 2
-    python bench/sharded_head_memory.py --classes 20000 --rows 16         # toy check, seconds
+    python -m bench.sharded_head_memory                                   # C = 2M, D = 512, N = 64, W = 1 and 2
+    python -m bench.sharded_head_memory --classes 20000 --rows 16         # toy check, seconds
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ the matmul rate and memory bandwidth measured at the start of the run (spec-shee
 The providers and their steps are in shared_head_loss_providers.py, what a worker process runs in
 shared_head_loss_worker.py; this file holds the floor, the sweep and its output.
 
-    python bench/shared_head_loss.py --device cuda                       # full GPU sweep
-    python bench/shared_head_loss.py --device cpu --B 256 --D 128 --C 10000 100000 --threads 1 --write-md
+    python -m bench.shared_head_loss --device cuda                       # full GPU sweep
+    python -m bench.shared_head_loss --device cpu --B 256 --D 128 --C 10000 100000 --threads 1 --write-md
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from shared_head_loss_providers import CASES, PROVIDERS
-from shared_head_loss_worker import time_ms, worker
+
+from bench.shared_head_loss_providers import CASES, PROVIDERS
+from bench.shared_head_loss_worker import time_ms, worker
 
 # Minimum GEMMs of 2·B·C·D FLOPs each. plain_ce: logits, dz, dW. full: student, shared-head and teacher logits,
 # dz through both heads, dW_s.
@@ -61,6 +62,7 @@ FLOOR_FORMULA = (
     "memory bandwidth"
 )
 SECTION = "## Shared-head loss"
+ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
 
 
@@ -117,10 +119,11 @@ def floor_ms(case: str, B: int, D: int, C: int, dtype: torch.dtype, ceilings: di
 
 
 def run_worker(kinds: str, spec: dict, env: dict | None = None, timeout: float | None = None) -> dict:
-    """``worker`` in a fresh Python process; on a crash every provider gets a note with the reason."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kinds, "--spec", json.dumps(spec)]
+    """``worker`` in a fresh Python process (``python -m bench.shared_head_loss --worker`` from the repository root);
+    on a crash every provider gets a note with the reason."""
+    cmd = [sys.executable, "-m", "bench.shared_head_loss", "--worker", kinds, "--spec", json.dumps(spec)]
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {p: {"note": f"{kinds} worker timed out after {timeout:.0f} s"} for p in spec["providers"]}
     sys.stderr.write(out.stderr)
@@ -208,7 +211,7 @@ def table_lines(rows: list[dict]) -> list[str]:
 
 
 def write_markdown(path: Path, rows: list[dict], device: torch.device, command: str, spec: dict) -> None:
-    from markdown_section import merge_section
+    from bench.markdown_section import merge_section
 
     lines = [
         SECTION,
@@ -310,8 +313,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"ceilings": ceilings, "rows": rows}, indent=1) + "\n")
     if args.write_md:
-        command = "python bench/shared_head_loss.py " + " ".join(sys.argv[1:])
-        path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+        command = "python -m bench.shared_head_loss " + " ".join(sys.argv[1:])
+        path = ROOT / "BENCHMARKS.md"
         write_markdown(path, rows, device, command, spec)
 
 

@@ -9,7 +9,8 @@ import re
 import time
 
 import torch
-from shared_head_loss_providers import clear_grads, fits, make_inputs, make_step
+
+from bench.shared_head_loss_providers import clear_grads, fits, make_inputs, make_step
 
 
 def _rss(key: str) -> int:

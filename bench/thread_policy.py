@@ -6,8 +6,8 @@ and killed after it.
 Rounds interleave every cell, so a slow minute of the machine touches all of them alike; the table gives the median
 step time over rounds and the range.
 
-    python bench/thread_policy.py --rounds 3 --write-md   # the numbers in BENCHMARKS.md ("Threads")
-    python bench/thread_policy.py --demo                   # also `edgekd distill` (the demo) end to end
+    python -m bench.thread_policy --rounds 3 --write-md   # the numbers in BENCHMARKS.md ("Threads")
+    python -m bench.thread_policy --demo                   # also `edgekd distill` (the demo) end to end
 
 Policies: ``old`` is OpenMP's default wait policy (spin, then sleep) with torch's threads; ``passive`` always sets
 ``OMP_WAIT_POLICY=PASSIVE``; ``adaptive`` is edgekd's default (passive only when the machine is busy at start,

@@ -8,8 +8,8 @@ rendered before the first setting, so no timed step pays for rendering. With 16 
 the many-class settings keep the same images and spread their labels over C classes (``ManyClasses``), so the
 student head, its optimizer state and the frozen teacher head are C × D and the shared-head loss sweeps all C.
 
-    python bench/train_step.py --model mbf --teacher r18 --batch-size 64 --image-size 112 --steps 8 --warmup 3
-    python bench/train_step.py --batch-size 8 --image-size 32 --steps 3 --warmup 1 --classes 1000   # toy check
+    python -m bench.train_step --model mbf --teacher r18 --batch-size 64 --image-size 112 --steps 8 --warmup 3
+    python -m bench.train_step --batch-size 8 --image-size 32 --steps 3 --warmup 1 --classes 1000   # toy check
 """
 
 from __future__ import annotations

@@ -4,15 +4,10 @@ is what its design says, O(N) per rank for the statistics, and the W = 64 row ex
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import collective_bytes as cb  # noqa: E402
+from bench import collective_bytes as cb
 
 ARGS = argparse.Namespace(model="mbf_tiny", dim=16, batch=4, image_size=32)
 

@@ -17,16 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from bench import gpu_check
+from bench import gpu_check_report as report
+from bench import gpu_check_stages as stages
+from bench import shared_head_loss as shl
+from bench.markdown_section import merge_section
+from edgekd.utils.env import source_commit
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import gpu_check  # noqa: E402
-import gpu_check_report as report  # noqa: E402
-import gpu_check_stages as stages  # noqa: E402
-import shared_head_loss as shl  # noqa: E402
-from markdown_section import merge_section  # noqa: E402
-
-from edgekd.utils.env import source_commit  # noqa: E402
 
 
 @pytest.mark.slow
@@ -36,7 +34,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     started = time.monotonic()
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--from-tree", "--out", str(out),
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--from-tree", "--out", str(out),
            "--wheels", str(tmp_path / "no-wheels")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - started
@@ -64,7 +62,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert "merge into BENCHMARKS.md" in proc.stdout
 
     benchmarks = tmp_path / "BENCHMARKS.md"
-    merge = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--merge", str(out), "--benchmarks", str(benchmarks)]
+    merge = [sys.executable, "-m", "bench.gpu_check", "--merge", str(out), "--benchmarks", str(benchmarks)]
     subprocess.run(merge, cwd=ROOT, check=True, capture_output=True, timeout=300)
     text = benchmarks.read_text()
     assert report.SECTION + "\n" in text and f"on {summary['date']}. Dry run" in text and "### GPU tests" in text
@@ -175,7 +173,7 @@ def gpu_results() -> tuple[dict, dict]:
         "latency": latency,
     }
     summary = {
-        "command": "python bench/gpu_check.py --out o",
+        "command": "python -m bench.gpu_check --out o",
         "dry_run": False,
         "budget_s": 480.0,
         "wall_s": 400.0,
@@ -253,7 +251,7 @@ def test_not_selected():
 STAGE = """
 import dataclasses, sys
 from pathlib import Path
-import gpu_check_stages as stages
+from bench import gpu_check_stages as stages
 stages.GPU_TEST_PATHS = (sys.argv[1],)
 stages.DRY = dataclasses.replace(stages.DRY, test_timeout=float(sys.argv[2]))
 out = Path(sys.argv[3])
@@ -263,7 +261,7 @@ stages.run_stage("gpu_tests", out, out / "work", True, 60.0, "gpu_tests.json")
 
 def _start_stage(tmp_path: Path, test_timeout: float) -> tuple[subprocess.Popen, Path]:
     (tmp_path / "test_stage.py").write_text(TESTS_OF_THE_STAGE)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-c", STAGE, str(tmp_path / "test_stage.py"), str(test_timeout), str(tmp_path)]
     with open(tmp_path / "log.txt", "w") as log:  # the stage's output; the child keeps its own descriptor
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -401,7 +399,7 @@ def test_the_commit_comes_from_the_stamp_where_git_is_missing(tmp_path):
 def test_the_documented_device_command_fits_one_call():
     """The command in gpu_check.py's docstring: at most 2,000 characters, no install step that could end it."""
     (command,) = [line.strip() for line in gpu_check.__doc__.splitlines() if line.startswith("    export ")]
-    assert len(command) <= 2000 and "exit 1" not in command and "bench/gpu_check.py --out $OUT" in command
+    assert len(command) <= 2000 and "exit 1" not in command and "python3 -m bench.gpu_check --out $OUT" in command
 
 
 def test_latency_stage_times_backends_the_benchmark_knows():
@@ -435,3 +433,15 @@ def test_tree_overlay_maps_the_side_folders(tmp_path):
     code = "import edgekd.kernels, edgekd.export, edgekd.calib; print(edgekd.kernels.__file__)"
     out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().startswith(str(overlay)), out.stderr[-2000:]
+
+
+def test_the_stages_import_bench_from_the_root_and_edgekd_from_the_overlay(tmp_path):
+    """A stage runs as ``python -m bench.gpu_check`` from the root, whose edgekd/ lacks the side folders: the stages'
+    environment keeps the current folder off sys.path, so the overlay's edgekd comes first and bench from the root."""
+    extra, _ = gpu_check.import_setup(tmp_path, from_tree=True)
+    env = gpu_check.child_env(False, tmp_path, extra)
+    code = "import bench, edgekd; print(bench.__file__); print(edgekd.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    bench_file, edgekd_file = out.stdout.split()
+    assert bench_file == str(ROOT / "bench" / "__init__.py") and edgekd_file.startswith(str(tmp_path / "tree"))

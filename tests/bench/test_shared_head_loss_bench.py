@@ -3,20 +3,13 @@ interleaved, the floor."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from bench import shared_head_loss as shl
+from bench import shared_head_loss_worker as shl_worker
+from bench.shared_head_loss_providers import CASES
 from edgekd.kernels import interpreting
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import shared_head_loss as shl  # noqa: E402
-import shared_head_loss_worker as shl_worker  # noqa: E402
-from shared_head_loss_providers import CASES  # noqa: E402
 
 SPEC = {"device": "cpu", "dtype": "float32", "B": 4, "D": 8, "C": 20, "rounds": 2, "runs": 2, "warmup": 1,
         "threads": None, "compile_backend": "aot_eager"}  # fmt: skip
