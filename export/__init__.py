@@ -1,7 +1,8 @@
 """ONNX export, FP16 / INT8 variants, TensorRT engines, runtimes, gates and latency (installed as ``edgekd.export``).
 
 The usual entry point is ``export_checkpoint`` (what ``edgekd export`` runs). The pieces are public for scripts, by
-concept: ``passes`` (``export_onnx`` -> ``convert_fp16`` / ``quantize_qdq``), ``checks`` (``check_readiness`` for
+concept: ``passes`` (``export_onnx`` -> ``convert_fp16`` / ``quantize_qdq``; ``PRECISION_TABLE`` says what each
+precision is), ``checks`` (``check_readiness`` for
 TensorRT, ``parity_gate`` / ``task_gate``, ``insightface_problems`` for insightface's loader), ``builders``
 (``build_engine``), ``runtimes`` (``open_runtime`` runs any artifact or checkpoint), ``artifact`` (the gated write
 every route shares), and ``read_contract`` for the input an ONNX file expects (edgekd metadata or insightface
@@ -23,6 +24,7 @@ from edgekd.export.passes.int8 import Int8Options as Int8Options
 from edgekd.export.passes.int8 import quantize_qdq as quantize_qdq
 from edgekd.export.passes.onnx import export_onnx as export_onnx
 from edgekd.export.passes.onnx import read_metadata as read_metadata
+from edgekd.export.passes.precisions import PRECISION_TABLE as PRECISION_TABLE
 from edgekd.export.pipeline import export_checkpoint as export_checkpoint
 from edgekd.export.runtimes import BACKENDS as BACKENDS
 from edgekd.export.runtimes import open_runtime as open_runtime

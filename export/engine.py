@@ -26,6 +26,7 @@ from edgekd.export.checks.readiness import ReadinessReport, check_readiness
 from edgekd.export.optional_deps import TRT_INSTALL_HINT, import_tensorrt, import_torch_tensorrt, trt_major
 from edgekd.export.options import ENGINE_ROUTES, ExportOptions
 from edgekd.export.passes.onnx import save_onnx
+from edgekd.export.passes.precisions import PRECISION_TABLE
 from edgekd.export.runtimes import open_runtime
 from edgekd.utils.env import environment
 from edgekd.utils.hashing import file_sha256
@@ -67,16 +68,16 @@ def export_engine(
 
 def _gate_settings(options: ExportOptions) -> dict:
     """``write_gated``'s gate arguments for an engine: only the gate batch sizes its optimization profile accepts (its
-    largest if none fits), and the ``trt-fp32`` threshold for FP32 (TensorRT may run FP32 layers with TF32 math)."""
+    largest if none fits), and the precision's engine gate (``trt-fp32`` for FP32: TensorRT may run FP32 layers with
+    TF32 math)."""
     profile = options.profile
     batches = tuple(b for b in options.gate_batches if b <= profile.max_batch) or (profile.max_batch,)
-    label = "trt-fp32" if options.precision == "fp32" else options.precision
-    return {"gate_as": label, "gate_batches": batches}
+    return {"gate_as": PRECISION_TABLE[options.precision].engine_gate, "gate_batches": batches}
 
 
 def _expected_int8_layers(graph: onnx.ModelProto) -> int:
     """Weighted layers (Conv/Gemm/MatMul) whose weight comes out of a DequantizeLinear: what TensorRT should run in
-    INT8."""
+    INT8 (none in a graph without Q/DQ)."""
     init = {t.name for t in graph.graph.initializer}
     producers = {o: n for n in graph.graph.node for o in n.output}
     return sum(
@@ -94,11 +95,12 @@ def _tensorrt_plan(onnx_path: Path, fp32, candidate, cfg, gates: Gates, options:
     precision = options.precision
     trt = import_tensorrt()
     major = trt_major(trt)
-    # TensorRT 10 takes precision from builder flags: parse the FP32 graph for fp32/fp16; 11 takes the typed graph.
-    graph = fp32 if (major == 10 and precision == "fp16") else candidate
+    # TensorRT 10 takes precision from builder flags: it parses the FP32 graph where the precision says so; 11 takes the
+    # typed graph.
+    graph = fp32 if (major == 10 and PRECISION_TABLE[precision].trt10_parses_fp32) else candidate
     if graph is not candidate and not check_readiness(graph).ready:
         raise EdgekdError("the FP32 graph is not TensorRT-ready")
-    expected_int8 = _expected_int8_layers(candidate) if precision == "int8" else None
+    expected_int8 = _expected_int8_layers(candidate)
     with tempfile.TemporaryDirectory(prefix="edgekd-trt-") as tmpdir:
         parsed = Path(tmpdir) / "model.onnx"
         save_onnx(graph, parsed)

@@ -1,6 +1,6 @@
 """What ``edgekd export`` can be told: ``ExportOptions``, with the INT8 pass's settings (``Int8Options``) and the
 engine's optimization profile (``EngineProfile``) nested as the passes and builders take them, and the names of the
-precisions and engine routes that the CLI offers."""
+precisions (``PRECISION_TABLE``'s) and engine routes that the CLI offers."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from edgekd.errors import EdgekdError
 from edgekd.export.builders.tensorrt import EngineProfile
 from edgekd.export.checks.gates import DEFAULT_GATE_BATCHES, DEFAULT_MAX_DROP
 from edgekd.export.passes.int8 import Int8Options
+from edgekd.export.passes.precisions import PRECISION_TABLE
 
 __all__ = ["PRECISIONS", "ENGINE_ROUTES", "ExportOptions", "check_options"]
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = tuple(PRECISION_TABLE)  # --precision's choices, in the table's order
 ENGINE_ROUTES = ("onnx", "torch-tensorrt")  # --trt-via: TensorRT's ONNX parser, or torch-tensorrt on the model
 
 
@@ -33,7 +34,7 @@ class ExportOptions:
     real_images: str | None = None
     gate_data: str = "synthetic"  # generated gate images: a synthetic spec (held-out identities are drawn)
     min_cosine: float | None = None
-    pairs: str | None = None  # task-gate pairs; INT8 defaults to the built-in held-out synthetic pairs
+    pairs: str | None = None  # task-gate pairs; None: the precision's default_pairs (INT8: held-out synthetic ones)
     max_drop: float = DEFAULT_MAX_DROP
     seed: int = 0
     # int8: the calibration source, then the Q/DQ placement
@@ -56,8 +57,10 @@ def check_options(options: ExportOptions) -> None:
     """One-line errors for option values no export can use (the CLI's click types catch most of them earlier)."""
     if options.precision not in PRECISIONS:
         raise EdgekdError(f"unknown precision {options.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if options.precision == "int8" and not options.calib:
-        raise EdgekdError("--precision int8 needs --calib SOURCE (an image folder, a dataset spec, or builtin)")
+    if PRECISION_TABLE[options.precision].needs_calibration and not options.calib:
+        raise EdgekdError(
+            f"--precision {options.precision} needs --calib SOURCE (an image folder, a dataset spec, or builtin)"
+        )
     for option, value in (("--gate-images", options.gate_images), ("--calib-images", options.calib_images)):
         if value < 1:
             raise EdgekdError(f"{option} must be at least 1, got {value}")

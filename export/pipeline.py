@@ -1,11 +1,11 @@
 """``edgekd export`` as a function: checkpoint -> gated ONNX (FP32 / FP16 / INT8) -> optional gated TensorRT engine.
 
-The ONNX graph comes out of the passes (``edgekd.export.passes``: export, then FP16 or INT8, then optionally the ONNX
-Runtime CPU rewrites), is checked for TensorRT readiness, and is written through ``edgekd.export.artifact.write_gated``:
-under a temporary name, gated from there, renamed into place only when the gates pass, then the sidecar
-``<artifact>.json`` (metadata, gate results, readiness findings, calibration details and the environment). With
-``--trt`` the engine route (``edgekd.export.engine``) then writes the engine the same way. A failure leaves nothing
-final behind and raises ``GateFailed`` after the report has been logged.
+The ONNX graph comes out of the passes (``edgekd.export.passes``: export, then the precision's pass from
+``PRECISION_TABLE``, then optionally the ONNX Runtime CPU rewrites), is checked for TensorRT readiness, and is written
+through ``edgekd.export.artifact.write_gated``: under a temporary name, gated from there, renamed into place only when
+the gates pass, then the sidecar ``<artifact>.json`` (metadata, gate results, readiness findings, calibration details
+and the environment). With ``--trt`` the engine route (``edgekd.export.engine``) then writes the engine the same way. A
+failure leaves nothing final behind and raises ``GateFailed`` after the report has been logged.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 import torch
 
 from edgekd.bundle import load_bundle
-from edgekd.calib import build_calibration_set, calibrate
-from edgekd.export.artifact import Gates, gate_inputs, load_gate_pairs, log_skipped, write_gated
+from edgekd.calib import CalibrationResult, CalibrationSet, build_calibration_set, calibrate
+from edgekd.export.artifact import Artifact, Gates, gate_inputs, load_gate_pairs, log_skipped, write_gated
 from edgekd.export.builders.tensorrt import EngineProfile
 from edgekd.export.checks.gates import GateReport
 from edgekd.export.checks.insightface import insightface_problems
@@ -29,20 +29,16 @@ from edgekd.export.checks.outputs import check_output_file
 from edgekd.export.checks.readiness import ReadinessReport, check_readiness
 from edgekd.export.engine import check_trt_available, export_engine
 from edgekd.export.options import ExportOptions, check_options
-from edgekd.export.passes.fp16 import convert_fp16
-from edgekd.export.passes.int8 import QUANT_OP_TYPES, quantize_qdq
-from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx, set_metadata
+from edgekd.export.passes.int8 import QUANT_OP_TYPES
+from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx
 from edgekd.export.passes.ort_cpu import rewrite_for_ort_cpu
+from edgekd.export.passes.precisions import PRECISION_TABLE, Precision
 from edgekd.export.runtimes import TorchRuntime, open_runtime
+from edgekd.models import ModelCfg
 from edgekd.utils.hashing import file_sha256
 
-__all__ = ["ExportResult", "export_checkpoint", "default_output", "INT8_CPU_NOTE"]
+__all__ = ["ExportResult", "export_checkpoint", "default_output"]
 
-# BENCHMARKS.md "Export and latency" (mbf, 1 thread, batch 1): ORT CPU FP32 9.62 ms, INT8 S8S8 14.99 ms, U8S8 13.14 ms.
-INT8_CPU_NOTE = (
-    "INT8 Q/DQ on ONNX Runtime's CPU provider is usually slower than FP32 (BENCHMARKS.md: mbf 1 thread batch 1, "
-    "14.99 ms INT8 vs 9.62 ms FP32); it is meant for TensorRT and other INT8 accelerators"
-)
 Log = Callable[[str], None]
 
 
@@ -58,27 +54,21 @@ class ExportResult:
     sidecars: list[Path] = field(default_factory=list)
 
 
+class _Source(NamedTuple):
+    """The checkpoint as given, its model ready to export (FP32, eval, CPU) with its config, and the file's hash."""
+
+    checkpoint: str
+    backbone: torch.nn.Module
+    cfg: ModelCfg
+    sha256: str
+
+
 def default_output(checkpoint: str | os.PathLike, precision: str, static_batch: int | None = None) -> Path:
     """``<checkpoint stem>.<precision>.onnx`` next to the checkpoint (``.b<N>`` before ``.onnx`` for a static batch,
     so it does not replace the dynamic-batch file)."""
     ckpt = Path(checkpoint)
     batch = f".b{static_batch}" if static_batch else ""
     return ckpt.with_name(f"{ckpt.stem}.{precision}{batch}.onnx")
-
-
-def _log_deployment_notes(cfg, options: ExportOptions, out: Path, log: Log) -> None:
-    """One-line notes on where the artifact will not do what a user may expect: insightface loading, INT8 on CPU."""
-    problems = insightface_problems(
-        cfg.input_size,
-        mean=cfg.mean,
-        std=cfg.std,
-        channel_order=cfg.channel_order,
-        batch=options.static_batch,
-    )
-    if problems:
-        log(f"warning: {out.name} will not load through insightface's model_zoo.get_model: {'; '.join(problems)}")
-    if options.precision == "int8" and not options.trt:
-        log(f"note: {INT8_CPU_NOTE}")
 
 
 def export_checkpoint(
@@ -106,51 +96,69 @@ def export_checkpoint(
         MissingDependency: ``--trt`` without TensorRT / torch-tensorrt / a GPU (checked before any work).
         EdgekdError: bad options or inputs.
     """
-    options = options or ExportOptions()
+    options = _checked_options(options or ExportOptions())
+    precision = PRECISION_TABLE[options.precision]
     log = log or (lambda _msg: None)
-    precision = options.precision
+    torch.manual_seed(options.seed)
+    out = Path(out) if out is not None else default_output(checkpoint, precision.name, options.static_batch)
+    check_output_file(out, ".onnx")
+
+    source = _load_source(checkpoint, model_name)
+    # every data source is read before the export, so a bad one fails in seconds, not after the exporter
+    gates = _gates(source, precision, options, log)
+    calib_set = _calibration_set(source.cfg, options, log) if precision.needs_calibration else None
+    _log_deployment_notes(source.cfg, precision, options, out, log)
+
+    fp32 = _export_fp32(source, options, out, log)
+    candidate, calib_info = _make_candidate(fp32, precision, calib_set, options, log)
+    readiness = check_readiness(candidate, name=out.name)
+    log(readiness.format())
+    written = _write_onnx(out, candidate, readiness, gates, source, options, calib_info)
+    result = ExportResult(onnx=out, gate=written.gate, readiness=readiness, sidecars=[written.sidecar])
+    if options.trt:
+        engine = export_engine(
+            out, readiness, fp32=fp32, candidate=candidate, backbone=source.backbone, gates=gates, options=options
+        )
+        result.engine, result.engine_gate = engine.path, engine.gate
+        result.sidecars.append(engine.sidecar)
+    return result
+
+
+def _checked_options(options: ExportOptions) -> ExportOptions:
+    """``options`` checked, with a static batch applied to the gates and the engine profile; the TensorRT route is
+    checked to run here before any work."""
     check_options(options)
     if options.static_batch:  # a fixed-shape graph runs only its own batch (and, padded, smaller ones)
         n = options.static_batch
         options = replace(options, gate_batches=(n,), profile=EngineProfile(n, n, n))
     if options.trt:
         check_trt_available(options)
-    torch.manual_seed(options.seed)
-    out = Path(out) if out is not None else default_output(checkpoint, precision, options.static_batch)
-    check_output_file(out, ".onnx")
+    return options
 
+
+def _load_source(checkpoint: str | os.PathLike, model_name: str | None) -> _Source:
     bundle = load_bundle(checkpoint, model=model_name)
     backbone = bundle.backbone.eval().float().cpu()
-    cfg = backbone.cfg
-    source_hash = file_sha256(checkpoint)
-    # every data source is read before the export, so a bad one fails in seconds, not after the exporter
+    return _Source(str(checkpoint), backbone, backbone.cfg, file_sha256(checkpoint))
+
+
+def _gates(source: _Source, precision: Precision, options: ExportOptions, log: Log) -> Gates:
+    """What every artifact is gated against: PyTorch FP32 on the gate images (noise too where ``precision`` wants it)
+    and on the task-gate pairs (``precision``'s default ones when ``--pairs`` is not given)."""
+    cfg = source.cfg
     inputs = gate_inputs(
         cfg,
         options.gate_images,
         options.seed,
         options.real_images,
-        with_noise=precision != "int8",
+        with_noise=precision.noise_gate,
         generated=options.gate_data,
         skip_bad=options.skip_bad,
         log=log,
     )
-    pairs = load_gate_pairs(options.pairs or ("synthetic" if precision == "int8" else None), cfg, options.seed)
-    calib_set = _calibration_set(cfg, options, log) if precision == "int8" else None
-    _log_deployment_notes(cfg, options, out, log)
-
-    batch = f", static batch {options.static_batch}" if options.static_batch else ""
-    log(f"exporting {cfg.name} {tuple(cfg.input_size)} -> {out} [{precision}{batch}]")
-    extra = {"static_batch": options.static_batch} if options.static_batch else {}
-    fp32 = export_onnx(
-        backbone,
-        cfg,
-        opset=options.opset,
-        legacy_exporter=options.legacy_exporter,
-        metadata=model_metadata(cfg, precision="fp32", source_sha256=source_hash, **extra),
-        static_batch=options.static_batch,
-    )
-    gates = Gates(
-        reference=TorchRuntime(backbone),
+    pairs = load_gate_pairs(options.pairs or precision.default_pairs, cfg, options.seed)
+    return Gates(
+        reference=TorchRuntime(source.backbone),
         inputs=inputs,
         pairs=pairs,
         mean=tuple(cfg.mean),
@@ -161,48 +169,8 @@ def export_checkpoint(
         log=log,
     )
 
-    calib_info: dict[str, Any] | None = None
-    if precision == "fp32":
-        candidate = fp32
-    elif precision == "fp16":
-        candidate = convert_fp16(fp32)
-        set_metadata(candidate, {"precision": "fp16"})
-    else:
-        candidate, calib_info = _int8(fp32, calib_set, options, log)
 
-    if options.ort_cpu_rewrites:
-        candidate, rewritten = rewrite_for_ort_cpu(candidate)
-        log(f"rewrote for ONNX Runtime CPU: {rewritten['prelu']} PReLU, {rewritten['grouped_conv']} grouped Conv")
-    readiness = check_readiness(candidate, name=out.name)
-    log(readiness.format())
-    written = write_gated(
-        out,
-        lambda tmp: save_onnx(candidate, tmp),
-        lambda tmp: open_runtime(tmp, "ort-cpu", cpu_rewrites=False),  # gate the artifact exactly as written
-        gates,
-        kind="onnx",
-        precision=precision,
-        sidecar={
-            "checkpoint": str(checkpoint),
-            "checkpoint_sha256": source_hash,
-            "model": cfg.to_dict(),
-            "opset": options.opset,
-            "static_batch": options.static_batch,
-            "readiness": readiness.to_dict(),
-            "calibration": calib_info,
-        },
-    )
-    result = ExportResult(onnx=out, gate=written.gate, readiness=readiness, sidecars=[written.sidecar])
-    if options.trt:
-        engine = export_engine(
-            out, readiness, fp32=fp32, candidate=candidate, backbone=backbone, gates=gates, options=options
-        )
-        result.engine, result.engine_gate = engine.path, engine.gate
-        result.sidecars.append(engine.sidecar)
-    return result
-
-
-def _calibration_set(cfg, options: ExportOptions, log: Log):
+def _calibration_set(cfg: ModelCfg, options: ExportOptions, log: Log) -> CalibrationSet:
     calib_set = build_calibration_set(
         options.calib, cfg, num_images=options.calib_images, seed=options.seed, skip_bad=options.skip_bad
     )
@@ -210,7 +178,56 @@ def _calibration_set(cfg, options: ExportOptions, log: Log):
     return calib_set
 
 
-def _int8(fp32: onnx.ModelProto, calib_set, options: ExportOptions, log: Log) -> tuple[onnx.ModelProto, dict]:
+def _log_deployment_notes(cfg: ModelCfg, precision: Precision, options: ExportOptions, out: Path, log: Log) -> None:
+    """One-line notes on where the artifact will not do what a user may expect: insightface loading, and the
+    precision's own note when it is not headed for TensorRT."""
+    problems = insightface_problems(
+        cfg.input_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        channel_order=cfg.channel_order,
+        batch=options.static_batch,
+    )
+    if problems:
+        log(f"warning: {out.name} will not load through insightface's model_zoo.get_model: {'; '.join(problems)}")
+    if precision.ort_cpu_note and not options.trt:
+        log(f"note: {precision.ort_cpu_note}")
+
+
+def _export_fp32(source: _Source, options: ExportOptions, out: Path, log: Log) -> onnx.ModelProto:
+    """The FP32 ONNX graph that every precision's pass starts from."""
+    cfg = source.cfg
+    batch = f", static batch {options.static_batch}" if options.static_batch else ""
+    log(f"exporting {cfg.name} {tuple(cfg.input_size)} -> {out} [{options.precision}{batch}]")
+    extra = {"static_batch": options.static_batch} if options.static_batch else {}
+    return export_onnx(
+        source.backbone,
+        cfg,
+        opset=options.opset,
+        legacy_exporter=options.legacy_exporter,
+        metadata=model_metadata(cfg, precision="fp32", source_sha256=source.sha256, **extra),
+        static_batch=options.static_batch,
+    )
+
+
+def _make_candidate(
+    fp32: onnx.ModelProto, precision: Precision, calib_set: CalibrationSet | None, options: ExportOptions, log: Log
+) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """The artifact's graph: ``precision``'s pass over the FP32 graph (with ranges calibrated on ``calib_set`` when it
+    needs them), then the ONNX Runtime CPU rewrites when asked for; and the calibration details for the sidecar."""
+    ranges, calib_info = _calibrate(fp32, calib_set, options, log) if calib_set is not None else (None, None)
+    candidate = precision.make(fp32, ranges, options.int8)
+    if options.ort_cpu_rewrites:
+        candidate, rewritten = rewrite_for_ort_cpu(candidate)
+        log(f"rewrote for ONNX Runtime CPU: {rewritten['prelu']} PReLU, {rewritten['grouped_conv']} grouped Conv")
+    return candidate, calib_info
+
+
+def _calibrate(
+    fp32: onnx.ModelProto, calib_set: CalibrationSet, options: ExportOptions, log: Log
+) -> tuple[CalibrationResult, dict[str, Any]]:
+    """Activation ranges of ``fp32`` on ``calib_set`` (from the cache when it has them), and the sidecar's account of
+    them and of the Q/DQ placement."""
     result = calibrate(
         fp32, calib_set, options.calib_method, op_types=list(QUANT_OP_TYPES), cache_dir=options.calib_cache
     )
@@ -218,7 +235,6 @@ def _int8(fp32: onnx.ModelProto, calib_set, options: ExportOptions, log: Log) ->
     log(
         f"calibration: {options.calib_method} on {len(calib_set)} images from {options.calib} ({how}, key {result.key})"
     )
-    quantized = quantize_qdq(fp32, result, options.int8)
     info = {
         "source": options.calib,
         "images": len(calib_set),
@@ -233,4 +249,33 @@ def _int8(fp32: onnx.ModelProto, calib_set, options: ExportOptions, log: Log) ->
         "keep_last": options.int8.keep_last,
         "activations": options.int8.activations,
     }
-    return quantized, info
+    return result, info
+
+
+def _write_onnx(
+    out: Path,
+    candidate: onnx.ModelProto,
+    readiness: ReadinessReport,
+    gates: Gates,
+    source: _Source,
+    options: ExportOptions,
+    calib_info: dict[str, Any] | None,
+) -> Artifact:
+    """The gated write of the ONNX artifact, gated exactly as written (ONNX Runtime CPU on the file, no rewrites)."""
+    return write_gated(
+        out,
+        lambda tmp: save_onnx(candidate, tmp),
+        lambda tmp: open_runtime(tmp, "ort-cpu", cpu_rewrites=False),
+        gates,
+        kind="onnx",
+        precision=options.precision,
+        sidecar={
+            "checkpoint": source.checkpoint,
+            "checkpoint_sha256": source.sha256,
+            "model": source.cfg.to_dict(),
+            "opset": options.opset,
+            "static_batch": options.static_batch,
+            "readiness": readiness.to_dict(),
+            "calibration": calib_info,
+        },
+    )

@@ -31,7 +31,7 @@ from edgekd.export.latency import (
     run_benchmark,
 )
 from edgekd.export.passes.onnx import export_onnx, load_onnx, model_metadata, read_metadata, save_onnx
-from edgekd.export.pipeline import INT8_CPU_NOTE
+from edgekd.export.passes.precisions import PRECISION_TABLE
 from edgekd.export.runtimes import file_kind, open_runtime
 from edgekd.utils.env import environment
 from edgekd.utils.hashing import file_sha256
@@ -130,9 +130,14 @@ def _log_batch_limits(specs, batches: tuple[int, ...], log) -> None:
                 )
 
 
-def _log_int8_cpu_note(specs, backends, log) -> None:
-    if "ort-cpu" in backends and any(spec.precision == "int8" and spec.onnx for spec in specs):
-        log(f"note: {INT8_CPU_NOTE}")
+def _log_ort_cpu_notes(specs, backends, log) -> None:
+    """What a precision's entry says about ONNX Runtime's CPU provider (INT8: where it disappoints), once each."""
+    if "ort-cpu" not in backends:
+        return
+    precisions = {spec.precision for spec in specs if spec.onnx and spec.precision in PRECISION_TABLE}
+    for name in sorted(precisions):
+        if PRECISION_TABLE[name].ort_cpu_note:
+            log(f"note: {PRECISION_TABLE[name].ort_cpu_note}")
 
 
 @click.command("benchmark-latency")
@@ -236,7 +241,7 @@ def command(
     with tempfile.TemporaryDirectory(prefix="edgekd-latency-") as tmpdir:
         specs = _specs(models, arch, image_size, chosen, tmpdir, click.echo)
         _log_batch_limits(specs, batches, click.echo)
-        _log_int8_cpu_note(specs, chosen, click.echo)
+        _log_ort_cpu_notes(specs, chosen, click.echo)
         rows = run_benchmark(specs, chosen, cfg, log=click.echo, only_applicable=not backends)
     click.echo(format_latency_table(rows))
     report = {

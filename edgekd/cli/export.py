@@ -21,6 +21,7 @@ from edgekd.export.checks.outputs import check_output_dir, check_output_file
 from edgekd.export.checks.readiness import check_readiness
 from edgekd.export.options import ENGINE_ROUTES, PRECISIONS, ExportOptions
 from edgekd.export.passes.int8 import ACTIVATION_TYPES, Int8Options
+from edgekd.export.passes.precisions import PRECISION_TABLE
 from edgekd.export.pipeline import export_checkpoint
 from edgekd.export.runtimes import FILE_KINDS, file_kind
 
@@ -105,6 +106,16 @@ class OutputDir(click.ParamType):
         return str(value)
 
 
+# What the help says of each precision is read from the table, so a new precision needs no edit here.
+_PRECISION_HELP = "; ".join(
+    f"{p.name}: {p.summary}" + (" (needs --calib)" if p.needs_calibration else "") for p in PRECISION_TABLE.values()
+)
+_THRESHOLD_HELP = ", ".join(f"{p.name} {p.statistic} {p.min_cosine}" for p in PRECISION_TABLE.values())
+_DEFAULT_PAIRS_HELP = ", ".join(
+    f"{p.name} default: {p.default_pairs}" for p in PRECISION_TABLE.values() if p.default_pairs
+)
+_CALIBRATED = " and ".join(p.name for p in PRECISION_TABLE.values() if p.needs_calibration)
+
 CHECKPOINT_SUFFIXES = FILE_KINDS["checkpoint"]
 EXPORTED_SUFFIXES = (*FILE_KINDS["onnx"], *FILE_KINDS["engine"])  # what eval and benchmark-latency run
 
@@ -148,7 +159,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
     type=click.Choice(PRECISIONS),
     default="fp32",
     show_default=True,
-    help="fp16: FP16-typed graph with FP32 I/O; int8: explicit Q/DQ graph (needs --calib)",
+    help=_PRECISION_HELP,
 )
 @click.option(
     "--static-batch",
@@ -184,12 +195,12 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
     "--min-cosine",
     type=click.FloatRange(-1.0, 1.0),
     default=None,
-    help="override the per-row cosine threshold (fp32 min 0.99999, fp16 min 0.999, int8 mean 0.995)",
+    help=f"override the per-row cosine threshold ({_THRESHOLD_HELP})",
 )
 @click.option(
     "--pairs",
     default=None,
-    help="task-gate pairs: synthetic[:k=v,...] or an insightface .bin (int8 default: synthetic)",
+    help=f"task-gate pairs: synthetic[:k=v,...] or an insightface .bin ({_DEFAULT_PAIRS_HELP})",
 )
 @click.option(
     "--max-drop",
@@ -201,7 +212,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 @click.option(
     "--calib",
     default=None,
-    help="int8 calibration source: anything --data takes (an image folder, a RecordIO folder or .rec, "
+    help=f"{_CALIBRATED} calibration source: anything --data takes (an image folder, a RecordIO folder or .rec, "
     "synthetic:..., fmnist), a flat folder of images, or builtin",
 )
 @click.option("--calib-images", type=click.IntRange(min=1), default=128, show_default=True, help="calibration images")

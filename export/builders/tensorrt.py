@@ -25,6 +25,7 @@ import torch
 from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError, GateFailed, MissingDependency
 from edgekd.export.optional_deps import TRT_INSTALL_HINT, import_tensorrt, trt_major
+from edgekd.export.passes.precisions import PRECISION_TABLE
 
 __all__ = [
     "EngineProfile",
@@ -156,14 +157,14 @@ def build_engine(
 
 
 def _set_precision_flags(trt, major: int, config, precision: str) -> list[str]:
-    """TensorRT 10: set the flags ``precision`` needs, failing loudly if they do not exist. TensorRT 11: none."""
-    if precision not in ("fp32", "fp16", "int8"):
+    """TensorRT 10: set the flags ``precision`` needs (its ``trt10_flags``), failing loudly if they do not exist.
+    TensorRT 11: none."""
+    if precision not in PRECISION_TABLE:
         raise EdgekdError(f"unknown TensorRT precision {precision!r}")
-    if major >= 11 or precision == "fp32":
+    if major >= 11:
         return []
-    wanted = ["FP16"] if precision == "fp16" else ["INT8", "FP16"]  # INT8 + FP16 so un-quantized layers may use FP16
     flags = []
-    for name in wanted:
+    for name in PRECISION_TABLE[precision].trt10_flags:
         flag = getattr(trt.BuilderFlag, name, None)
         if flag is None:
             raise EdgekdError(

@@ -1,9 +1,10 @@
 """Compile the PyTorch model with torch-tensorrt (dynamo path) instead of parsing ONNX: ``--trt-via torch-tensorrt``.
 
-FP32 compiles the model as is; FP16 compiles ``x.half() -> model.half() -> out.float()``, so the precision is in
-the graph itself (torch-tensorrt >= 2.13 ignores ``enabled_precisions`` on the dynamo path, reference/export.md §3.2)
-and the interface stays float32. ``require_full_compilation`` keeps every op inside TensorRT. INT8 needs ModelOpt
-fake-quant modules and is not offered on this route; use the ONNX route (``--trt`` with ``--precision int8``).
+FP32 compiles the model as is; another precision compiles ``x.to(dtype) -> model.to(dtype) -> out.float()`` with its
+``torch_dtype`` (``edgekd.export.passes.precisions``; FP16 for fp16), so the precision is in the graph itself
+(torch-tensorrt >= 2.13 ignores ``enabled_precisions`` on the dynamo path, reference/export.md §3.2) and the interface
+stays float32. ``require_full_compilation`` keeps every op inside TensorRT. INT8 needs ModelOpt fake-quant modules and
+is not offered on this route (no ``torch_dtype``); use the ONNX route (``--trt`` with ``--precision int8``).
 
 The compiled program is saved with ``torch_tensorrt.save`` (ExportedProgram format); ``edgekd.export.engine`` gates it
 exactly like an engine built from ONNX, and ``edgekd.export.runtimes.torch_tensorrt`` runs it. ``torch_tensorrt`` is
@@ -21,19 +22,21 @@ import torch
 from edgekd.errors import EdgekdError, MissingDependency
 from edgekd.export.builders.tensorrt import EngineProfile, census_from_layer_info
 from edgekd.export.optional_deps import TORCH_TRT_INSTALL_HINT, import_torch_tensorrt
+from edgekd.export.passes.precisions import PRECISION_TABLE
 
 __all__ = ["compile_torch_tensorrt", "save_torch_tensorrt"]
 
 
-class _HalfWrapper(torch.nn.Module):
-    """float32 in, float32 out, FP16 inside."""
+class _Typed(torch.nn.Module):
+    """float32 in, float32 out, ``dtype`` inside."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.model = model.half()
+        self.model = model.to(dtype)
+        self.inner_dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.half()).float()
+        return self.model(x.to(self.inner_dtype)).float()
 
 
 def compile_torch_tensorrt(
@@ -55,11 +58,14 @@ def compile_torch_tensorrt(
     torch_trt = import_torch_tensorrt()
     if not torch.cuda.is_available():
         raise MissingDependency(f"torch-tensorrt needs an NVIDIA GPU; none is visible. {TORCH_TRT_INSTALL_HINT}")
-    if precision not in ("fp32", "fp16"):
-        raise EdgekdError("--trt-via torch-tensorrt builds fp32 and fp16 engines; for int8 use the ONNX route")
+    dtype = PRECISION_TABLE[precision].torch_dtype if precision in PRECISION_TABLE else None
+    if dtype is None:
+        offered = " and ".join(p.name for p in PRECISION_TABLE.values() if p.torch_dtype is not None)
+        others = " and ".join(p.name for p in PRECISION_TABLE.values() if p.torch_dtype is None)
+        raise EdgekdError(f"--trt-via torch-tensorrt builds {offered} engines; for {others} use the ONNX route")
     module = model.eval().cuda()
-    if precision == "fp16":
-        module = _HalfWrapper(module)
+    if dtype != torch.float32:  # the precision is in the graph itself, the interface stays float32
+        module = _Typed(module, dtype)
     shape = tuple(input_shape)
     spec = torch_trt.Input(
         min_shape=(profile.min_batch, *shape),

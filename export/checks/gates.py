@@ -1,9 +1,9 @@
 """Accuracy gates for exported artifacts: per-row embedding parity against PyTorch FP32, and a task gate on pairs.
 
 Parity: the candidate runs every gate input at several batch sizes; each row's cosine to the FP32 PyTorch embedding of
-the same image is compared with a threshold on the statistic that precision is judged by (``min`` for FP32/FP16,
-``mean`` for INT8). The max absolute error (raw and after L2 normalization) and how far a row's embedding moves
-between batch sizes are reported beside it.
+the same image is compared with a threshold on the statistic that precision is judged by (``THRESHOLDS``, read from
+``edgekd.export.passes.precisions``: ``min`` for FP32/FP16, ``mean`` for INT8). The max absolute error (raw and after
+L2 normalization) and how far a row's embedding moves between batch sizes are reported beside it.
 
 Task: verification accuracy (10-fold) and TAR@FAR on held-out pairs, through ``edgekd.eval.embed.evaluate_pairs``, for
 the FP32 reference and the candidate; the candidate may lose at most ``max_drop`` points on each.
@@ -22,6 +22,7 @@ import torch
 
 from edgekd.errors import GateFailed
 from edgekd.eval.embed import Forward, embed_batches, evaluate_pairs
+from edgekd.export.passes.precisions import PRECISION_TABLE
 
 __all__ = [
     "THRESHOLDS",
@@ -36,12 +37,15 @@ __all__ = [
     "task_gate",
 ]
 
-# precision -> (statistic, minimum per-row cosine); SPEC §6 and export.md §4.2.
+# gate -> (statistic, minimum per-row cosine): each precision's own under its name, and under ``trt-<name>`` that of its
+# TensorRT engines where it differs (``Precision.engine_gate``).
 THRESHOLDS: dict[str, tuple[str, float]] = {
-    "fp32": ("min", 0.99999),
-    "trt-fp32": ("min", 0.9999),  # TensorRT may run FP32 layers with TF32 math
-    "fp16": ("min", 0.999),
-    "int8": ("mean", 0.995),
+    **{p.name: (p.statistic, p.min_cosine) for p in PRECISION_TABLE.values()},
+    **{
+        p.engine_gate: (p.statistic, p.engine_min_cosine)
+        for p in PRECISION_TABLE.values()
+        if p.engine_min_cosine is not None
+    },
 }
 DEFAULT_GATE_BATCHES = (1, 8, 32)
 DEFAULT_MAX_DROP = 0.5  # points (percent) of accuracy and of TAR@FAR

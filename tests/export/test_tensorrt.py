@@ -13,6 +13,7 @@ import torch
 
 from edgekd.errors import GateFailed
 from edgekd.export.builders.tensorrt import census_from_layer_info, check_layer_precisions
+from edgekd.export.options import PRECISIONS
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_TORCH_TRT = importlib.util.find_spec("torch_tensorrt") is not None
@@ -81,7 +82,7 @@ def test_layer_census_and_precision_check():
 
 @needs_trt
 @pytest.mark.trt
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_trt_engine_passes_gates(tmp_path, trained_student, student_gate_options, precision):
     import json
 
