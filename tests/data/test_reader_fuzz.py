@@ -4,26 +4,16 @@ Runs bench/fuzz_readers.py's fuzzer (the same fixtures, mutations and reads) on 
 and the long benchmark run never drift apart; a failure prints each case with the command that replays it.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "fuzz_readers.py"
+from bench import fuzz_readers
+
 MUTATIONS, SEED = 500, 0
 
 
 @pytest.fixture(scope="module")
 def fuzzer():
-    spec = importlib.util.spec_from_file_location("fuzz_readers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    return fuzz_readers
 
 
 def test_mutated_files_read_or_raise_data_error(fuzzer, tmp_path):
