@@ -154,7 +154,7 @@ def command(**kwargs) -> None:
         teacher_spec = head_spec_of(read_bundle_meta(values["teacher"]))
         if teacher_spec is not None:
             check_teacher_head(teacher_spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
-    echo(describe_settings(values, SETTINGS))
+    echo(describe_settings(_as_used(values), SETTINGS))
     if values["eval"] and face and not job.pairs:
         echo(
             f"note: no verification .bin files beside {cfg.data} and no --pairs: this run ends without a "
@@ -169,6 +169,18 @@ def command(**kwargs) -> None:
         echo("\n" + results_table(report))
     plots = ", ".join(report["plots"].values())
     echo(f"\nstudent: {report['student']}  ({report['seconds']:.0f} s; report {out}/results.json; plots {plots})")
+
+
+def _as_used(values: dict) -> dict:
+    """The settings as the run uses them, for its log line: an edgekd teacher file given with --teacher decides its
+    own architecture (not --teacher-model), and is not trained here unless the method trains its own teacher from it
+    (SH-KD's I1), so --teacher-epochs and --teacher-lr do not apply to it."""
+    if not values["teacher"] or Path(values["teacher"]).suffix != ".safetensors":
+        return values  # no file, or a plain state_dict whose architecture --teacher-model names
+    shown = {**values, "teacher_model": read_bundle_meta(values["teacher"]).get("model", values["teacher_model"])}
+    if not METHODS[values["method"]].staged:
+        shown["teacher_epochs"] = shown["teacher_lr"] = None  # describe_settings leaves None out
+    return shown
 
 
 def _quiet(*args, **kwargs) -> None:

@@ -40,7 +40,7 @@ from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
 from edgekd.train.trainer import LocalTrainee, Trainer
 from edgekd.utils.device import move_module, resolve_device
-from edgekd.utils.progress import progress
+from edgekd.utils.progress import LogLines, note, progress
 
 
 @dataclass
@@ -239,12 +239,16 @@ class _Training:
         log = _StepLog(self.run_dir / "metrics.jsonl", bar, world.is_main)
         watch = _LossWatch(self.run_dir, world)
         stopping = False
+        if cfg.compile:
+            note(bar, f"{desc}: compiling the training step (torch.compile); the first step takes a minute or more")
         for step, (images, labels) in enumerate(loader, start=start):
             loss, terms, lr = self._step(step_fn, step, images, labels)
             watch.push(step, loss)
             done = step + 1
             log.step(done, trainer.images_per_step(len(labels)), loss, lr, terms, last=done == stop,
                      every=cfg.log_every)  # fmt: skip
+            if cfg.compile and step == start and isinstance(bar, LogLines):
+                bar.rate_from_here()  # the ETA from compiled steps, not from the one that compiled
             if done % cfg.checkpoint_every == 0 or done == stop:
                 watch.check()  # this step's loss, before its weights are written
                 trainer.save(self.run_dir, done, self.optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)

@@ -28,6 +28,14 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     return LogLines(iterable, total=total, desc=desc, unit=unit, initial=kw.get("initial", 0))
 
 
+def note(bar, message: str) -> None:
+    """One line of the run's log beside ``bar`` (above a terminal's bar; nothing when the bar is disabled)."""
+    if isinstance(bar, LogLines):
+        print(message, file=bar.stream or sys.stdout, flush=True)
+    elif not bar.disable:
+        bar.write(message)
+
+
 def format_duration(seconds: float) -> str:
     """``1h02m``, ``5m12s`` or ``42s``."""
     seconds = int(round(seconds))
@@ -58,6 +66,7 @@ class LogLines:
         self.interval, self.stream, self.clock = interval, stream, clock
         self.postfix: dict[str, str] = {}
         self.started = self.last = clock()
+        self.rate_from = (self.started, initial)  # (time, count) the ETA's rate is measured from
         self.closed = False
         self._emit()
 
@@ -83,6 +92,11 @@ class LogLines:
             self.last = now
             self._emit()
 
+    def rate_from_here(self) -> None:
+        """Measure the rate of later lines' ETA from now: the steps so far were slow for a reason that will not
+        recur (a compiled step's first call compiles it), and averaging them in would inflate the ETA for long."""
+        self.rate_from = (self.clock(), self.n)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -97,9 +111,10 @@ class LogLines:
         parts += [f"{k} {v}" for k, v in self.postfix.items()]
         elapsed = self.clock() - self.started
         parts.append(f"elapsed {format_duration(elapsed)}")
-        advanced = self.n - self.initial
+        since, counted = self.rate_from
+        advanced = self.n - counted
         if self.total and 0 < advanced and self.n < self.total:
-            parts.append(f"ETA {format_duration(elapsed / advanced * (self.total - self.n))}")
+            parts.append(f"ETA {format_duration((self.clock() - since) / advanced * (self.total - self.n))}")
         return "  ".join(parts)
 
     def _emit(self) -> None:

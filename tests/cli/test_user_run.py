@@ -180,6 +180,17 @@ def test_a_teacher_trained_with_another_head_spec_is_refused_not_rescored(tmp_pa
     assert run_cli([*argv[:-1], "32", "--method", "kd", "--no-eval", "--out", str(tmp_path / "ok")])[0] == 0
 
 
+def test_the_settings_line_names_the_given_teachers_architecture_not_the_default_one(tmp_path, run_cli):
+    """A teacher file decides its own architecture; --teacher-epochs / --teacher-lr do not apply to it (issue 25)."""
+    teacher = tmp_path / "teacher"
+    assert run_cli(["teacher", *TINY, "--steps", "1", "--model", "r_tiny", "--out", str(teacher)])[0] == 0
+    argv = ["distill", *TINY, "--steps", "1", "--teacher", str(teacher / "teacher.safetensors"), "--method", "kd"]
+    code, stdout, err = run_cli([*argv, "--teacher-model", "r50", "--no-eval", "--out", str(tmp_path / "s")])
+    settings = next(line for line in stdout.splitlines() if line.startswith("settings: "))
+    assert code == 0 and "teacher_model=r_tiny" in settings.split(), (err, settings)
+    assert "teacher_epochs=" not in settings and "teacher_lr=" not in settings
+
+
 def test_sh_kd_final_student_uses_the_runs_seed_like_every_other_method(tmp_path, run_cli):
     out = tmp_path / "shkd"
     argv = ["distill", *TINY, "--method", "sh-kd", "--steps", "1", "--seed", "7", "--teacher-model", "r_tiny"]

@@ -41,3 +41,17 @@ def test_resumed_progress_counts_the_rate_from_where_it_started():
 
 def test_format_duration():
     assert [format_duration(s) for s in (0, 42, 312, 3720)] == ["0s", "42s", "5m12s", "1h02m"]
+
+
+def test_eta_leaves_out_a_first_step_that_compiled():
+    """The first compiled step can take a minute: from rate_from_here on, the ETA is the later steps' rate alone."""
+    clock, stream = Clock(), io.StringIO()
+    bar = LogLines(total=100, desc="train", unit="step", interval=30.0, stream=stream, clock=clock)
+    clock.now = 60.0  # step 1 compiles for a minute
+    bar.update(1)
+    bar.rate_from_here()
+    for _ in range(10):  # then 3 s a step: a line at 90 s
+        clock.now += 3.0
+        bar.update(1)
+    # 10 steps in 30 s since the compile: 89 left take 267 s (averaging the compile in would say 9m33s).
+    assert stream.getvalue().splitlines()[-1] == "train: 11/100 step (11%)  elapsed 1m30s  ETA 4m27s"
