@@ -96,7 +96,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _rank_prefix() -> str:
     """``[rank 1] `` in a process torchrun started as one rank of several (their errors interleave); else nothing."""
-    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    rank, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {rank}] " if rank is not None and size.isdigit() and int(size) > 1 else ""
 
 
 def main(argv: list[str] | None = None) -> None:

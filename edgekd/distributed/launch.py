@@ -94,6 +94,40 @@ class World:
 ONE_PROCESS = World()
 
 
+def check_torchrun_env(environ=os.environ) -> None:
+    """Refuse, in one line, torchrun variables that cannot make a world (set by hand, or left over from another job):
+    a rank variable without the others, values that are not whole numbers, a rank outside the world, or a world of
+    several ranks without MASTER_ADDR / MASTER_PORT to meet at. Any of them would otherwise end in a traceback, or in
+    a rank waiting for partners that never come."""
+    hint = "start edgekd with torchrun or --nproc, or unset them"
+    present = [name for name in TORCHRUN_ENV[:3] if name in environ]
+    if not present:
+        return
+    missing = [name for name in TORCHRUN_ENV[:3] if name not in environ]
+    if missing:
+        given = ", ".join(f"{name}={environ[name]}" for name in present)
+        raise EdgekdError(f"torchrun variables are incomplete: {given} but no {' or '.join(missing)}; {hint}")
+    values = {}
+    for name in (*TORCHRUN_ENV, "MASTER_PORT"):
+        if name in environ:
+            try:
+                values[name] = int(environ[name])
+            except ValueError:
+                raise EdgekdError(f"{name}={environ[name]!r} is not a whole number; {hint}") from None
+    rank, size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    local_size = values.get("LOCAL_WORLD_SIZE", size)
+    if size < 1 or not 0 <= rank < size:
+        raise EdgekdError(f"RANK={rank} is not a rank of WORLD_SIZE={size} (ranks 0..{size - 1}); {hint}")
+    if local_size < 1 or not 0 <= local_rank < local_size or local_size > size:
+        raise EdgekdError(
+            f"LOCAL_RANK={local_rank} of LOCAL_WORLD_SIZE={local_size} does not fit a world of {size}; {hint}"
+        )
+    if size > 1:
+        unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(name)]
+        if unset:
+            raise EdgekdError(f"WORLD_SIZE={size} but {' and '.join(unset)} not set: the ranks cannot meet; {hint}")
+
+
 def launched() -> bool:
     """Whether torchrun (or an equivalent launcher) started this process as a rank of a larger world."""
     return all(name in os.environ for name in TORCHRUN_ENV[:3]) and int(os.environ["WORLD_SIZE"]) > 1
@@ -196,6 +230,7 @@ def start_world(nproc: int, device: str, batch_size: int, argv: list[str], loss_
     ranks per machine is refused, and so are a global ``batch_size`` that does not split evenly over the ranks and a
     ``loss_backend`` that cannot run on a class shard, before any rank starts.
     """
+    check_torchrun_env()
     world_size = int(os.environ["WORLD_SIZE"]) if launched() else nproc
     check_batch_split(batch_size, world_size)
     if world_size > 1:
