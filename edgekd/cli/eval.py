@@ -21,7 +21,8 @@ from edgekd.data import create_dataset, create_pairs
 from edgekd.errors import EdgekdError
 from edgekd.eval.embed import evaluate_pairs
 from edgekd.eval.ijb import evaluate_ijb
-from edgekd.eval.report import REPORT_FARS, classify_bundle, format_tar_line, format_verification
+from edgekd.eval.metrics import far_rule_reason, resolvable_fars
+from edgekd.eval.report import classify_bundle, format_tar_line, format_verification
 from edgekd.eval.roc_plot import plot_roc
 from edgekd.export.contract import EDGEKD_SOURCE, override_contract
 from edgekd.export.runtimes import file_kind, open_runtime
@@ -202,18 +203,32 @@ def _evaluate_pairs(spec: str, model: OpenedModel, model_name: str, batch_size: 
     result = evaluate_pairs(
         model.forward, pair_set, mean=model.mean, std=model.std, batch_size=batch_size, device=device
     )
-    fars = [far for far in result["tar_at_far"] if far in REPORT_FARS or far == 1e-1]
-    tars = {far: result["tar_at_far"][far] for far in fars}
-    click.echo(format_verification(spec, result["accuracy"], result["std"], tars))
+    tars = {far: result["tar_at_far"][far] for far in result["tar_ci"]}  # the FARs the pair set resolves
+    line = format_verification(
+        spec, result["accuracy"], result["accuracy_ci"], tars, result["tar_ci"], impostors=result["impostors"]
+    )
+    click.echo(line)
     return result, _roc_label(pair_set, result)
 
 
 def _pairs_report(result: dict) -> dict:
-    return {
+    """eval.json's entry for a pair set: fractions; ``acc_ci`` and ``tar_ci`` are 95 % intervals ``[low, high]``
+    (Student-t over the fold accuracies; bootstrap over pairs); TAR only at the FARs the impostor count resolves,
+    the others named in ``fars_left_out`` with the rule."""
+    report = {
         "accuracy": result["accuracy"],
         "std": result["std"],
-        "tar_at_far": {str(k): v for k, v in result["tar_at_far"].items()},
+        "acc_ci": list(result["accuracy_ci"]),
+        "tar_at_far": {str(far): result["tar_at_far"][far] for far in result["tar_ci"]},
+        "tar_ci": {str(far): list(ci) for far, ci in result["tar_ci"].items()},
+        "impostor_pairs": result["impostors"],
     }
+    if result["fars_left_out"]:
+        report["fars_left_out"] = {
+            "fars": [str(far) for far in result["fars_left_out"]],
+            "reason": far_rule_reason(result["impostors"]),
+        }
+    return report
 
 
 def _evaluate_ijb(ijb: str, model: OpenedModel, model_path, out: Path, batch_size: int, device) -> dict:
@@ -228,8 +243,14 @@ def _evaluate_ijb(ijb: str, model: OpenedModel, model_path, out: Path, batch_siz
         model_key=file_sha256(model_path),
         device=device,
     )
-    click.echo(format_tar_line("IJB", {float(far): tar for far, tar in result["tar_at_far"].items()}))
-    return {"tar_at_far": {str(k): v for k, v in result["tar_at_far"].items()}}
+    impostors = result["num_pairs"] - result["num_genuine"]
+    kept, dropped = resolvable_fars(impostors, [float(far) for far in result["tar_at_far"]])
+    tars = {str(far): tar for far, tar in result["tar_at_far"].items() if float(far) in kept}
+    click.echo(format_tar_line("IJB", {float(far): tar for far, tar in tars.items()}))
+    report = {"tar_at_far": tars, "impostor_pairs": impostors}
+    if dropped:
+        report["fars_left_out"] = {"fars": [str(far) for far in dropped], "reason": far_rule_reason(impostors)}
+    return report
 
 
 def _classify(data: str, split: str, model: OpenedModel, device: str, batch_size: int) -> dict:

@@ -20,7 +20,8 @@ from edgekd.distill.pipeline import (
     training_dataset,
 )
 from edgekd.distributed.launch import ONE_PROCESS, World
-from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, verify_bundle
+from edgekd.eval.metrics import far_rule_reason
+from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, value_ci, verify_bundle
 from edgekd.eval.roc_plot import plot_roc
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
@@ -106,8 +107,12 @@ def _verify(bundles: dict, cfg: TrainConfig, pairs: list[str]) -> tuple[list[dic
             row = {"pairs": pair_set.name, "role": role, "model": bundle.cfg.name}
             row["params"] = parameter_count(bundle.backbone)
             row["acc"] = result["accuracy"]
-            for far in REPORT_FARS:
-                row[f"tar@{far:g}"] = result["tar_at_far"].get(str(far), float("nan"))
+            row["acc_ci"] = list(result["accuracy_ci"])
+            resolved = [far for far in REPORT_FARS if str(far) in result["tar_ci"]]  # metrics.resolvable_fars' rule
+            for far in resolved:
+                row[f"tar@{far:g}"] = result["tar_at_far"][str(far)]
+            row["tar_ci"] = {f"tar@{far:g}": list(result["tar_ci"][str(far)]) for far in resolved}
+            row["impostor_pairs"] = result["impostor_pairs"]
             rows.append(row)
     return rows, curves
 
@@ -220,22 +225,28 @@ def _plot_losses(job: DistillJob, teacher_path: str | None, student_path: Path, 
 
 
 def results_table(report: dict) -> str:
-    """The comparison table ``edgekd distill`` prints: accuracies and TARs in percent."""
+    """The comparison table ``edgekd distill`` prints: accuracies and TARs in percent, each with its 95 % interval
+    (``acc_ci``, ``tar_ci``) where the row has one; TAR columns only at the FARs the pair set resolves."""
     rows = report.get("results", [])
     if not rows:
         return ""
-    metrics = [k for k in rows[0] if k not in ("pairs", "role", "model", "params")]
+    skip = ("pairs", "role", "model", "params", "acc_ci", "tar_ci", "impostor_pairs")
+    metrics = list(dict.fromkeys(k for row in rows for k in row if k not in skip))  # every row's, in order
     names = {
         "vanilla": "vanilla student",
         "student": f"{report['method']} student",
         "student p′": f"{report['method']} student p′",
     }
+
+    def interval(row: dict, key: str):
+        return row.get("acc_ci") if key == "acc" else row.get("tar_ci", {}).get(key)
+
     shown = [
         {
             **row,
             "role": names.get(row["role"], row["role"]),
             "params": f"{row['params'] / 1e6:.2f} M",
-            **{k: f"{100.0 * row[k]:.2f}" for k in metrics},
+            **{k: value_ci(row[k], interval(row, k)) for k in metrics if k in row},
         }
         for row in rows
     ]
@@ -244,4 +255,7 @@ def results_table(report: dict) -> str:
     columns += [("role", "role"), ("model", "model"), ("params", "params")]
     columns += [(k, f"{k} %") for k in metrics]
     table = format_table(shown, columns)
+    counts = sorted({row["impostor_pairs"] for row in rows if "impostor_pairs" in row})
+    if counts:  # verification rows: say what the brackets are and why FAR columns may be missing
+        table += "\n[low, high]: 95 % intervals. " + "; ".join(far_rule_reason(n) for n in counts)
     return f"verification on {sets.pop()}\n{table}" if len(sets) == 1 else table

@@ -17,7 +17,16 @@ from torch.utils.data import Dataset
 from edgekd.data.pairs import PairSet
 from edgekd.data.transforms import FACE_MEAN, FACE_STD, hflip, normalize
 from edgekd.errors import EdgekdError
-from edgekd.eval.metrics import DEFAULT_FARS, flip_sum_normalize, roc_curve, tar_at_far, verification_10fold
+from edgekd.eval.metrics import (
+    DEFAULT_FARS,
+    accuracy_ci,
+    flip_sum_normalize,
+    resolvable_fars,
+    roc_curve,
+    tar_at_far,
+    tar_at_far_ci,
+    verification_10fold,
+)
 from edgekd.utils.progress import progress
 
 __all__ = ["Forward", "embed_batches", "embed_images", "evaluate_pairs"]
@@ -158,7 +167,9 @@ def evaluate_pairs(
 
     Returns:
         ``name``, ``pairs`` (P), ``accuracy``, ``std``, ``threshold``, ``fold_accuracies``, ``tar_at_far``
-        (``{far: tar}``), and the ROC arrays ``fpr``, ``tpr``, ``thresholds``.
+        (``{far: tar}`` at every FAR of ``fars``), and the ROC arrays ``fpr``, ``tpr``, ``thresholds``; for reports,
+        ``impostors`` (the count), ``accuracy_ci`` (95 %, from the fold spread), ``tar_ci`` (``{far: (low, high)}``,
+        95 % bootstrap, only at the FARs ``resolvable_fars`` keeps; report TAR at these only) and ``fars_left_out``.
     """
     emb = flip_sum_normalize(
         embed_images(forward, pairs.images, batch_size, flip, mean, std, device, desc=f"embed {pairs.name}")
@@ -167,11 +178,17 @@ def evaluate_pairs(
     result = verification_10fold(a, b, pairs.issame, nfolds=nfolds)
     scores = np.einsum("ij,ij->i", a, b)
     fpr, tpr, thresholds = roc_curve(scores, pairs.issame)
+    same = np.asarray(pairs.issame, dtype=bool)
+    kept, dropped = resolvable_fars(int((~same).sum()), fars)
     return {
         "name": pairs.name,
         "pairs": len(pairs),
         **result,
         "tar_at_far": tar_at_far(scores, pairs.issame, fars),
+        "impostors": int((~same).sum()),
+        "accuracy_ci": accuracy_ci(result["fold_accuracies"]),
+        "tar_ci": tar_at_far_ci(scores, same, kept) if kept and same.any() else {},
+        "fars_left_out": dropped if same.any() else [float(far) for far in fars],
         "fpr": fpr,
         "tpr": tpr,
         "thresholds": thresholds,

@@ -7,11 +7,12 @@ import torch
 from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize
 from edgekd.eval.embed import evaluate_pairs
-from edgekd.eval.metrics import combined_prediction
+from edgekd.eval.metrics import combined_prediction, far_rule_reason
 from edgekd.utils.device import resolve_device
 
-# FARs in comparison tables: a few thousand pairs resolve 1e-3; IJB-scale protocols print the full sweep.
-REPORT_FARS = (1e-3, 1e-2)
+# FARs in comparison tables, each shown only where the pair set resolves it (``metrics.resolvable_fars``: 6,000
+# impostor pairs resolve 1e-3, a few hundred only 1e-1); IJB-scale protocols print the full sweep.
+REPORT_FARS = (1e-3, 1e-2, 1e-1)
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -20,7 +21,8 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int = 128) -> dict:
-    """10-fold accuracy, TAR@FAR and the ROC curve ``roc: (fpr, tpr)`` of the flip-summed embeddings on ``pairs``."""
+    """10-fold accuracy, TAR@FAR and the ROC curve ``roc: (fpr, tpr)`` of the flip-summed embeddings on ``pairs``;
+    ``accuracy_ci`` and ``tar_ci`` (keyed by the FARs the pair set resolves) are 95 % intervals."""
     dev = resolve_device(device)
     backbone = bundle.backbone.to(dev).eval()
     result = evaluate_pairs(
@@ -29,7 +31,10 @@ def verify_bundle(bundle: Bundle, pairs, device: str = "auto", batch_size: int =
     return {
         "accuracy": result["accuracy"],
         "accuracy_std": result["std"],
+        "accuracy_ci": result["accuracy_ci"],
         "tar_at_far": {str(far): result["tar_at_far"][far] for far in result["tar_at_far"]},
+        "tar_ci": {str(far): ci for far, ci in result["tar_ci"].items()},  # the resolvable FARs only
+        "impostor_pairs": result["impostors"],
         "roc": (result["fpr"], result["tpr"]),
     }
 
@@ -73,9 +78,15 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([line([h for _, h in columns]), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def _tar_values(tar_at_far: dict[float, float]) -> str:
+def value_ci(value: float, ci=None) -> str:
+    """A fraction and its interval in percent, the one format of every table and line: ``88.80 [87.1, 90.2]``."""
+    return f"{100 * value:.2f}" if ci is None else f"{100 * value:.2f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _tar_values(tar_at_far: dict[float, float], tar_ci: dict | None = None) -> str:
     """``TAR@FAR (%) 1e-03: 50.00  1e-02: 72.00`` from fractions; the unit is stated once, before the values."""
-    return "TAR@FAR (%) " + "  ".join(f"{far:.0e}: {100 * tar:.2f}" for far, tar in tar_at_far.items())
+    ci = tar_ci or {}
+    return "TAR@FAR (%) " + "  ".join(f"{far:.0e}: {value_ci(tar, ci.get(far))}" for far, tar in tar_at_far.items())
 
 
 def format_tar_line(name: str, tar_at_far: dict[float, float]) -> str:
@@ -83,7 +94,22 @@ def format_tar_line(name: str, tar_at_far: dict[float, float]) -> str:
     return f"{name}: {_tar_values(tar_at_far)}"
 
 
-def format_verification(name: str, accuracy: float, accuracy_std: float, tar_at_far: dict[float, float]) -> str:
-    """One verification line in percent: ``name: accuracy (%) 93.50 ± 1.20  |  TAR@FAR (%) 1e-03: 50.00 ...``."""
-    line = f"{name}: accuracy (%) {100 * accuracy:.2f} ± {100 * accuracy_std:.2f}"
-    return f"{line}  |  {_tar_values(tar_at_far)}" if tar_at_far else line
+def format_verification(
+    name: str,
+    accuracy: float,
+    accuracy_ci: tuple[float, float],
+    tar_at_far: dict[float, float],
+    tar_ci: dict[float, tuple[float, float]],
+    impostors: int | None = None,
+) -> str:
+    """One verification line in percent with 95 % intervals:
+    ``name: accuracy (%) 88.80 [87.1, 90.2]  |  TAR@FAR (%) 1e-01: 50.00 [44.2, 55.8]``.
+
+    ``tar_at_far`` holds the resolvable FARs only; when it is empty and ``impostors`` is given the line says so.
+    """
+    line = f"{name}: accuracy (%) {value_ci(accuracy, accuracy_ci)}"
+    if tar_at_far:
+        return f"{line}  |  {_tar_values(tar_at_far, tar_ci)}"
+    if impostors is not None:
+        return f"{line}  |  TAR@FAR (%) none resolvable with {impostors} impostor pairs ({far_rule_reason(impostors)})"
+    return line
