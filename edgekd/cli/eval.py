@@ -224,11 +224,13 @@ def _pairs_report(result: dict) -> dict:
         "impostor_pairs": result["impostors"],
     }
     if result["fars_left_out"]:
-        report["fars_left_out"] = {
-            "fars": [str(far) for far in result["fars_left_out"]],
-            "reason": far_rule_reason(result["impostors"]),
-        }
+        report["fars_left_out"] = _left_out(result["fars_left_out"], result["impostors"])
     return report
+
+
+def _left_out(fars, impostors: int) -> dict:
+    """eval.json's note of the FARs a protocol's impostor count does not resolve, with the rule."""
+    return {"fars": [str(far) for far in fars], "reason": far_rule_reason(impostors)}
 
 
 def _evaluate_ijb(ijb: str, model: OpenedModel, model_path, out: Path, batch_size: int, device) -> dict:
@@ -249,7 +251,7 @@ def _evaluate_ijb(ijb: str, model: OpenedModel, model_path, out: Path, batch_siz
     click.echo(format_tar_line("IJB", {float(far): tar for far, tar in tars.items()}))
     report = {"tar_at_far": tars, "impostor_pairs": impostors}
     if dropped:
-        report["fars_left_out"] = {"fars": [str(far) for far in dropped], "reason": far_rule_reason(impostors)}
+        report["fars_left_out"] = _left_out(dropped, impostors)
     return report
 
 

@@ -179,13 +179,14 @@ def evaluate_pairs(
     scores = np.einsum("ij,ij->i", a, b)
     fpr, tpr, thresholds = roc_curve(scores, pairs.issame)
     same = np.asarray(pairs.issame, dtype=bool)
-    kept, dropped = resolvable_fars(int((~same).sum()), fars)
+    impostors = int((~same).sum())
+    kept, dropped = resolvable_fars(impostors, fars)
     return {
         "name": pairs.name,
         "pairs": len(pairs),
         **result,
         "tar_at_far": tar_at_far(scores, pairs.issame, fars),
-        "impostors": int((~same).sum()),
+        "impostors": impostors,
         "accuracy_ci": accuracy_ci(result["fold_accuracies"]),
         "tar_ci": tar_at_far_ci(scores, same, kept) if kept and same.any() else {},
         "fars_left_out": dropped if same.any() else [float(far) for far in fars],

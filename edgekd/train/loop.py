@@ -245,7 +245,7 @@ class _Training:
             loss, terms, lr = self._step(step_fn, step, images, labels)
             watch.push(step, loss)
             done = step + 1
-            log.step(done, trainer.images_per_step(len(labels)), loss, lr, terms, last=done == stop,
+            log.step(done, trainer.images_per_step(len(labels)), loss, lr, terms, final=done == stop,
                      every=cfg.log_every)  # fmt: skip
             if cfg.compile and step == start and isinstance(bar, LogLines):
                 bar.rate_from_here()  # the ETA from compiled steps, not from the one that compiled
@@ -293,9 +293,10 @@ class _StepLog:
         self.last: dict = {}
         self.tic, self.seen = time.perf_counter(), 0
 
-    def step(self, done: int, images: int, loss: torch.Tensor, lr: float, terms: dict, last: bool, every: int) -> None:
+    def step(self, done: int, images: int, loss: torch.Tensor, lr: float, terms: dict, final: bool, every: int) -> None:
+        """Count ``images``; log step ``done`` when it is a multiple of ``every`` or the run's ``final`` step."""
         self.seen += images
-        if self.active and (done % every == 0 or last):
+        if self.active and (done % every == 0 or final):
             loss = float(loss)
             rate = self.seen / max(time.perf_counter() - self.tic, 1e-9)
             self.last = {"step": done, "loss": loss, "lr": lr, "images_per_s": round(rate, 1),
