@@ -25,7 +25,7 @@ from edgekd.distill.pipeline import build_trainee, distill_student, run_sh_kd, t
 from edgekd.errors import EdgekdError
 from edgekd.eval.report import parameter_count
 from edgekd.losses import LossWeights
-from edgekd.study.evaluate import StudyData, evaluate_student, evaluate_teacher, val_curve
+from edgekd.study.evaluate import StudyData, evaluate_student, evaluate_teacher, val_curve, verify_pairs
 from edgekd.study.grid import Profile, Trainee, cell_folder, hp_label, paper_alpha, row_params, row_weights
 from edgekd.train.config import TrainConfig
 from edgekd.utils.hashing import json_digest
@@ -99,7 +99,7 @@ class CellRunner:
         total: int,
     ) -> None:
         self.profile, self.out, self.device, self.log, self.on_cell = profile, out, device, log, on_cell
-        self.data = StudyData(profile.data, profile.train_images, profile.eval_limit)
+        self.data = StudyData(profile.data, profile.train_images, profile.eval_limit, profile.pairs)
         self.trained = 0
         self.seen: set[Cell] = set()
         self.total = total
@@ -110,7 +110,10 @@ class CellRunner:
         return TrainConfig(
             model=who.model,
             model_kwargs=dict(who.model_kwargs),
-            head="linear",
+            head=self.profile.head,
+            scale=self.profile.scale,
+            margin=self.profile.margin,
+            clip_grad=who.clip_grad,
             data=self.profile.data,
             batch_size=who.batch_size,
             epochs=float(who.epochs),
@@ -191,6 +194,18 @@ class CellRunner:
         self.log(f"{prefix}: val top-1 {100 * val['top1']:.2f}%{extra}  ({trained:.0f} s)")
         return result
 
+    def _curve(self, run_dir: Path, who: Trainee) -> list[float] | None:
+        """The run's per-epoch validation top-1 (None when the profile reads no curves)."""
+        if not self.profile.val_curves:
+            return None
+        return val_curve(run_dir, self._steps_per_epoch(who), self.data.eval_set("val"), self.device)
+
+    def _verification(self, bundle) -> dict:
+        """``verify``: verification on the profile's held-out pairs (none without ``pairs``)."""
+        if self.data.pairs() is None:
+            return {}
+        return {"verify": verify_pairs(bundle, self.data.pairs(), self.device)}
+
     def _steps_per_epoch(self, who: Trainee) -> int:
         return len(self.data.train()) // who.batch_size
 
@@ -228,10 +243,12 @@ class CellRunner:
             "checkpoint": Path(path).name,
             "model": bundle.cfg.name,
             "params": parameter_count(bundle.backbone) + parameter_count(bundle.head),
+            "backbone_params": parameter_count(bundle.backbone),
             "val": evaluate_teacher(bundle, val, self.device),
-            "val_curve": val_curve(folder, self._steps_per_epoch(self.profile.teacher), val, self.device),
+            "val_curve": self._curve(folder, self.profile.teacher),
             "test": evaluate_teacher(bundle, self.data.eval_set("test"), self.device),
             "epochs": self.profile.teacher.epochs,
+            **self._verification(bundle),
         }
         return self._finish(cell, folder, result, prefix, trained)
 
@@ -282,10 +299,12 @@ class CellRunner:
             "alpha": alpha,
             "model": bundle.cfg.name,
             "params": parameter_count(bundle.backbone) + parameter_count(bundle.head),
+            "backbone_params": parameter_count(bundle.backbone),
             "embed_dim": bundle.backbone.embed_dim,
             "epochs": self.profile.student.epochs,
             "val": evaluate_student(bundle, val, head, alpha, self.device),
-            "val_curve": val_curve(run_dir, self._steps_per_epoch(self.profile.student), val, self.device),
+            "val_curve": self._curve(run_dir, self.profile.student),
+            **self._verification(bundle),
         }
         return self._finish(cell, folder, result, prefix, trained)
 

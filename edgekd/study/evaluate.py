@@ -18,15 +18,17 @@ import numpy as np
 import torch
 
 from edgekd.bundle import Bundle, load_bundle
-from edgekd.data import create_dataset
+from edgekd.data import create_dataset, create_pairs
+from edgekd.data.pairs import PairSet
 from edgekd.data.transforms import normalize
 from edgekd.eval.metrics import combined_prediction, top1_accuracy
+from edgekd.eval.report import verify_bundle
 from edgekd.heads import ClassHead
 from edgekd.train.checkpoint import CHECKPOINT_NAME, checkpoint_folders
 from edgekd.utils.device import resolve_device
 from edgekd.utils.hashing import content_digest
 
-__all__ = ["TrainSubset", "StudyData", "logits", "evaluate_student", "evaluate_teacher", "val_curve"]
+__all__ = ["TrainSubset", "StudyData", "logits", "evaluate_student", "evaluate_teacher", "val_curve", "verify_pairs"]
 
 SUBSET_SEED = 12345  # the training subset is the same for every seed and row
 
@@ -40,7 +42,7 @@ class TrainSubset(torch.utils.data.Dataset):
             index = np.arange(total)
         else:
             index = np.sort(np.random.default_rng(seed).permutation(total)[:n])
-        self.images = dataset.images[torch.from_numpy(index)]
+        self.images = _images(dataset)[torch.from_numpy(index)]
         self.labels = dataset.labels[torch.from_numpy(index)]
         self.num_classes, self.image_size, self.channels = dataset.num_classes, dataset.image_size, dataset.channels
         self.classes = getattr(dataset, "classes", None)
@@ -53,25 +55,40 @@ class TrainSubset(torch.utils.data.Dataset):
         return self.images[index], int(self.labels[index])
 
 
+def _images(dataset) -> torch.Tensor:
+    """All images of an in-memory dataset, uint8 ``(N, C, H, W)`` (Fashion-MNIST's tensor, synthetic's render)."""
+    return dataset.images if hasattr(dataset, "images") else dataset.tensor()
+
+
 class StudyData:
-    """The profile's training subset and evaluation splits, loaded once per study invocation."""
+    """The profile's training subset, evaluation splits and verification pairs, loaded once per invocation."""
 
-    def __init__(self, data: str, train_images: int | None, eval_limit: int | None = None) -> None:
-        self.data, self.train_images, self.eval_limit = data, train_images, eval_limit
-        self._train: TrainSubset | None = None
+    def __init__(
+        self, data: str, train_images: int | None, eval_limit: int | None = None, pairs: str | None = None
+    ) -> None:
+        self.data, self.train_images, self.eval_limit, self.pairs_spec = data, train_images, eval_limit, pairs
+        self._train = None
         self._eval: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pairs = None
 
-    def train(self) -> TrainSubset:
+    def train(self):
+        """The training subset (``TrainSubset``), or the whole training split when the profile takes all of it."""
         if self._train is None:
-            self._train = TrainSubset(create_dataset(self.data, split="train"), self.train_images)
+            dataset = create_dataset(self.data, split="train")
+            self._train = dataset if self.train_images is None else TrainSubset(dataset, self.train_images)
         return self._train
+
+    def pairs(self) -> PairSet | None:
+        if self._pairs is None and self.pairs_spec is not None:
+            self._pairs = create_pairs(self.pairs_spec)
+        return self._pairs
 
     def eval_set(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images uint8 (N, C, H, W), labels (N,))`` of ``val`` or ``test`` (first ``eval_limit`` images)."""
         if split not in self._eval:
             ds = create_dataset(self.data, split=split)
             n = len(ds) if self.eval_limit is None else min(self.eval_limit, len(ds))
-            self._eval[split] = (ds.images[:n], ds.labels[:n])
+            self._eval[split] = (_images(ds)[:n], ds.labels[:n])
         return self._eval[split]
 
 
@@ -108,6 +125,12 @@ def evaluate_student(
 def evaluate_teacher(bundle: Bundle, data: tuple[torch.Tensor, torch.Tensor], device: str) -> dict:
     images, labels = data
     return {"top1": top1_accuracy(logits(bundle, images, None, device)[0], labels)}
+
+
+def verify_pairs(bundle: Bundle, pairs: PairSet, device: str) -> dict:
+    """10-fold verification accuracy (with its 95 % interval) and TAR at the FARs the pair set resolves."""
+    result = verify_bundle(bundle, pairs, device)
+    return {k: result[k] for k in ("accuracy", "accuracy_ci", "tar_at_far", "tar_ci", "impostor_pairs")}
 
 
 def val_curve(run_dir: Path, steps_per_epoch: int, data: tuple[torch.Tensor, torch.Tensor], device: str) -> list[float]:

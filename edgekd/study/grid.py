@@ -9,6 +9,7 @@ row                  loss (ce, kd, th_ce, th_kd, l2e; T_th = T)                 
 ``vanilla``          ce                                                           —
 ``kd``               ce + k·kd                                                    vanilla
 ``kd+th``            ce + k·kd + λ·th_kd  (the official code's ``kdth``)          kd
+``kd-matched``       ce + (k + λ)·kd: KD at kd+th's total distillation weight     kd (study v3's control)
 ``th-kd/paper``      (1−α)·ce + α·th_ce + k·((1−α)·kd + α·th_kd)  (paper, α=0: kd)  kd
 ``kd+l2e``           ce + k·kd + β·l2e                                            kd
 ``kd+l2e+th``        ce + k·kd + β·l2e + λ·th_kd  (the official ``kdeth``)         kd+l2e
@@ -55,6 +56,8 @@ __all__ = [
     "hp_label",
     "cell_folder",
     "estimate_seconds",
+    "FMNIST_TEACHER",
+    "FMNIST_STUDENT",
 ]
 
 ROWS = ("vanilla", "kd", "kd+th", "th-kd/paper", "kd+l2e", "kd+l2e+th", "sh-kd/th", "sh-kd/official")
@@ -70,6 +73,7 @@ _ROW_PARAMS = {
     "kd+l2e+th": ("T", "l2e", "th_kd"),
     "sh-kd/th": ("T", "l2e", "th_kd"),
     "sh-kd/official": ("T", "l2e"),
+    "kd-matched": ("T", "th_kd"),
 }
 
 
@@ -107,6 +111,8 @@ def row_weights(row: str, hp: dict[str, float], kd: float) -> LossWeights:
     if row == "th-kd/paper":
         a = hp["alpha"]
         return LossWeights(ce=1.0 - a, th_ce=a, kd=kd * (1.0 - a), th_kd=kd * a, T=T, T_th=T)
+    if row == "kd-matched":  # KD alone at kd+th's total distillation weight k + λ (study v3's control)
+        return LossWeights(ce=1.0, kd=kd + hp["th_kd"], T=T, T_th=T)
     return LossWeights(
         ce=1.0,
         kd=kd,
@@ -126,13 +132,15 @@ def paper_alpha(weights: dict) -> float | None:
 
 @dataclass(frozen=True)
 class Trainee:
-    """Architecture and schedule of the teacher or of the students (``epochs`` whole epochs, one checkpoint each)."""
+    """Architecture and schedule of the teacher or of the students (``epochs`` whole epochs, one checkpoint each);
+    ``clip_grad`` is the gradient-norm clip (0: off; study v2 clipped every run at 5)."""
 
     model: str
     epochs: int
     lr: float
     batch_size: int
     model_kwargs: dict = field(default_factory=dict)
+    clip_grad: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,9 @@ class Profile:
     images of val and test only (the tiny profile). ``lr_power``: the learning rate decays as (1 − t)^power after
     the warm-up (2: arcface_torch's PolyScheduler). ``long_check``: also train the seed-0 vanilla student for twice
     its epochs and report what the longer schedule gains on validation (a second convergence check).
+    ``head``/``scale``/``margin``: the class head of teacher and students; ``val_curves``: read each run's
+    per-epoch validation curve (a forward pass over the validation split per epoch). ``pairs``: a verification
+    pair spec (``synthetic:...``: held-out identities) every teacher and student is also scored on (``verify``).
     """
 
     name: str
@@ -187,6 +198,11 @@ class Profile:
     weight_decay: float = 5e-4
     log_every: int = 20
     long_check: bool = True
+    head: str = "linear"
+    scale: float = 64.0
+    margin: float | None = None
+    val_curves: bool = True
+    pairs: str | None = None
 
     def settings(self) -> dict:
         """What decides the numbers (not the seed count, which only adds cells)."""
@@ -203,14 +219,14 @@ class Profile:
 # 111 k parameters with its head); the student is cnn_tiny at 4-8-16 with a stride-2 stem, at the teacher's 128-d
 # width (5.1 k parameters, 22× fewer). Both train on the same 10,000 images; the student's 36 epochs (2,808 steps)
 # leave its validation curve flat (seed 0 of a trial run: +0.24 points over the last 20 % of 30 epochs).
-_TEACHER = Trainee("cnn_small", epochs=16, lr=0.1, batch_size=128, model_kwargs={"depth": 1})
-_STUDENT = Trainee(
+FMNIST_TEACHER = Trainee("cnn_small", epochs=16, lr=0.1, batch_size=128, model_kwargs={"depth": 1})
+FMNIST_STUDENT = Trainee(
     "cnn_tiny", epochs=36, lr=0.05, batch_size=128, model_kwargs={"widths": (4, 8, 16), "stem_stride": 2}
 )
 
 
 def _full() -> Profile:
-    return Profile("full", seeds=5, teacher=_TEACHER, student=_STUDENT, train_images=10_000)
+    return Profile("full", seeds=5, teacher=FMNIST_TEACHER, student=FMNIST_STUDENT, train_images=10_000)
 
 
 def _quick() -> Profile:
@@ -219,8 +235,8 @@ def _quick() -> Profile:
     return Profile(
         "quick",
         seeds=1,
-        teacher=replace(_TEACHER, epochs=4),
-        student=replace(_STUDENT, epochs=8),
+        teacher=replace(FMNIST_TEACHER, epochs=4),
+        student=replace(FMNIST_STUDENT, epochs=8),
         train_images=6_000,
         sweeps=Sweeps(T=(2.0, 4.0), th_kd=(1.0,), alpha=(0.5,), l2e=(10.0,)),
         gates=Gates(min_gap_points=-100.0, flat_max_gain_points=100.0),

@@ -25,6 +25,9 @@ __all__ = [
     "results_section",
     "convergence_section",
     "cells_section",
+    "markdown_table",
+    "format_p",
+    "duration",
 ]
 
 BASELINES = ("kd", "kd+l2e")
@@ -72,20 +75,20 @@ def _diff(a: dict[int, float], b: dict[int, float]) -> str:
         return f"{100 * p.mean:+.2f} (1 seed)"
     if p.mean == 0.0 and p.se == 0.0:
         return "0 (identical)"
-    return f"{100 * p.mean:+.2f} ± {100 * p.se:.2f} (p {_p(p.p)})"
+    return f"{100 * p.mean:+.2f} ± {100 * p.se:.2f} (p {format_p(p.p)})"
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
     return "n/a" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "< 0.001")
 
 
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
         "| " + " | ".join(cells) + " |" for cells in body
     ]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     minutes, sec = divmod(int(round(seconds)), 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min {sec:02d} s"
 
@@ -109,10 +112,10 @@ def commands_section(invocations: list[dict]) -> list[str]:
         if i.get("gate_failed"):
             state = " (stopped by a gate)"
         body.append([f"`{i['command'] or '(API)'}`", i["started"], _short_commit(i.get("commit")),
-                     _duration(i["seconds"]) + state])  # fmt: skip
+                     duration(i["seconds"]) + state])  # fmt: skip
     total = sum(i["seconds"] for i in invocations)
-    lines = _table(["command", "started (UTC)", "code (git commit)", "wall time"], body)
-    return lines + ["", f"Total wall time of the invocations: **{_duration(total)}**.", ""]
+    lines = markdown_table(["command", "started (UTC)", "code (git commit)", "wall time"], body)
+    return lines + ["", f"Total wall time of the invocations: **{duration(total)}**.", ""]
 
 
 def environment_section() -> list[str]:
@@ -184,7 +187,7 @@ def gates_section(data: dict) -> list[str]:
             ok(gates["vanilla_flat_gain_points"] < g["flat_max_gain_points"]),
         ],
     ]
-    lines = _table(["gate", "measured", "required", ""], body) + [""]
+    lines = markdown_table(["gate", "measured", "required", ""], body) + [""]
     vanilla = data["rows"]["vanilla"].get(0)
     teacher, long = data["teacher"], data["long"]
     if long is not None:
@@ -201,7 +204,7 @@ def gates_section(data: dict) -> list[str]:
     ]
     if body:
         lines += ["Validation top-1 after each epoch:", ""]
-        lines += _table(["model", "val top-1 % per epoch"], body) + [""]
+        lines += markdown_table(["model", "val top-1 % per epoch"], body) + [""]
     return lines
 
 
@@ -217,7 +220,7 @@ def selection_section(data: dict) -> list[str]:
         at = ", ".join(f"{k} {v:g}" for k, v in entry["at"].items()) or "—"
         scores = ", ".join(f"{param} {v}: {100 * s:.2f}" for v, s in entry["scores"].items())
         body.append([_LABEL[row], at, scores, f"{param} {entry['chosen']:g}"])
-    return _table(["row", "at", "val top-1 % (seed 0)", "chosen"], body) + [""]
+    return markdown_table(["row", "at", "val top-1 % (seed 0)", "chosen"], body) + [""]
 
 
 def results_section(data: dict) -> list[str]:
@@ -251,7 +254,7 @@ def results_section(data: dict) -> list[str]:
         "Δ vs KD+L2E",
         "seeds",
     ]
-    out = _table(header, body) + [""]
+    out = markdown_table(header, body) + [""]
     teacher, sh = data["teacher"], data["sh_teachers"]
     if teacher:
         body = [
@@ -274,7 +277,9 @@ def results_section(data: dict) -> list[str]:
                     str(len(ts)),
                 ]
             )
-        out += ["Teachers:", ""] + _table(["teacher", "parameters", "val top-1 %", "test top-1 %", "seeds"], body)
+        out += ["Teachers:", ""] + markdown_table(
+            ["teacher", "parameters", "val top-1 %", "test top-1 %", "seeds"], body
+        )
         out += [""]
     return out
 
@@ -298,7 +303,7 @@ def convergence_section(data: dict) -> list[str]:
             body.append([name, str(gains[0][1]), f"{np.mean(values):+.2f}", f"{max(values):+.2f}", str(len(values))])
     if not body:
         return []
-    return _table(["model", "last epochs", "mean val gain (points)", "largest", "runs"], body) + [""]
+    return markdown_table(["model", "last epochs", "mean val gain (points)", "largest", "runs"], body) + [""]
 
 
 def cells_section(data: dict) -> list[str]:
@@ -320,6 +325,8 @@ def cells_section(data: dict) -> list[str]:
             )
     return (
         ["<details><summary>Every tested cell</summary>", ""]
-        + _table(["row", "seed", "test top-1 %", "p′ %", "teacher head %", "val top-1 %", "train s", "folder"], body)
+        + markdown_table(
+            ["row", "seed", "test top-1 %", "p′ %", "teacher head %", "val top-1 %", "train s", "folder"], body
+        )
         + ["", "</details>", ""]
     )

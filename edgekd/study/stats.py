@@ -13,7 +13,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["mean_std", "Paired", "paired", "t_two_sided_p", "betainc", "flat_gain"]
+__all__ = [
+    "mean_std",
+    "Paired",
+    "paired",
+    "t_two_sided_p",
+    "t_quantile",
+    "betainc",
+    "flat_gain",
+    "holm",
+    "detectable_effect",
+]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -80,6 +90,20 @@ def t_two_sided_p(t: float, df: float) -> float:
     return betainc(df / 2.0, 0.5, df / (df + t * t))
 
 
+def t_quantile(q: float, df: float) -> float:
+    """The ``q`` quantile (0.5 < q < 1) of Student's t with ``df`` degrees of freedom: the t with
+    P(|T| ≥ t) = 2(1 − q), found by bisection on ``t_two_sided_p`` (monotone in t) to 1e-12."""
+    if not 0.5 < q < 1.0:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1; got {q}")
+    target, lo, hi = 2.0 * (1.0 - q), 0.0, 1.0
+    while t_two_sided_p(hi, df) > target:
+        hi *= 2.0
+    while hi - lo > 1e-12 * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 @dataclass(frozen=True)
 class Paired:
     """A paired comparison a − b over n shared seeds: mean difference, its standard error, t, df and the p-value."""
@@ -93,6 +117,33 @@ class Paired:
     @property
     def df(self) -> int:
         return self.n - 1
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        """The ``level`` confidence interval of the mean difference, mean ± t(1 − (1 − level)/2, n − 1)·SE."""
+        if self.n < 2 or math.isnan(self.se):
+            return math.nan, math.nan
+        half = t_quantile(1.0 - (1.0 - level) / 2.0, self.df) * self.se
+        return self.mean - half, self.mean + half
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order: the k-th smallest p times (m − k + 1), made
+    monotone and capped at 1 (a contrast is significant at family-wise level α when its adjusted p ≤ α)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [math.nan] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test at level ``alpha`` over ``n`` pairs detects with
+    probability ``power`` when the differences have standard deviation ``sd``:
+    (t(1 − α/2, n − 1) + t(power, n − 1)) · sd / √n (the usual approximation to the noncentral t)."""
+    df = n - 1
+    return (t_quantile(1.0 - alpha / 2.0, df) + t_quantile(power, df)) * sd / math.sqrt(n)
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
