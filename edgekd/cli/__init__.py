@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -86,6 +87,30 @@ def _accepts_resume(args: list[str]) -> bool:
     return command is not None and any("--resume" in param.opts for param in command.params)
 
 
+def _after_abort(args: list[str]) -> str:
+    """What to do after Ctrl-C: resume where a run folder with settings remains, else rerun (a run stopped before
+    its first checkpoint leaves no folder behind, ``run_folder.undo_if_nothing_made``)."""
+    from edgekd.cli.options import SETTINGS_FILE
+
+    if not _accepts_resume(args):
+        return ""
+    out = _option_value(args, "--out")
+    if out is None or (Path(out) / SETTINGS_FILE).is_file():
+        return f"; continue from the newest checkpoint with: {resume_command(args)}"
+    return f"; nothing was saved in {shlex.quote(out)}; rerun the command to start again"
+
+
+def _option_value(args: list[str], option: str) -> str | None:
+    """The value given to ``option`` (``--out X`` or ``--out=X``; the last one wins), None when not given."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg[len(option) + 1 :]
+    return value
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """edgekd's own warnings as one line ``edgekd: warning: ...``; others as Python prints them."""
     if issubclass(category, EdgekdWarning):
@@ -128,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(128 + exc.signum)
     except click.exceptions.Abort:
-        hint = f"; continue from the newest checkpoint with: {resume_command(args)}" if _accepts_resume(args) else ""
-        click.echo(f"edgekd: aborted{hint}", err=True)
+        click.echo(f"edgekd: aborted{_after_abort(args)}", err=True)
         sys.exit(130)
     except click.UsageError as exc:
         # click prints usage, a hint and the error on three lines; the error alone, with where to look, is enough.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgekd.bundle import head_spec_of, read_bundle_meta
+from edgekd.bundle import read_bundle_meta
 from edgekd.cli.options import (
     DEMO,
     TRAIN_SETTINGS,
@@ -26,11 +26,11 @@ from edgekd.cli.options import (
     save_settings,
     train_config,
 )
+from edgekd.cli.run_folder import undo_if_nothing_made
 from edgekd.distill.methods import METHODS, method_weights, resolve_preset
-from edgekd.distill.pipeline import check_teacher_head, training_dataset
+from edgekd.distill.pipeline import check_teacher_file, training_dataset
 from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config, verification_sets
 from edgekd.distributed.launch import start_world, threads_per_rank
-from edgekd.heads import HeadSpec
 from edgekd.losses import list_loss_backends
 from edgekd.utils.threads import set_threads
 
@@ -149,20 +149,18 @@ def command(**kwargs) -> None:
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
     # So do the evaluation's pair sets: a broken .bin must not cost a whole training run.
     job.pairs = verification_sets(cfg.data, values["pairs"]) if values["eval"] and face else []
-    if values["teacher"] and not METHODS[values["method"]].staged and weights.reads_teacher_head:
-        # A teacher whose head does not fit fails before the run folder is written; only its header is read here.
-        teacher_spec = head_spec_of(read_bundle_meta(values["teacher"]))
-        if teacher_spec is not None:
-            check_teacher_head(teacher_spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
+    if values["teacher"]:  # a teacher that cannot serve this run fails before the run folder is written
+        check_teacher_file(values["teacher"], cfg, dataset, weights, staged=METHODS[values["method"]].staged)
     echo(describe_settings(_as_used(values), SETTINGS))
     if values["eval"] and face and not job.pairs:
         echo(
             f"note: no verification .bin files beside {cfg.data} and no --pairs: this run ends without a "
             "verification evaluation (--pairs FILE.bin gives it one)"
         )
-    if world.is_main:
-        save_settings(out, "distill", values, SETTINGS)
-    report = run_distill(job, world, dataset, log=echo)
+    with undo_if_nothing_made(out, enabled=world.is_main):
+        if world.is_main:
+            save_settings(out, "distill", values, SETTINGS)
+        report = run_distill(job, world, dataset, log=echo)
     if not report:
         return
     if report.get("results"):

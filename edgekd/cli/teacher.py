@@ -19,7 +19,8 @@ from edgekd.cli.options import (
     save_settings,
     train_config,
 )
-from edgekd.distill.pipeline import train_teacher, training_dataset
+from edgekd.cli.run_folder import undo_if_nothing_made
+from edgekd.distill.pipeline import check_teacher_classes, train_teacher, training_dataset
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.errors import EdgekdError
 from edgekd.utils.threads import set_threads
@@ -80,10 +81,16 @@ def command(**kwargs) -> None:
     init = load_bundle(values["init"], model=values["model"]) if values["init"] else None
     set_threads(threads_per_rank(values["threads"]))
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
+    if student_head is not None:
+        check_teacher_classes(
+            student_head.num_classes, dataset.num_classes, whose=f"the student head {values['student_head']}"
+        )
     if world.is_main:
         click.echo(describe_settings(values, SETTINGS))
-        save_settings(out, "teacher", values, SETTINGS)
-    path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init, world=world)
+    with undo_if_nothing_made(out, enabled=world.is_main):
+        if world.is_main:
+            save_settings(out, "teacher", values, SETTINGS)
+        path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init, world=world)
     if not world.is_main:
         return
     if path is None:

@@ -90,6 +90,7 @@ def train_teacher(
         # A plain arcface_torch backbone (model.pt) comes without its Partial FC head: train a new one on this data.
         trainee.head = create_head(cfg.head, trainee.backbone.embed_dim, dataset.num_classes, s=cfg.scale, m=cfg.margin)
     if student_head is not None:
+        check_teacher_classes(student_head.num_classes, dataset.num_classes, whose="the student head")
         if trainee.backbone.embed_dim != student_head.embed_dim:
             raise EdgekdError(
                 f"the teacher embeds to {trainee.backbone.embed_dim} dims but the student head reads "
@@ -162,6 +163,54 @@ def check_teacher_head(teacher: HeadSpec, student: HeadSpec) -> None:
         )
 
 
+def check_teacher_classes(head_classes: int, data_classes: int, whose: str = "the teacher head") -> None:
+    """Refuse a shared head over other classes than the training data's: its logits would name other people, and a
+    label past its last row would read memory that is not a class (the fused kernels do not bounds-check labels)."""
+    if head_classes != data_classes:
+        raise EdgekdError(
+            f"{whose} has {head_classes} classes but the data has {data_classes}; use the data it was trained on"
+        )
+
+
+def backbone_width(model: str, model_kwargs: dict) -> int:
+    """The embedding width ``model`` built with ``model_kwargs`` has, without allocating its weights."""
+    with torch.device("meta"):
+        return create_model(model, **model_kwargs).embed_dim
+
+
+def check_teacher_file(path: str, cfg: TrainConfig, dataset, weights: LossWeights, staged: bool) -> None:
+    """Everything about a given teacher file that can fail the run, from its header alone, before anything is
+    written: the head's classes and spec against the data and the student (when a term reads the teacher's head),
+    and the embedding width against the student's where they must agree: SH-KD's I1 starts from this teacher and
+    trains it on the temporary student's head; TH-KD's teacher-head and l2e terms read the student's embedding."""
+    from edgekd.bundle import head_spec_of, read_bundle_meta
+
+    if Path(path).suffix != ".safetensors":
+        return  # a plain state_dict: its architecture is --teacher-model's, checked when it loads
+    meta = read_bundle_meta(path)
+    spec, head = head_spec_of(meta), meta.get("head") or {}
+    if not staged and head and weights.reads_teacher_head:
+        check_teacher_classes(int(head["num_classes"]), dataset.num_classes)
+        check_teacher_head(spec, HeadSpec(cfg.head, cfg.scale, cfg.margin))
+    teacher_width = backbone_width(meta["model"], meta.get("model_kwargs") or {})
+    if staged:
+        student_width = backbone_width(cfg.model, cfg.model_kwargs)
+        if teacher_width != student_width:
+            raise EdgekdError(
+                f"the teacher {path} embeds to {teacher_width} dims but SH-KD trains it on the student head, which "
+                f"reads {student_width}; give the student --model-kwargs '{{\"embed_dim\": {teacher_width}}}' or "
+                "a teacher of the student's width"
+            )
+    elif weights.needs_teacher_width:
+        asked = cfg.model_kwargs.get("embed_dim")
+        if asked is not None and asked != teacher_width:
+            raise EdgekdError(
+                f"the student's embed_dim {asked} differs from the teacher's {teacher_width}, but the teacher-head "
+                f"and l2e terms read the student's embedding; use embed_dim {teacher_width} or a method without them "
+                "(vanilla, kd)"
+            )
+
+
 def frozen_teacher(
     teacher: Bundle,
     student: Bundle,
@@ -177,11 +226,8 @@ def frozen_teacher(
     head = shared_head if shared_head is not None else teacher.head
     if head is None and weights.reads_teacher_head:
         raise EdgekdError("the teacher checkpoint has no head; TH-KD and KD need the teacher's classifier")
-    if head is not None and head.num_classes != dataset.num_classes:
-        raise EdgekdError(
-            f"the teacher head has {head.num_classes} classes but the data has {dataset.num_classes}; "
-            "use the data the teacher was trained on"
-        )
+    if head is not None:
+        check_teacher_classes(head.num_classes, dataset.num_classes)
     if head is not None and student.head is not None and weights.reads_teacher_head:
         check_teacher_head(head.spec, student.head.spec)
     if tuple(teacher.cfg.input_size[1:]) != tuple(student.cfg.input_size[1:]):
