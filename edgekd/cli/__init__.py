@@ -5,6 +5,7 @@ User errors (``EdgekdError``) are printed as one line and exit with status 2; no
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -87,6 +88,27 @@ def _accepts_resume(args: list[str]) -> bool:
     return command is not None and any("--resume" in param.opts for param in command.params)
 
 
+def _disk_full(exc: BaseException) -> str | None:
+    """One line for an exception (or its cause) that says the disk or quota is full, else None. Writers here are
+    atomic (a temporary, then a rename), so what was written before stays whole and the run can be resumed."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {seen.filename}" if seen.filename else ""
+            break
+        # safetensors and some torch writers wrap the OS error in their own type, keeping only its text.
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            where = ""
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    return (
+        f"the disk is full{where}; nothing half-written was kept: free some space, then rerun the command "
+        "(a training run continues from its last checkpoint with --resume)"
+    )
+
+
 def _after_abort(args: list[str]) -> str:
     """What to do after Ctrl-C: resume where a run folder with settings remains, else rerun (a run stopped before
     its first checkpoint leaves no folder behind, ``run_folder.undo_if_nothing_made``)."""
@@ -163,3 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        click.echo(f"edgekd: error: {_rank_prefix()}{full}", err=True)
+        sys.exit(2)

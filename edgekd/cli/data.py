@@ -9,6 +9,7 @@ import click
 from edgekd.data.recordio import RecordIODataset, encode_image_file, pack_image_folder
 from edgekd.data.verification_bin import load_bin, write_bin
 from edgekd.errors import EdgekdError
+from edgekd.utils.out_paths import check_output_dir, check_output_file
 
 
 @click.group("data")
@@ -28,6 +29,7 @@ def pack(image_folder: Path, out: Path, quality: int, skip_bad: bool) -> None:
 
     The files appear only when packing succeeds; a failure leaves nothing in OUT.
     """
+    check_output_dir(out, "OUT")
     info = pack_image_folder(image_folder, out, quality=quality, skip_bad=skip_bad)
     click.echo(f"packed {info['images']} images of {info['classes']} identities into {info['rec']}")
     _report_skipped(info["skipped"])
@@ -69,6 +71,7 @@ def _read_pairs_file(pairs_file: Path) -> list[tuple[str, str, bool]]:
               help="JPEG quality for images that are not already RGB JPEGs")  # fmt: skip
 def pack_bin(pairs_file: Path, out: Path, root: Path | None, quality: int) -> None:
     """Write a verification .bin from PAIRS_FILE lines 'image_a image_b 0|1' (1 = same identity)."""
+    check_output_file(out, option="OUT")
     rows = _read_pairs_file(pairs_file)
     root = root or pairs_file.parent
     encoded = []

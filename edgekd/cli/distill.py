@@ -32,6 +32,7 @@ from edgekd.distill.pipeline import check_teacher_file, training_dataset
 from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config, verification_sets
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.losses import list_loss_backends
+from edgekd.utils.out_paths import check_output_dir
 from edgekd.utils.threads import set_threads
 
 SETTINGS = TRAIN_SETTINGS + [
@@ -118,6 +119,7 @@ def command(**kwargs) -> None:
     are marked "demo" below. An interrupted run continues with `edgekd distill --out OUT --resume`.
     """
     values, resume = resolve_settings("distill", kwargs, SETTINGS, DEMO, default_out="runs/distill")
+    check_output_dir(values["out"])  # before any work: a file, a loop or a read-only place fails here
     cfg = train_config(values)
     world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv(), cfg.loss_backend)
     if world is None:

@@ -17,6 +17,7 @@ import click
 from edgekd.errors import EdgekdError
 from edgekd.study import build_profile, estimate_seconds, run_study, write_report
 from edgekd.study.grid import ROWS, SWEPT
+from edgekd.utils.out_paths import check_output_dir
 
 
 @click.command("study")
@@ -52,7 +53,7 @@ def command(v3, quick, profile, workers, out, seeds, fmnist_root, device, thread
                       report_only)  # fmt: skip
         return
     name = profile or ("quick" if quick else "full")
-    out = Path(out or ("runs/study" if name == "full" else f"runs/study-{name}"))
+    out = check_output_dir(out or ("runs/study" if name == "full" else f"runs/study-{name}"))
     if report_only:
         if not (out / "study.json").is_file():
             raise EdgekdError(f"{out} holds no study (no study.json); run `edgekd study --out {out}` first")
@@ -119,7 +120,7 @@ def _confirmatory(name, out, workers, fmnist_root, device, threads, plan_only, r
     from edgekd.study.confirmatory_report import write_confirmatory_report
     from edgekd.study.confirmatory_runner import arm_cells, cell_count, estimate_confirmatory_seconds, run_confirmatory
 
-    out = Path(out or f"runs/study-{name}")
+    out = check_output_dir(out or f"runs/study-{name}")
     if report_only:
         if not (out / "study.json").is_file():
             raise EdgekdError(f"{out} holds no study (no study.json); run `edgekd study --v3 --out {out}` first")

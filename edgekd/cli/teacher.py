@@ -23,6 +23,7 @@ from edgekd.cli.run_folder import undo_if_nothing_made
 from edgekd.distill.pipeline import check_teacher_classes, train_teacher, training_dataset
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.errors import EdgekdError
+from edgekd.utils.out_paths import check_output_dir
 from edgekd.utils.threads import set_threads
 
 # A teacher is an iResNet-50 on real data; the demo's teacher is its small r_tiny at the demo's teacher length.
@@ -65,6 +66,7 @@ def command(**kwargs) -> None:
     `edgekd teacher --out OUT --resume`.
     """
     values, resume = resolve_settings("teacher", kwargs, SETTINGS, TEACHER_DEMO, default_out="runs/teacher")
+    check_output_dir(values["out"])  # before any work: a file, a loop or a read-only place fails here
     cfg = train_config(values)
     world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv(), cfg.loss_backend)
     if world is None:
