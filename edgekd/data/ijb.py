@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from edgekd.data.align import align_face
+from edgekd.data.image_bytes import to_8bit
 from edgekd.errors import DataError
 from edgekd.utils.hashing import content_digest
 
@@ -158,7 +159,7 @@ class IJBImages(Dataset):
         path = self.protocol.image_dir / self.protocol.images[index]
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB")
+                rgb = to_8bit(img)
         except FileNotFoundError:
             raise DataError(f"IJB image {path} (image {index}) not found") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -14,7 +14,12 @@ from PIL import Image, UnidentifiedImageError
 
 from edgekd.errors import DataError
 
-__all__ = ["decode_image", "encode_image_file"]
+__all__ = ["decode_image", "encode_image_file", "to_8bit"]
+
+# PIL's modes of one channel wider than 8 bits: 16-bit unsigned (a 16-bit grayscale PNG opens as "I;16"), 32-bit
+# signed ("I", older Pillow's 16-bit PNG) and 32-bit float ("F", TIFF).
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ORIENTATION = 0x0112  # the EXIF tag: 1 is upright; a JPEG with another value is stored turned upright
 
 
 def _image_failure(exc: Exception) -> str:
@@ -22,6 +27,23 @@ def _image_failure(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not a known image format"
     return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def to_8bit(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """``img`` as an 8-bit ``mode`` (``RGB`` or ``L``) image, read the way ``cv2.imread`` (insightface's reader)
+    reads a file: EXIF orientation applied, alpha dropped, CMYK and palettes converted, and samples wider than 8 bits
+    shifted down to their top 8 (PIL's own ``convert`` clips them instead: a 16-bit grayscale PNG comes out white)."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE_MODES:
+        wide = np.asarray(img)
+        if img.mode == "F":  # floats: PIL's clip to [0, 255] is the only reading that needs no guess of the range
+            narrow = np.clip(np.rint(wide), 0, 255)
+        else:
+            narrow = np.clip(wide.astype(np.int64) >> 8, 0, 255)  # 16 significant bits, as cv2 keeps the high byte
+        img = Image.fromarray(narrow.astype(np.uint8), mode="L")
+    return img if img.mode == mode else img.convert(mode)
 
 
 def decode_image(body: bytes, size: int | None, where: str, hint: str) -> torch.Tensor:
@@ -32,7 +54,7 @@ def decode_image(body: bytes, size: int | None, where: str, hint: str) -> torch.
     try:
         with Image.open(io.BytesIO(body)) as img:
             img.load()
-            img = img if img.mode == "RGB" else img.convert("RGB")
+            img = to_8bit(img)
             if size and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img)
@@ -44,18 +66,19 @@ def decode_image(body: bytes, size: int | None, where: str, hint: str) -> torch.
 
 
 def encode_image_file(path: Path, quality: int = 95, hint: str = "replace or remove it") -> bytes:
-    """The bytes to store for an image file: RGB JPEGs as they are, anything else re-encoded as JPEG ``quality``.
+    """The bytes to store for an image file: RGB JPEGs without a rotation tag as they are, anything else read by
+    ``to_8bit`` and re-encoded as JPEG ``quality``.
 
     Raises ``DataError`` ``"<path>: cannot read the image (<why>); <hint>"`` (no ``; <hint>`` when ``hint`` is empty).
     """
     try:
         raw = path.read_bytes()
         with Image.open(io.BytesIO(raw)) as img:
-            if img.format == "JPEG" and img.mode == "RGB":
+            if img.format == "JPEG" and img.mode == "RGB" and img.getexif().get(_ORIENTATION, 1) == 1:
                 img.load()
                 return raw
             buf = io.BytesIO()
-            img.convert("RGB").save(buf, format="JPEG", quality=quality)
+            to_8bit(img).save(buf, format="JPEG", quality=quality)
             return buf.getvalue()
     # As in decode_image: a damaged file can make PIL fail with nearly any exception type.
     except Exception as exc:  # noqa: BLE001

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from edgekd.data.image_bytes import to_8bit
 from edgekd.errors import DataError
 from edgekd.utils.hashing import content_digest
 
@@ -23,12 +24,12 @@ def _decode(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = to_8bit(img, mode)
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.array(img, dtype=np.uint8)  # a writable copy
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {path}: {e}; remove or replace it, or pass skip_bad=True") from None
+        raise DataError(f"cannot decode image {path}: {e}; remove or replace it") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -28,8 +28,14 @@ from edgekd.utils.hashing import json_digest
 
 
 def training_dataset(cfg: TrainConfig):
-    """The dataset ``cfg.data`` names, at ``cfg.image_size`` when one is set; it must hold one batch at least."""
+    """The dataset ``cfg.data`` names, at ``cfg.image_size`` when one is set; it must hold two classes (with one,
+    every loss is 0 from the first step and the run would "succeed" having learned nothing) and one batch."""
     dataset = create_dataset(cfg.data, split="train", image_size=cfg.image_size)
+    if dataset.num_classes < 2:
+        raise EdgekdError(
+            f"{cfg.data} has {dataset.num_classes} class; a classifier learns nothing from one (its loss is 0 at "
+            "once): give the training data two identities or classes at least, one subfolder each"
+        )
     if len(dataset) < cfg.batch_size:
         raise EdgekdError(
             f"{cfg.data} has {len(dataset)} training images, fewer than one batch of {cfg.batch_size}; "
