@@ -7,8 +7,10 @@ plus whether it needs a teacher. Presets:
 - ``th-kd``/``code``: the official CIFAR code (Alibaba-MIIL/HeadSharingKD): ce 1, kd 1.5, th_kd 0.02, T 4.
 - ``face``: CE through the shared head without KL terms (the form a KL over s = 64 margin logits, nearly
   one-hot, suggests); for SH-KD plus the embedding term.
-- ``sh-kd``/``official``: SH-KD's final stage as the official README runs it: a fresh trainable student head and
-  KD from the student-aware teacher, here with the L2E embedding term (the official face loss family, ``kde``);
+- ``sh-kd``/``official``: SH-KD's final stage with the official README's fresh trainable student head and KD from
+  the student-aware teacher. The official I2 adds CRD (``--distill crd``), which edgekd does not implement; this
+  preset adds the L2E embedding term instead (the official face loss family, ``kde``), so it is not the official
+  loss;
   the other SH-KD presets start the student's head from θ_s and distill through the teacher's head (θ_s, frozen).
 
 - ``th-kd``/``kdth`` and ``sh-kd``/``kdeth``: the weights study v2 chose on validation (Fashion-MNIST): KD at T 2

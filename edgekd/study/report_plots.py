@@ -21,7 +21,7 @@ _SHORT = {
     "kd+l2e": "KD+L2E",
     "kd+l2e+th": "KD+L2E+TH",
     "sh-kd/th": "SH-KD\nTH form",
-    "sh-kd/official": "SH-KD\nofficial form",
+    "sh-kd/official": "SH-KD\nfresh head",
 }
 
 
@@ -42,7 +42,10 @@ def plot_test(lines: list[tuple[str, str, dict[int, float]]], teacher: float | N
     values = [[100 * v for v in line[2].values()] for line in lines]
     means = [float(np.mean(v)) for v in values]
     stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
-    ax.bar(x, means, yerr=stds, capsize=4, color=[_color(i) for i in range(len(lines))], alpha=0.85)
+    # Points with error bars, not bars: a bar's length reads as the value, so bars would have to start at 0, where
+    # differences of tenths of a point vanish; a point's axis may start anywhere without misleading.
+    for i in range(len(lines)):
+        ax.errorbar(x[i], means[i], yerr=stds[i], fmt="D", markersize=7, capsize=5, color=_color(i))
     for i, v in enumerate(values):
         ax.scatter(np.full(len(v), x[i]) + np.linspace(-0.18, 0.18, len(v)), v, s=10, color="k", zorder=3)
     low, high = min(min(v) for v in values), max(max(v) for v in values)

@@ -40,7 +40,7 @@ _LABEL = {
     "kd+l2e": "KD+L2E",
     "kd+l2e+th": "KD+L2E+TH",
     "sh-kd/th": "SH-KD, TH form (head from θ_s, th_kd through θ_s)",
-    "sh-kd/official": "SH-KD, official form (fresh head)",
+    "sh-kd/official": "SH-KD, fresh head, KD+L2E (the official code's I2 is CRD+KD)",
 }
 
 
@@ -130,6 +130,11 @@ def environment_section() -> list[str]:
     ]
 
 
+def _clip_text(trainee: dict) -> str:
+    clip = trainee.get("clip_grad", 5.0)  # study v2's plans predate the field: every v2 run was clipped at 5
+    return "off" if not clip else f"at norm {clip:g}"
+
+
 def protocol_section(data: dict) -> list[str]:
     plan = data["plan"]
     t, s = plan["teacher"], plan["student"]
@@ -151,8 +156,10 @@ def protocol_section(data: dict) -> list[str]:
         f"- student `{s['model']}` {s['model_kwargs']}{s_sizes}, built at the teacher's embedding width"
         + (f" ({width})" if width else "")
         + f" for every row: {s['epochs']} epochs, lr {s['lr']:g}, batch {s['batch_size']}",
-        f"- SGD momentum 0.9, weight decay {plan['weight_decay']:g}, {plan['warmup_steps']} warm-up steps then linear "
-        "decay to 0, random horizontal flips; one checkpoint per epoch (the validation curves below)",
+        f"- SGD momentum 0.9, weight decay {plan['weight_decay']:g}, {plan['warmup_steps']} warm-up steps then "
+        f"(1 − t)^{plan.get('lr_power', 1.0):g} decay to 0 (t: the fraction of steps after the warm-up), "
+        f"gradient-norm clip {_clip_text(t)} (teacher) / {_clip_text(s)} (students), random horizontal flips; "
+        "one checkpoint per epoch (the validation curves below)",
         f"- seeds 0..{plan['seeds'] - 1}: seed k fixes the initialization and the data order, identical for every row",
         f"- KD weight k = {plan['sweeps']['kd']:g} in every KD row; T_th = T (one matched temperature)",
         "- SH-KD: per seed, a student-aware teacher (stage I1: the teacher's architecture and recipe on seed k, its "

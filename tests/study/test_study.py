@@ -76,7 +76,7 @@ def test_tiny_study_runs_every_row_reports_and_resumes(tmp_path, fmnist_root, ru
         "| KD+L2E |",
         "| KD+L2E+TH |",
         "| SH-KD, TH form",
-        "| SH-KD, official form",
+        "| SH-KD, fresh head, KD+L2E",
         "| vanilla |",
     ):
         line = next(li for li in results.splitlines() if li.startswith(label))
