@@ -1,10 +1,15 @@
 """The one schema of the training commands' settings (``edgekd teacher``, ``edgekd distill``).
 
 Each ``Setting`` names its click type and range, its help, its default and whether a resumed run may change it.
-The same types check the command line and config files, so ``lr: 1e-3`` in YAML (a string to PyYAML) is a float
-and ``batch_size: sixty`` is a one-line error. Defaults live in one place each: ``TrainConfig`` for training
-settings (the face-standard values used on real data), ``Setting.default`` for command settings, and ``DEMO`` for
-the built-in demo, which applies only when no ``--data`` is given.
+The same rules (``edgekd.rules``; a ``TrainConfig`` field's own rule for training settings) check the command line
+and config files: ``batch_size: sixty``, ``lr: [0.1]``, ``lr: true``, ``steps: 10.5``, ``lr: .nan`` and
+``--lr nan`` are one-line errors naming the key, the value and what to give. A config file's values must have the
+setting's type: ``lr: "0.1"`` (a string) is refused, while ``lr: 1e-3`` is a number (YAML 1.2 reads it so; PyYAML's
+YAML 1.1 would read a string), and ``null`` means the default only where that default is None (``steps: null``).
+
+Defaults live in one place each: ``TrainConfig`` for training settings (the face-standard values used on real data),
+``Setting.default`` for command settings, and ``DEMO`` for the built-in demo, which applies only when no ``--data``
+is given.
 
 ``resolve_settings`` layers them: defaults < demo (no data given) < config file < command line; with ``--resume``
 the run's saved ``settings.json`` replaces the defaults, and an option that would change the run's meaning is a
@@ -14,14 +19,14 @@ against the working directory before anything else, so the saved run names its f
 
 from __future__ import annotations
 
+import difflib
 import json
-import math
 import os
 import re
 import sys
 import tomllib
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,11 @@ import click
 from edgekd.atomic import write_json
 from edgekd.data import absolute_spec
 from edgekd.errors import EdgekdError
+from edgekd.formats import read_versioned_json, stamp
 from edgekd.heads import HEAD_KINDS, default_margin
 from edgekd.models import require_model
-from edgekd.train.config import TrainConfig
+from edgekd.rules import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule
+from edgekd.train.config import TrainConfig, field_rule
 from edgekd.version import __version__
 
 SETTINGS_FILE = "settings.json"
@@ -97,12 +104,43 @@ class JSONObject(click.ParamType):
         return parsed
 
 
-def positive(kind: type) -> click.ParamType:
-    return click.IntRange(min=1) if kind is int else click.FloatRange(min=0, min_open=True)
+class Number(click.FloatRange):
+    """A number its ``Rule`` accepts: ``--lr nan``, ``--lr inf``, ``--steps 10.5`` are refused (click's FloatRange takes
+    NaN and ±inf). A ``FloatRange`` only so that --help shows the range the way click shows its own."""
+
+    def __init__(self, rule: Rule) -> None:
+        super().__init__(min=rule.low, max=rule.high, min_open=rule.low_open, max_open=rule.high_open)
+        self.rule = rule
+        self.name = "integer range" if rule.kind is int else "float range"
+
+    def convert(self, value, param, ctx):
+        number = _number_in(value) if isinstance(value, str) else value
+        if not self.rule.accepts(number):
+            self.fail(f"{value!r} is not {self.rule.expected()}", param, ctx)
+        return self.rule.as_kind(number)
 
 
-def non_negative(kind: type) -> click.ParamType:
-    return click.IntRange(min=0) if kind is int else click.FloatRange(min=0)
+def _number_in(text: str) -> int | float | str:
+    """The number ``text`` spells (an int where it is one), or ``text`` itself where it spells none."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def positive(kind: type) -> Number:
+    return Number(POSITIVE_INT if kind is int else POSITIVE)
+
+
+def non_negative(kind: type) -> Number:
+    return Number(NON_NEGATIVE_INT if kind is int else NON_NEGATIVE)
+
+
+def field_number(key: str) -> Number:
+    """The command-line type of the ``TrainConfig`` number field ``key``: the field's own rule, so both check alike."""
+    return Number(field_rule(key))
 
 
 @dataclass(frozen=True)
@@ -111,7 +149,8 @@ class Setting:
 
     Args:
         key: the config key (a ``TrainConfig`` field, or a command-level value).
-        type: click type and range; checks the command line and config files alike.
+        type: click type and range; checks the command line and config files alike. A number is a ``Number`` of a
+            ``Rule`` (``field_number(key)`` for a ``TrainConfig`` field: the field's own rule).
         help: the option's help text.
         default: default on real data; None for a ``TrainConfig`` key means the dataclass default.
         resumable: a resumed run may change it (where or how fast it runs, not what it trains).
@@ -143,16 +182,27 @@ class Setting:
             return f.default_factory() if f.default is MISSING else f.default
         return self.default
 
+    @property
+    def rule(self) -> Rule:
+        """What a config file may give: a number's rule, else the kind of value the click type takes (a click type
+        would read ``true`` as 1, ``1.5`` as 1 and ``[1]`` as "[1]"); null only where the default is None."""
+        if isinstance(self.type, Number):
+            rule = self.type.rule
+        elif isinstance(self.type, click.types.BoolParamType):
+            rule = Rule(bool)
+        else:
+            rule = Rule(dict if isinstance(self.type, JSONObject) else str)
+        return replace(rule, optional=self.real_default() is None)
+
     def convert(self, value: Any, source: str) -> Any:
-        """``value`` checked and converted by this setting's type; a bad one is a one-line EdgekdError."""
-        # click would read True as 1 and truncate 1.5 to 1; a config file that says so is a mistake.
-        not_bool = isinstance(value, bool) and self.type is not click.BOOL
-        not_int = (
-            isinstance(value, float) and not value.is_integer() and isinstance(self.type, click.types.IntParamType)
-        )
-        if not_bool or not_int:
-            raise EdgekdError(f"{source}: {self.key} = {value!r} is not a valid {self.type.name}")
-        try:
+        """``value`` from ``source`` (a config file) as this setting takes it; a bad one is a one-line EdgekdError
+        naming the key, the value, what to give and an example (the default)."""
+        default = self.real_default()
+        example = None if default is None else f"{self.key}: {json.dumps(default)}"
+        value = self.rule.check(self.key, value, where=f"{source}: ", example=example)
+        if value is None or isinstance(self.type, Number):
+            return value
+        try:  # choices, devices, model names, paths
             return self.type.convert(value, None, None)
         except click.BadParameter as exc:
             raise EdgekdError(f"{source}: {self.key}: {exc.format_message()}") from None
@@ -170,27 +220,29 @@ TRAIN_SETTINGS = [
     Setting("model", ModelName(), "backbone (see `python -m edgekd.models`): mbf, r50, timm/resnet18, ..."),
     Setting("model_kwargs", JSONObject(), "extra backbone arguments as JSON, e.g. '{\"embed_dim\": 256}'"),
     Setting("head", click.Choice(list(HEAD_KINDS)), "class head kind"),
-    Setting("scale", positive(float), "scale s of normalized heads"),
+    Setting("scale", field_number("scale"), "scale s of normalized heads"),
     Setting(
         "margin",
-        click.FloatRange(0, math.pi / 2, max_open=True),
+        field_number("margin"),
         "margin m (ArcFace radians, CosFace cosine)",
         shown_default="0.5 ArcFace, 0.4 CosFace, 0 otherwise",
     ),
-    Setting("image_size", click.IntRange(min=8), "input height = width", shown_default="the data's own size"),
-    Setting("batch_size", positive(int), "images per step"),
-    Setting("steps", positive(int), "total training steps (overrides --epochs)"),
-    Setting("epochs", positive(float), "training length in epochs"),
-    Setting("lr", positive(float), "peak SGD learning rate"),
-    Setting("momentum", click.FloatRange(0, 1, max_open=True), "SGD momentum"),
-    Setting("weight_decay", non_negative(float), "SGD weight decay"),
-    Setting("warmup_steps", non_negative(int), "linear warm-up steps before the polynomial decay"),
-    Setting("lr_power", positive(float), "power of the polynomial decay to 0 (1: linear, as arcface_torch)"),
-    Setting("clip_grad", non_negative(float), "gradient-norm clip (0: off)"),
+    Setting("image_size", field_number("image_size"), "input height = width", shown_default="the data's own size"),
+    Setting("batch_size", field_number("batch_size"), "images per step"),
+    Setting("steps", field_number("steps"), "total training steps (overrides --epochs)"),
+    Setting("epochs", field_number("epochs"), "training length in epochs"),
+    Setting("lr", field_number("lr"), "peak SGD learning rate"),
+    Setting("momentum", field_number("momentum"), "SGD momentum"),
+    Setting("weight_decay", field_number("weight_decay"), "SGD weight decay"),
+    Setting("warmup_steps", field_number("warmup_steps"), "linear warm-up steps before the polynomial decay"),
+    Setting("lr_power", field_number("lr_power"), "power of the polynomial decay to 0 (1: linear, as arcface_torch)"),
+    Setting("clip_grad", field_number("clip_grad"), "gradient-norm clip (0: off)"),
     Setting("flip", click.BOOL, "random horizontal flips", flag="--flip/--no-flip"),
-    Setting("seed", non_negative(int), "seed of initialization, data order and flips"),
+    Setting("seed", field_number("seed"), "seed of initialization, data order and flips"),
     Setting("device", DeviceType(), "auto, cpu, cuda or cuda:N", resumable=True),
-    Setting("num_workers", non_negative(int), "data-loading worker processes", resumable=True, flag="--workers"),
+    Setting(
+        "num_workers", field_number("num_workers"), "data-loading worker processes", resumable=True, flag="--workers"
+    ),
     Setting(
         "compile",
         click.BOOL,
@@ -215,12 +267,12 @@ TRAIN_SETTINGS = [
         saved=False,
         shown_default="1, or torchrun's world when torchrun started edgekd",
     ),
-    Setting("checkpoint_every", positive(int), "steps between checkpoints", resumable=True),
-    Setting("keep_checkpoints", positive(int), "newest checkpoints kept", resumable=True),
-    Setting("log_every", positive(int), "steps between metrics.jsonl lines", resumable=True),
+    Setting("checkpoint_every", field_number("checkpoint_every"), "steps between checkpoints", resumable=True),
+    Setting("keep_checkpoints", field_number("keep_checkpoints"), "newest checkpoints kept", resumable=True),
+    Setting("log_every", field_number("log_every"), "steps between metrics.jsonl lines", resumable=True),
     Setting(
         "stop_after",
-        positive(int),
+        field_number("stop_after"),
         "stop this invocation after N steps (time-sliced jobs); --resume continues",
         resumable=True,
         saved=False,
@@ -268,36 +320,61 @@ def _default_text(setting: Setting, demo: dict) -> str:
 
 
 def read_config_file(path: str | Path, settings: list[Setting]) -> dict:
-    """The settings in a YAML/TOML/JSON file, each checked by its setting's type; unknown keys are an error."""
+    """The settings in a YAML/TOML/JSON file, each checked by its setting's rule and type; unknown keys are an error
+    (with the closest key), and null, where a setting's default is None, is the same as leaving the key out."""
     path = Path(path)
+    raw = _parse_config_file(path)
+    source = f"--config {path}"
+    # Keys are the settings' keys or their long option names with "_" (`workers` for num_workers).
+    by_key = {s.key: s for s in settings}
+    by_key.update({s.option.split("/")[0][2:].replace("-", "_"): s for s in settings})
+    unknown = sorted((key for key in raw if key not in by_key), key=str)  # YAML keys may be numbers or null
+    if unknown:
+        raise EdgekdError(f"{source}: {_unknown_keys_text(unknown, list(by_key), [s.key for s in settings])}")
+    values = {by_key[key].key: by_key[key].convert(value, source) for key, value in raw.items()}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _parse_config_file(path: Path) -> dict:
+    """The mapping a YAML/TOML/JSON file holds; a missing, unreadable or unparsable file is a one-line error."""
     if not path.is_file():
         raise EdgekdError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise EdgekdError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     try:
+        text = path.read_text()
         if path.suffix == ".toml":
             raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
         elif path.suffix == ".json":
             raw = json.loads(text)
         else:
-            raise EdgekdError(f"config file {path} must end in .yaml, .yml, .toml or .json")
-    except EdgekdError:
-        raise
+            raw = _load_yaml(text) or {}
     except Exception as exc:
         raise EdgekdError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise EdgekdError(f"config file {path} must hold a mapping of setting names to values")
-    # Keys are the settings' keys or their long option names with "_" (`workers` for num_workers).
-    by_key = {s.key: s for s in settings}
-    by_key.update({s.option.split("/")[0][2:].replace("-", "_"): s for s in settings})
-    unknown = sorted(set(raw) - set(by_key))
-    if unknown:
-        valid = ", ".join(s.key for s in settings)
-        raise EdgekdError(f"config file {path}: unknown keys {', '.join(unknown)}; valid keys: {valid}")
-    return {by_key[key].key: by_key[key].convert(value, f"config file {path}") for key, value in raw.items()}
+    return raw
+
+
+def _load_yaml(text: str) -> Any:
+    """``text`` read by PyYAML's safe loader, with ``1e-3`` the number YAML 1.2 (and every reader) sees, not YAML 1.1's
+    string: config values must have their setting's type, and a learning rate is written so."""
+    import yaml  # here, not at the top: only a YAML config file needs it
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
+def _unknown_keys_text(unknown: list, keys: list[str], shown: list[str]) -> str:
+    """``unknown key lrr; did you mean lr?``, or the valid keys (``shown``) where no key in ``keys`` is close."""
+    guesses = {key: difflib.get_close_matches(str(key), keys, n=1) for key in unknown}
+    close = [f"{match[0]}" + (f" for {key}" if len(unknown) > 1 else "") for key, match in guesses.items() if match]
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(shown)}"
+    return f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(str(key) for key in unknown)}; {hint}"
 
 
 def resolve_settings(
@@ -374,15 +451,15 @@ def _refuse_meaning_changes(saved: dict, explicit: dict, settings: list[Setting]
 
 
 def load_settings(out: Path, command: str) -> dict:
-    """The saved settings of the run in ``out``; a one-line error when there is none to resume."""
+    """The saved settings of the run in ``out``; a one-line error when there is none to resume, or its
+    ``settings.json`` is unreadable or of a format this edgekd does not read (``edgekd.formats``)."""
     path = Path(out) / SETTINGS_FILE
     if not path.is_file():
         raise EdgekdError(f"--resume: {out} holds no edgekd run (no {SETTINGS_FILE}); drop --resume to start one")
-    try:
-        saved = json.loads(path.read_text())
-        values = saved["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise EdgekdError(f"--resume: {path} is unreadable; start a new run with another --out") from None
+    saved = read_versioned_json("settings", path)
+    values = saved.get("settings")
+    if not isinstance(values, dict):
+        raise EdgekdError(f"--resume: {path} holds no settings; start a new run with another --out")
     if saved.get("command") != command:
         raise EdgekdError(
             f"--resume: {out} holds an `edgekd {saved.get('command')}` run, not `edgekd {command}`; "
@@ -395,7 +472,8 @@ def save_settings(out: Path, command: str, values: dict, settings: list[Setting]
     """Write the run's resolved settings (less the per-invocation ones) to ``out/settings.json``."""
     per_invocation = {s.key for s in settings if not s.saved}
     kept = {k: v for k, v in values.items() if k not in per_invocation}
-    write_json(Path(out) / SETTINGS_FILE, {"command": command, "edgekd": __version__, "settings": kept})
+    saved = {"command": command, "edgekd": __version__, "settings": kept}
+    write_json(Path(out) / SETTINGS_FILE, stamp("settings", saved))
 
 
 def describe_settings(values: dict, settings: list[Setting]) -> str:

@@ -9,6 +9,7 @@ from edgekd.models import mobilefacenet as mobilefacenet  # noqa: F401  (registe
 from edgekd.models import small_cnn as small_cnn  # noqa: F401  (registers cnn_small, cnn_tiny)
 from edgekd.models import timm_backbone as timm_backbone  # noqa: F401  (registers the timm/<arch> family)
 from edgekd.models._cfg import ModelCfg as ModelCfg
+from edgekd.models._factory import check_model_kwargs as check_model_kwargs
 from edgekd.models._factory import create_model as create_model
 from edgekd.models._factory import require_model as require_model
 from edgekd.models._registry import is_model as is_model

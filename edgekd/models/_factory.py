@@ -7,9 +7,10 @@ import difflib
 from torch import nn
 
 from edgekd.errors import EdgekdError
+from edgekd.models._builder import kwargs_check_only
 from edgekd.models._registry import family_prefixes, list_models, model_entrypoint
 
-__all__ = ["create_model", "require_model"]
+__all__ = ["create_model", "require_model", "check_model_kwargs"]
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -26,8 +27,19 @@ def create_model(name: str, **kwargs) -> nn.Module:
     Raises:
         EdgekdError: unknown name or an option the model does not take.
     """
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return require_model(name)(**kwargs)
+    return require_model(name)(**_given(kwargs))
+
+
+def check_model_kwargs(name: str, kwargs: dict) -> None:
+    """Check ``kwargs`` as ``create_model(name, **kwargs)`` would, without building anything: an unknown model, a
+    kwarg it does not take or a value of a type its constructor does not take is a one-line EdgekdError."""
+    with kwargs_check_only():
+        require_model(name)(**_given(kwargs))
+
+
+def _given(kwargs: dict) -> dict:
+    """``kwargs`` without the None ones: an unset option leaves the model's own default."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def require_model(name: str):

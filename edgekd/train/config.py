@@ -4,12 +4,20 @@ Its defaults are the face-recognition standard a run on real data gets (arcface_
 SGD 0.1 with momentum 0.9, polynomial decay, gradient clip 5, 20 epochs at batch 128); the demo's small values are
 ``edgekd.cli.options.DEMO`` and apply to the demo only. ``edgekd.cli.options`` layers config files and the command
 line over them.
+
+Every field is checked when a ``TrainConfig`` is made, by its rule in ``FIELD_RULES`` (the command line's types for
+these settings are made from the same rules), and ``model_kwargs`` against the model's constructor: a bad value is a
+one-line ``EdgekdError`` before any work starts, from the Python API as from the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from edgekd.models import check_model_kwargs
+from edgekd.rules import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule
 
 # Fields that change where or how fast a run trains, not what it trains: a resumed run may change them (the CLI's
 # resumable settings), and the cache of default teachers and vanilla students does not key on them.
@@ -53,9 +61,56 @@ class TrainConfig:
     log_every: int = 10
     stop_after: int | None = None
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            example = None if f.default in (None, dataclasses.MISSING) else f"{f.name}={f.default!r}"
+            value = field_rule(f.name).check(f.name, getattr(self, f.name), where="TrainConfig: ", example=example)
+            setattr(self, f.name, value)
+        check_model_kwargs(self.model, self.model_kwargs)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def training_settings(self) -> dict:
         """The fields that decide what the run trains: ``to_dict`` without ``RUNTIME_SETTINGS``."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_SETTINGS}
+
+
+def field_rule(name: str) -> Rule:
+    """What field ``name`` accepts: its rule, with None allowed where None is the field's default (it means "the
+    default": ``steps=None`` leaves the length to ``epochs``, ``margin=None`` takes the head's own)."""
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return dataclasses.replace(FIELD_RULES[name], optional=default is None)
+
+
+# What each field accepts; ``field_rule`` adds None where it is the default.
+FIELD_RULES = {
+    "model": Rule(str),
+    "model_kwargs": Rule(dict),
+    "head": Rule(str),
+    "scale": POSITIVE,
+    "margin": Rule(float, low=0, high=math.pi / 2, high_open=True),
+    "data": Rule(str),
+    "image_size": Rule(int, low=8),
+    "batch_size": POSITIVE_INT,
+    "steps": POSITIVE_INT,
+    "epochs": POSITIVE,
+    "lr": POSITIVE,
+    "momentum": Rule(float, low=0, high=1, high_open=True),
+    "weight_decay": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE_INT,
+    "lr_power": POSITIVE,
+    "clip_grad": NON_NEGATIVE,
+    # The data order seeds a generator per epoch with seed * 1_000_003 + epoch, which must fit in 64 bits.
+    "seed": Rule(int, low=0, high=2**32 - 1),
+    "compile": Rule(bool),
+    "loss_backend": Rule(str),
+    "device": Rule(str),
+    "num_workers": NON_NEGATIVE_INT,
+    "flip": Rule(bool),
+    "teacher_cache": Rule(bool),
+    "checkpoint_every": POSITIVE_INT,
+    "keep_checkpoints": POSITIVE_INT,
+    "log_every": POSITIVE_INT,
+    "stop_after": POSITIVE_INT,
+}

@@ -143,8 +143,8 @@ def test_capacity_gates_refuse_a_too_weak_teacher(tmp_path, fmnist_root, run_cli
     assert not (tmp_path / "size" / "teacher").exists()
     # on validation: the teacher must beat the vanilla student by the margin, or no distilled student trains
     weak = replace(
-        tiny,
-        teacher=Trainee("cnn_tiny", 1, 0.0, 32, {"widths": (8, 16, 32), "embed_dim": 32}),
+        tiny,  # lr 1e-9: a teacher that barely moves from its initialization (lr must be > 0)
+        teacher=Trainee("cnn_tiny", 1, 1e-9, 32, {"widths": (8, 16, 32), "embed_dim": 32}),
         gates=Gates(min_gap_points=3.0, flat_max_gain_points=100.0),
     )
     out = tmp_path / "gap"
