@@ -1,8 +1,8 @@
 """Model bundles: a backbone, its head, and their metadata in one ``.safetensors`` file.
 
-Keys are ``backbone.*`` (arcface_torch names for face models) and ``head.*``; the
-safetensors metadata entry ``edgekd`` holds JSON with the model name and kwargs, the head spec and class
-count, and whatever the writer adds (method, step, data fingerprint). ``load_bundle`` also accepts a plain
+Keys are ``backbone.*`` (arcface_torch names for face models) and ``head.*``; the safetensors metadata entry
+``edgekd`` holds JSON with the bundle's format version (``edgekd.formats``), the model name and kwargs, the head spec
+and class count, and whatever the writer adds (method, step, data fingerprint). ``load_bundle`` also accepts a plain
 arcface_torch state_dict (``.pt`` / ``.pth``) when told which model it is.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import CheckpointError
+from edgekd.formats import FORMATS, check_format, parse_versioned_json, stamp
 from edgekd.heads import ClassHead, HeadSpec
 from edgekd.models import create_model
 from edgekd.models.convert import load_arcface_torch_state_dict
@@ -83,7 +84,7 @@ def bundle_meta(bundle: Bundle) -> dict:
     meta = {**bundle.meta, "model": cfg.name, "model_kwargs": dict(cfg.kwargs), "edgekd_version": __version__}
     if bundle.head is not None:
         meta["head"] = {**asdict(bundle.head.spec), "num_classes": bundle.head.num_classes}
-    return meta
+    return stamp("bundle", meta)  # a bundle read from an older file is written in this edgekd's format
 
 
 def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
@@ -109,7 +110,43 @@ def read_bundle_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
     if raw_meta is None:
         raise CheckpointError(f"{path} has no edgekd metadata; for raw weights pass the architecture with --model")
-    return json.loads(raw_meta)
+    meta = parse_versioned_json("bundle", raw_meta, path)
+    _check_complete(meta, path)
+    return meta
+
+
+def checked_bundle_meta(meta: object, source: str | os.PathLike) -> dict:
+    """``meta``, a bundle's metadata held in ``source`` (a multi-rank checkpoint's ``state.json``), if this edgekd
+    reads its format and it says what ``bundle_from_meta`` needs; a one-line CheckpointError otherwise."""
+    check_format("bundle", meta, source)
+    _check_complete(meta, source)
+    return meta
+
+
+def _check_complete(meta: dict, source: str | os.PathLike) -> None:
+    problem = _missing_in_meta(meta)
+    if problem is not None:
+        raise CheckpointError(f"{source}: its edgekd metadata {problem}; {FORMATS['bundle'].damaged}")
+
+
+def _missing_in_meta(meta: dict) -> str | None:
+    """What the metadata lacks to rebuild the modules (model name, kwargs, head class count and spec), or None."""
+    if not isinstance(meta.get("model"), str):
+        return 'names no model (no "model" string)'
+    if not isinstance(meta.get("model_kwargs", {}), dict):
+        return 'has "model_kwargs" that are not an object'
+    if "head" not in meta:
+        return None  # a backbone alone
+    head = meta["head"]
+    if not isinstance(head, dict):
+        return 'has a "head" that is not an object'
+    classes = head.get("num_classes")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        return 'gives the head no class count (no "num_classes" whole number)'
+    unknown = sorted(set(head) - {"num_classes", *(f.name for f in fields(HeadSpec))})
+    if unknown:
+        return f"gives the head fields this edgekd does not know ({', '.join(unknown)})"
+    return None
 
 
 def head_spec_of(meta: dict) -> HeadSpec | None:

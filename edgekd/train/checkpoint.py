@@ -7,6 +7,9 @@ and an old one is hidden before it is deleted, so a killed run never leaves a ha
 checkpoint in view; ``latest_checkpoint`` only sees complete folders. What a killed run leaves under hidden
 names is removed by ``remove_run_debris`` when the next run on that folder starts.
 
+``state.json`` carries the checkpoint's format version (``edgekd.formats``, stamped by ``write_state``); every reader
+goes through ``read_state``, which refuses a format this edgekd does not read before anything is loaded.
+
 A multi-rank run (torchrun) writes the same folders with torch.distributed.checkpoint's files instead of the two
 safetensors files (``edgekd.train.dcp_checkpoint``, written by ``edgekd.train.sharded``); ``load_checkpoint`` and
 ``checkpoint_bundle`` read both kinds in one process.
@@ -24,8 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgekd.atomic import TEMP_FILE, TRASH, discard_tree, file_mode, make_temp_dir, remove_debris
-from edgekd.bundle import Bundle, bundle_from_meta, load_bundle, load_bundle_tensors, save_bundle
+from edgekd.bundle import Bundle, bundle_from_meta, checked_bundle_meta, load_bundle, load_bundle_tensors, save_bundle
 from edgekd.errors import CheckpointError
+from edgekd.formats import FORMATS, read_versioned_json, stamp
 from edgekd.train.dcp_checkpoint import DCP_METADATA, is_dcp_checkpoint, load_full
 
 STATE_FILE = "state.json"
@@ -88,7 +92,15 @@ def _write_checkpoint(folder: Path, step: int, bundle: Bundle, optimizer: torch.
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(folder / "optimizer.safetensors"))
     os.chmod(folder / "optimizer.safetensors", file_mode())  # safetensors creates its files 0600
-    (folder / STATE_FILE).write_text(json.dumps({"step": step, "optimizer": optim_json, **extra}, indent=2))
+    write_state(folder, {"step": step, "optimizer": optim_json, **extra})
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """Write ``state`` as the checkpoint's ``state.json`` in ``folder``, stamped with this edgekd's checkpoint format.
+
+    Not atomic by itself: ``folder`` is a checkpoint's temporary folder, renamed into place once complete.
+    """
+    (Path(folder) / STATE_FILE).write_text(json.dumps(stamp("checkpoint", state), indent=2))
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -128,11 +140,16 @@ def remove_run_debris(run_dir: Path) -> list[Path]:
 
 
 def read_state(path: Path) -> dict:
-    """The checkpoint's ``state.json`` (step, config, ...); a one-line CheckpointError when unreadable."""
-    try:
-        return json.loads((Path(path) / STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    """The ``state.json`` (step, config, ...) of the checkpoint folder ``path``; a one-line CheckpointError when it is
+    unreadable, of a format this edgekd does not read, or without a step."""
+    file = Path(path) / STATE_FILE
+    state = read_versioned_json("checkpoint", file)
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(
+            f"{file}: no step count (step is {json.dumps(step)}); the file is damaged: {FORMATS['checkpoint'].damaged}"
+        )
+    return state
 
 
 def load_checkpoint(path: Path, bundle: Bundle, optimizer: torch.optim.Optimizer) -> dict:
@@ -140,12 +157,11 @@ def load_checkpoint(path: Path, bundle: Bundle, optimizer: torch.optim.Optimizer
 
     A multi-rank run's checkpoint loads too: its head shards are joined into the full head (resuming in one process).
     """
+    state = read_state(path)  # first: a checkpoint this edgekd cannot read is refused before anything is loaded
     if is_dcp_checkpoint(path):
-        state = read_state(path)
         load_full(path, bundle, optimizer)
         return state
     try:
-        state = json.loads((path / STATE_FILE).read_text())
         weights = load_file(str(path / "bundle.safetensors"))
         tensors = load_file(str(path / "optimizer.safetensors"))
     except (OSError, ValueError) as exc:
@@ -168,12 +184,13 @@ def checkpoint_bundle(path: str | Path) -> Bundle:
     shards are joined into the full head (the modules are rebuilt from the metadata its rank 0 wrote).
     """
     path = Path(path)
+    state = read_state(path)  # the checkpoint's format, checked for either kind
     if not is_dcp_checkpoint(path):
         return load_bundle(path / "bundle.safetensors")
-    meta = read_state(path).get("bundle")
+    meta = state.get("bundle")
     if meta is None:
         raise CheckpointError(f"checkpoint {path} does not say which model it holds (no bundle in {STATE_FILE})")
-    bundle = bundle_from_meta(meta)
+    bundle = bundle_from_meta(checked_bundle_meta(meta, path / STATE_FILE))
     load_full(path, bundle)
     bundle.backbone.eval()
     return bundle

@@ -1,8 +1,10 @@
 """The state of a class-sharded run as torch.distributed.checkpoint (DCP) saves it, and reading it back anywhere.
 
 A multi-rank run checkpoints into the usual ``<run>/checkpoints/step_0000200/`` folder, but with DCP's files
-(``.metadata`` and one ``__<rank>_0.distcp`` per rank) and ``state.json`` (step, config, the bundle's metadata). The
-state is one nested dict, keyed as a bundle is (``edgekd.bundle``):
+(``.metadata`` and one ``__<rank>_0.distcp`` per rank) and ``state.json`` (step, config, the bundle's metadata).
+``.metadata`` is DCP's own file, versioned by torch; ``state.json`` carries edgekd's checkpoint format version, which
+``edgekd.train.checkpoint.read_state`` checks before any of these files is read. The state is one nested dict, keyed
+as a bundle is (``edgekd.bundle``):
 
 - ``model``: ``backbone.*`` (the same on every rank; DCP writes it once) and ``head.weight``/``head.bias``, each rank's
   class shard wrapped as a ``DTensor`` of the full ``(C, D)`` shape (``Shard(0)`` in ``torch.chunk`` sizes, which is

@@ -9,6 +9,12 @@ Under torchrun the ranks build it together: rank 0's key is every rank's (the da
 times, which copies on other nodes need not share), rank 0 creates the table under a temporary name, each rank fills
 its own contiguous block of rows, and rank 0 renames it into place once all have flushed theirs; every rank then
 memory-maps the file itself (one page cache on a machine, no copy sent between processes).
+
+Beside each table ``teacher_<key>.npy`` lies its info file ``teacher_<key>.json`` (key, teacher, data, size and the
+cache's format version, ``edgekd.formats``). It is written before the table is renamed into place, so a table in view
+has it; a table without one is of no known format (an edgekd from before formats were versioned wrote the info
+second, and a kill could come between; or a user deleted it) and is built again. Opening a cache checks its format
+first.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from torch import nn
 from edgekd.atomic import TEMP_FILE, atomic_path, file_mode, remove_debris, write_json
 from edgekd.data.transforms import hflip, normalize
 from edgekd.distributed.launch import ONE_PROCESS, World
+from edgekd.errors import EdgekdError
+from edgekd.formats import FORMATS, read_versioned_json, stamp
 from edgekd.utils.hashing import json_digest, module_fingerprint
 from edgekd.utils.progress import progress
 
@@ -46,11 +54,15 @@ def cache_key(teacher: nn.Module, dataset, mean, std) -> str:
 
 
 class TeacherCache:
-    """Teacher embeddings ``(N, 2, D_t)`` float32 (index 0: image, 1: its flip), memory-mapped from ``path``."""
+    """Teacher embeddings ``(N, 2, D_t)`` float32 (index 0: image, 1: its flip), memory-mapped from ``path``.
+
+    Opening it refuses, in one line, a cache of a format this edgekd does not read or a table it cannot read.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.table = np.load(self.path, mmap_mode="r")
+        self.info = read_versioned_json("teacher_cache", info_path(self.path))
+        self.table = _open_table(self.path)
 
     def lookup(self, indices: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """``z_t: (B, D_t)`` for images ``indices`` flipped where ``flips``."""
@@ -90,7 +102,7 @@ def build_teacher_cache(
     remove_debris(cache_dir, TEMP_FILE, min_age_s=STALE_TEMPORARY_S)
     key = cache_key(teacher, dataset, mean, std)
     path = cache_dir / f"teacher_{key}.npy"
-    if path.is_file():
+    if is_complete(path):
         return TeacherCache(path)
     teacher.eval()
     n = len(dataset)
@@ -101,18 +113,36 @@ def build_teacher_cache(
             table = np.empty((n, 2, rows.shape[2]), dtype=np.float32)
         table[start : start + len(rows)] = rows
     bar.close()
+    _write_info(path, key, teacher, dataset, n, int(table.shape[2]))  # before the table: see the module doc
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, table)
-    _write_info(path, key, teacher, dataset, n, int(table.shape[2]))
     return TeacherCache(path)
 
 
+def info_path(path: Path) -> Path:
+    """The info file beside the cache table ``path``."""
+    return Path(path).with_suffix(".json")
+
+
+def is_complete(path: Path) -> bool:
+    """Whether the cache table ``path`` is in place with its info file (see the module doc)."""
+    return Path(path).is_file() and info_path(path).is_file()
+
+
+def _open_table(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:  # a truncated or overwritten table
+        damaged = FORMATS["teacher_cache"].damaged
+        raise EdgekdError(
+            f"{path}: not a readable teacher-embedding cache ({str(exc).splitlines()[0]}); {damaged}"
+        ) from None
+
+
 def _write_info(path: Path, key: str, teacher: nn.Module, dataset, n: int, dim: int) -> None:
-    write_json(
-        path.with_suffix(".json"),
-        {"key": key, "teacher": module_fingerprint(teacher), "data": dataset.fingerprint, "images": n, "dim": dim},
-    )
+    info = {"key": key, "teacher": module_fingerprint(teacher), "data": dataset.fingerprint, "images": n, "dim": dim}
+    write_json(info_path(path), stamp("teacher_cache", info))
 
 
 def _build_together(teacher, dataset, mean, std, cache_dir: Path, device, batch_size: int, world: World):
@@ -121,7 +151,7 @@ def _build_together(teacher, dataset, mean, std, cache_dir: Path, device, batch_
         remove_debris(cache_dir, TEMP_FILE, min_age_s=STALE_TEMPORARY_S)
     key = world.decide(lambda: cache_key(teacher, dataset, mean, std))
     path = cache_dir / f"teacher_{key}.npy"
-    if world.decide(path.is_file):
+    if world.decide(lambda: is_complete(path)):
         world.check_visible(path, SHARED_CACHE_ADVICE)
         return TeacherCache(path)
     teacher.eval()
@@ -148,9 +178,9 @@ def _build_together(teacher, dataset, mean, std, cache_dir: Path, device, batch_
         del table
         world.barrier()  # every rank's rows are on disk
         if world.is_main:
+            _write_info(path, key, teacher, dataset, n, dim)  # before the table: see the module doc
             os.chmod(tmp, file_mode())
             os.replace(tmp, path)
-            _write_info(path, key, teacher, dataset, n, dim)
         world.barrier()  # the file is in place before any rank opens it
     finally:
         if world.is_main and tmp.exists():
