@@ -112,7 +112,7 @@ def _disk_full(exc: BaseException) -> str | None:
 def _after_abort(args: list[str]) -> str:
     """What to do after Ctrl-C: resume where a run folder with settings remains, else rerun (a run stopped before
     its first checkpoint leaves no folder behind, ``run_folder.undo_if_nothing_made``)."""
-    from edgekd.cli.options import SETTINGS_FILE
+    from edgekd.cli.options import SETTINGS_FILE  # start-up time: options imports torch; only an abort needs it
 
     if not _accepts_resume(args):
         return ""

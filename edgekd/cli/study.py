@@ -16,6 +16,9 @@ import click
 
 from edgekd.errors import EdgekdError
 from edgekd.study import build_profile, estimate_seconds, run_study, write_report
+from edgekd.study.confirmatory import build_arms
+from edgekd.study.confirmatory_report import write_confirmatory_report
+from edgekd.study.confirmatory_runner import arm_cells, cell_count, estimate_confirmatory_seconds, run_confirmatory
 from edgekd.study.grid import ROWS, SWEPT
 from edgekd.utils.out_paths import check_output_dir
 
@@ -56,7 +59,9 @@ def command(v3, quick, profile, workers, out, seeds, fmnist_root, device, thread
     out = check_output_dir(out or ("runs/study" if name == "full" else f"runs/study-{name}"))
     if report_only:
         if not (out / "study.json").is_file():
-            raise EdgekdError(f"{out} holds no study (no study.json); run `edgekd study --out {out}` first")
+            raise EdgekdError(
+                f"{out} holds no study (no study.json); run `edgekd study --out {shlex.quote(str(out))}` first"
+            )
         click.echo(f"report: {write_report(out)}")
         return
     grid = build_profile(name, seeds=seeds, fmnist_root=fmnist_root)
@@ -116,14 +121,12 @@ def _rebuild(name: str, out: Path, seeds, fmnist_root) -> str:
 
 def _confirmatory(name, out, workers, fmnist_root, device, threads, plan_only, report_only) -> None:
     """``edgekd study --v3``: run (or resume) study v3's arms and write its REPRODUCTION.md in --out."""
-    from edgekd.study.confirmatory import build_arms
-    from edgekd.study.confirmatory_report import write_confirmatory_report
-    from edgekd.study.confirmatory_runner import arm_cells, cell_count, estimate_confirmatory_seconds, run_confirmatory
-
     out = check_output_dir(out or f"runs/study-{name}")
     if report_only:
         if not (out / "study.json").is_file():
-            raise EdgekdError(f"{out} holds no study (no study.json); run `edgekd study --v3 --out {out}` first")
+            raise EdgekdError(
+                f"{out} holds no study (no study.json); run `edgekd study --v3 --out {shlex.quote(str(out))}` first"
+            )
         click.echo(f"report: {write_confirmatory_report(out)}")
         return
     arms = build_arms(name, fmnist_root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def command(**kwargs) -> None:
     if not world.is_main:
         return
     if path is None:
-        click.echo(f"stopped after --stop-after steps; continue with `edgekd teacher --out {out} --resume`")
+        click.echo(
+            f"stopped after --stop-after steps; continue with `edgekd teacher --out {shlex.quote(str(out))} --resume`"
+        )
     else:
         click.echo(f"teacher: {path}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd.bundle import Bundle, assign_state, load_bundle, save_bundle
+from edgekd.bundle import Bundle, assign_state, head_spec_of, load_bundle, read_bundle_meta, save_bundle
 from edgekd.data import create_dataset
 from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.errors import EdgekdError
@@ -189,8 +189,6 @@ def check_teacher_file(path: str, cfg: TrainConfig, dataset, weights: LossWeight
     written: the head's classes and spec against the data and the student (when a term reads the teacher's head),
     and the embedding width against the student's where they must agree: SH-KD's I1 starts from this teacher and
     trains it on the temporary student's head; TH-KD's teacher-head and l2e terms read the student's embedding."""
-    from edgekd.bundle import head_spec_of, read_bundle_meta
-
     if Path(path).suffix != ".safetensors":
         return  # a plain state_dict: its architecture is --teacher-model's, checked when it loads
     meta = read_bundle_meta(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -183,7 +184,8 @@ def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: 
             world=world,
         )  # fmt: skip
     if student_path is None:
-        log(f"stopped after --stop-after steps; continue with `edgekd distill --out {job.out} --resume`")
+        again = shlex.join(["edgekd", "distill", "--out", str(job.out), "--resume"])
+        log(f"stopped after --stop-after steps; continue with `{again}`")
         return {}
     if wants_vanilla and vanilla is None:
         vanilla = _vanilla(job, dataset, teacher, log, world)  # trained by every rank, like the student

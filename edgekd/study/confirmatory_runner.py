@@ -28,6 +28,7 @@ from edgekd.atomic import write_json
 from edgekd.errors import EdgekdError
 from edgekd.study.cells import Cell, CellRunner
 from edgekd.study.confirmatory import Arm, build_arms
+from edgekd.study.confirmatory_report import write_confirmatory_report
 from edgekd.study.runner import STUDY_FILE, check_data
 from edgekd.utils.env import source_commit
 
@@ -158,8 +159,6 @@ def run_confirmatory(
 
     Returns ``cells`` (planned training runs), ``seconds`` and, with ``report``, ``report`` (the file's path).
     """
-    from edgekd.study.confirmatory_report import write_confirmatory_report
-
     arms = build_arms(profile_name, fmnist_root)
     for arm in arms:
         if arm.name == "fmnist":

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -299,7 +300,9 @@ class _StepLog:
         if self.active and (done % every == 0 or final):
             loss = float(loss)
             rate = self.seen / max(time.perf_counter() - self.tic, 1e-9)
-            self.last = {"step": done, "loss": loss, "lr": lr, "images_per_s": round(rate, 1),
+            # Wall-clock time (UTC) on every line: a run's record says when each step happened, across resumes.
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            self.last = {"step": done, "time": stamp, "loss": loss, "lr": lr, "images_per_s": round(rate, 1),
                          **{k: float(v) for k, v in terms.items()}}  # fmt: skip
             with open(self.path, "a") as f:
                 f.write(json.dumps(self.last) + "\n")

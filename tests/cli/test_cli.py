@@ -1,6 +1,7 @@
 """The command line end to end on tiny settings, and its one-line errors for bad input."""
 
 import json
+from datetime import datetime
 
 import pytest
 import torch
@@ -76,7 +77,9 @@ def test_distill_writes_student_and_comparison(distilled):
         assert row["impostor_pairs"] == 20 and "tar@0.001" not in row and "tar@0.1" not in row  # 20 resolve no FAR
     assert (distilled / "student" / "student.safetensors").is_file()
     lines = (distilled / "student" / "metrics.jsonl").read_text().splitlines()
-    assert {"step", "loss", "lr", "images_per_s", "ce", "th_ce"} <= set(json.loads(lines[-1]))
+    last = json.loads(lines[-1])
+    assert {"step", "time", "loss", "lr", "images_per_s", "ce", "th_ce"} <= set(last)
+    assert datetime.fromisoformat(last["time"]).tzinfo is not None  # UTC wall-clock time of the logged step
 
 
 def test_eval_reports_accuracy_and_roc(distilled, tmp_path, run_cli):
