@@ -23,7 +23,6 @@ Everything that one process would compute on the whole model is computed here fr
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import warnings
@@ -47,7 +46,7 @@ from edgekd.distributed.sync_bn import convert_sync_batchnorm, restore
 from edgekd.errors import CheckpointError
 from edgekd.losses import LossWeights
 from edgekd.losses.shared_head import head_loss_fn, resolve_backend
-from edgekd.train.checkpoint import STATE_FILE, checkpoint_folders, checkpoint_path, read_state
+from edgekd.train.checkpoint import checkpoint_folders, checkpoint_path, read_state, write_state
 from edgekd.train.dcp_checkpoint import (
     check_keys,
     checkpoint_state,
@@ -204,7 +203,7 @@ class ShardedTrainee:
                     "optimizer": {"param_groups": optimizer.state_dict()["param_groups"]},
                     **extra,
                 }
-                (tmp / STATE_FILE).write_text(json.dumps(info, indent=2))
+                write_state(tmp, info)
                 if final.exists():
                     discard_tree(final)
                 os.replace(tmp, final)

@@ -38,6 +38,7 @@ from edgekd.bundle import load_bundle, save_bundle
 from edgekd.data import create_dataset
 from edgekd.distill.pipeline import build_trainee
 from edgekd.export import export_onnx
+from edgekd.formats import FORMATS
 from edgekd.train.checkpoint import checkpoint_bundle, checkpoint_path, latest_checkpoint
 from edgekd.train.config import TrainConfig
 from edgekd.train.teacher_cache import build_teacher_cache
@@ -156,6 +157,8 @@ def test_kill_9_of_one_rank_then_resume_ends_where_the_uninterrupted_run_ends(se
     assert not (out / "student" / "student.safetensors").exists()
     killed_at = latest_checkpoint(out / "student")
     assert killed_at is not None and killed_at.name < f"step_{STEPS:07d}"
+    # A multi-rank checkpoint's state.json carries the checkpoint format like a one-process one (edgekd/formats.py).
+    assert json.loads((killed_at / "state.json").read_text())["format_version"] == FORMATS["checkpoint"].current
 
     _edgekd(["distill", "--out", str(out), "--nproc", "2", "--resume"], setup["env"])
     a, b = _student(two_ranks), _student(out)
