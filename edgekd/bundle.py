@@ -157,13 +157,18 @@ def head_spec_of(meta: dict) -> HeadSpec | None:
 
 
 def load_bundle(
-    path: str | os.PathLike, model: str | None = None, map_location: str = "cpu", lazy_head: bool = False
+    path: str | os.PathLike,
+    model: str | None = None,
+    map_location: str = "cpu",
+    lazy_head: bool = False,
+    model_option: str = "--model",
 ) -> Bundle:
     """Rebuild a bundle written by ``save_bundle``, or wrap a plain arcface_torch state_dict given ``model``.
 
     ``lazy_head``: leave the head on the meta device, its tensors unread (their shapes are checked); a class shard
     reads its rows alone from the file (``ClassHead.rows``). For the frozen teacher of a class-sharded run, so that
-    no process holds a head of millions of classes.
+    no process holds a head of millions of classes. ``model_option``: the command-line option that named ``model``,
+    for the message when the file does not fit it.
 
     Raises:
         CheckpointError: the file is missing, unreadable, or does not fit the model it names.
@@ -173,7 +178,7 @@ def load_bundle(
         raise CheckpointError(f"checkpoint {path} does not exist; pass the .safetensors file a training run wrote")
     if path.suffix != ".safetensors" and model is not None:
         backbone = create_model(model)
-        load_arcface_torch_state_dict(backbone, path)
+        load_arcface_torch_state_dict(backbone, path, option=model_option)
         return Bundle(backbone=backbone.eval(), meta={"source": str(path)})
     from safetensors import safe_open
 

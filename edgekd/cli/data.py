@@ -102,7 +102,7 @@ def verify(path: Path, decode: bool) -> None:
     click.echo(f"{ds.rec_path}: {len(ds)} good images, {len(problems)} bad, {ds.num_classes} classes, "
                f"fingerprint {ds.fingerprint}")  # fmt: skip
     if problems:
-        raise EdgekdError(f"{ds.rec_path} has {len(problems)} bad records; train with skip_bad to drop them")
+        raise EdgekdError(f"{ds.rec_path} has {len(problems)} bad records; train with --skip-bad to leave them out")
 
 
 command = data

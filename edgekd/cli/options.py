@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import sys
 import tomllib
 from collections.abc import Callable
@@ -238,6 +239,13 @@ TRAIN_SETTINGS = [
     Setting("lr_power", field_number("lr_power"), "power of the polynomial decay to 0 (1: linear, as arcface_torch)"),
     Setting("clip_grad", field_number("clip_grad"), "gradient-norm clip (0: off)"),
     Setting("flip", click.BOOL, "random horizontal flips", flag="--flip/--no-flip"),
+    Setting(
+        "skip_bad",
+        click.BOOL,
+        "leave out training images or records that cannot be decoded (counted and named at the start) instead of "
+        "stopping at the first",
+        flag="--skip-bad/--no-skip-bad",
+    ),
     Setting("seed", field_number("seed"), "seed of initialization, data order and flips"),
     Setting("device", DeviceType(), "auto, cpu, cuda or cuda:N", resumable=True),
     Setting(
@@ -401,8 +409,7 @@ def resolve_settings(
     else:
         if (out / SETTINGS_FILE).is_file():
             raise EdgekdError(
-                f"{out} holds a run already; continue it with `edgekd {command} --out {out} --resume` "
-                "or choose a new --out"
+                f"{out} holds a run already; continue it with `{resume_line(command, out)}` or choose a new --out"
             )
         values = {s.key: s.real_default() for s in settings}
         if "data" not in explicit:
@@ -445,9 +452,14 @@ def _refuse_meaning_changes(saved: dict, explicit: dict, settings: list[Setting]
         if s.key in explicit and s.saved and not s.resumable and explicit[s.key] != saved.get(s.key):
             raise EdgekdError(
                 f"--resume: {s.option.split('/')[0]} was {saved.get(s.key)!r} when the run in {out} started and "
-                f"is {explicit[s.key]!r} now; drop the option to continue (`edgekd {command} --out {out} --resume`) "
+                f"is {explicit[s.key]!r} now; drop the option to continue (`{resume_line(command, out)}`) "
                 "or start a new run with another --out"
             )
+
+
+def resume_line(command: str, out: str | os.PathLike) -> str:
+    """The command that continues the run in ``out``, quoted for a shell (a path may hold spaces)."""
+    return shlex.join(["edgekd", command, "--out", str(out), "--resume"])
 
 
 def load_settings(out: Path, command: str) -> dict:
@@ -463,7 +475,7 @@ def load_settings(out: Path, command: str) -> dict:
     if saved.get("command") != command:
         raise EdgekdError(
             f"--resume: {out} holds an `edgekd {saved.get('command')}` run, not `edgekd {command}`; "
-            f"resume it with `edgekd {saved.get('command')} --out {out} --resume`"
+            f"resume it with `{resume_line(str(saved.get('command')), out)}`"
         )
     return values
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from edgekd.cli.options import (
     describe_settings,
     invocation_argv,
     resolve_settings,
+    resume_line,
     save_settings,
     train_config,
 )
@@ -97,8 +97,6 @@ def command(**kwargs) -> None:
     if not world.is_main:
         return
     if path is None:
-        click.echo(
-            f"stopped after --stop-after steps; continue with `edgekd teacher --out {shlex.quote(str(out))} --resume`"
-        )
+        click.echo(f"stopped after --stop-after steps; continue with `{resume_line('teacher', out)}`")
     else:
         click.echo(f"teacher: {path}")

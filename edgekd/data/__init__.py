@@ -205,6 +205,8 @@ def create_dataset(spec: str, split: str = "train", **kw) -> Dataset:
     kw = {k: v for k, v in kw.items() if v is not None}
     source = resolve_data(spec)
     spec = source.spec
+    if source.kind in ("synthetic", "fmnist"):
+        kw.pop("skip_bad", None)  # generated or packaged data has no unreadable file to leave out
     if source.kind == "synthetic":
         opts = {**kw, **parse_synthetic_spec(spec)}
         for key in _PAIR_KEYS:

@@ -29,7 +29,7 @@ def _decode(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.array(img, dtype=np.uint8)  # a writable copy
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {path}: {e}; remove or replace it") from None
+        raise DataError(f"cannot decode image {path}: {e}; remove or replace it, or pass --skip-bad") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -16,7 +16,7 @@ from edgekd.errors import DataError
 
 __all__ = ["RECORD_HINT", "RecordFile", "damaged", "read_index", "resolve_recordio"]
 
-RECORD_HINT = "pass skip_bad=True to drop damaged records (edgekd data verify lists them all) or re-pack the file"
+RECORD_HINT = "pass --skip-bad to leave damaged records out (edgekd data verify lists them all) or re-pack the file"
 _INDEX_HINT = "the index is damaged; re-download or re-create it with the .rec file"
 _INDEX_LIMIT = np.iinfo(np.int64).max  # np.fromstring saturates a number too large for int64 to this value
 

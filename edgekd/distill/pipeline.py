@@ -7,6 +7,7 @@ A stage whose final file exists is skipped, so an interrupted pipeline restarts 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from edgekd.bundle import Bundle, assign_state, head_spec_of, load_bundle, read_bundle_meta, save_bundle
 from edgekd.data import create_dataset
 from edgekd.distributed.launch import ONE_PROCESS, World
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.heads import ClassHead, HeadSpec, create_head
 from edgekd.losses import LossWeights
 from edgekd.models import create_model
@@ -30,16 +31,20 @@ from edgekd.utils.hashing import json_digest
 def training_dataset(cfg: TrainConfig):
     """The dataset ``cfg.data`` names, at ``cfg.image_size`` when one is set; it must hold two classes (with one,
     every loss is 0 from the first step and the run would "succeed" having learned nothing) and one batch."""
-    dataset = create_dataset(cfg.data, split="train", image_size=cfg.image_size)
+    dataset = create_dataset(cfg.data, split="train", image_size=cfg.image_size, skip_bad=cfg.skip_bad or None)
+    if getattr(dataset, "skipped", 0):
+        warnings.warn(
+            f"--skip-bad left out {dataset.skipped} unreadable image(s) of {cfg.data}", EdgekdWarning, stacklevel=2
+        )
     if dataset.num_classes < 2:
         raise EdgekdError(
-            f"{cfg.data} has {dataset.num_classes} class; a classifier learns nothing from one (its loss is 0 at "
-            "once): give the training data two identities or classes at least, one subfolder each"
+            f"{cfg.data} has {dataset.num_classes} class(es); a classifier learns nothing from one (its loss is 0 at "
+            "once): give the training data two identities or classes at least"
         )
     if len(dataset) < cfg.batch_size:
         raise EdgekdError(
             f"{cfg.data} has {len(dataset)} training images, fewer than one batch of {cfg.batch_size}; "
-            "lower --batch-size"
+            f"use --batch-size {len(dataset)} or less (with --nproc N, a multiple of N)"
         )
     return dataset
 

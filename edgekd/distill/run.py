@@ -164,7 +164,15 @@ def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: 
     # In a world of several ranks each reads only its class shard of the frozen teacher's head from the file. A staged
     # method's given teacher is the start of its own teacher's training instead (read whole below).
     read = teacher_path and not spec.staged
-    teacher = load_bundle(teacher_path, lazy_head=world.reads_shards) if read else None
+    # --teacher-model names the architecture of a plain arcface_torch state_dict given as --teacher (not --model,
+    # the student's).
+    teacher = (
+        load_bundle(
+            teacher_path, model=job.teacher_cfg.model, lazy_head=world.reads_shards, model_option="--teacher-model"
+        )
+        if read
+        else None
+    )
     log(f"distilling {job.cfg.model} with {job.method}: {job.weights.describe()}")
     wants_vanilla = evaluates and job.vanilla_baseline and spec.needs_teacher  # vanilla is its own baseline
     vanilla = temporary = None

@@ -106,7 +106,7 @@ def _unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
 
 
 def load_arcface_torch_state_dict(
-    model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
+    model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], option: str = "--model"
 ) -> nn.Module:
     """Load an arcface_torch (or TreB1eN-named) backbone state_dict into ``model`` with ``strict=True``.
 
@@ -116,13 +116,15 @@ def load_arcface_torch_state_dict(
     Args:
         model: an edgekd model, e.g. ``create_model('mbf')``.
         path_or_state_dict: a ``.pth``/``.pt`` file path or an already loaded mapping.
+        option: the command-line option that chose the architecture, named in a mismatch's message (``--model``, or
+            ``--teacher-model`` for a teacher).
 
     Returns:
         ``model``, with the weights loaded.
 
     Raises:
         CheckpointError: unreadable file, not a state_dict, or keys/shapes that do not fit ``model``.
-    """
+"""
     if isinstance(path_or_state_dict, Mapping):
         source, obj = "the given mapping", path_or_state_dict
     else:
@@ -146,7 +148,7 @@ def load_arcface_torch_state_dict(
             shapes = f"{tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
             problems.append(f"{len(reshaped)} keys with other shapes (first {k!r}: {shapes})")
         raise CheckpointError(
-            f"{source} does not fit model {name!r}: {', '.join(problems)}; pick the --model it was trained with "
+            f"{source} does not fit model {name!r}: {', '.join(problems)}; pick the {option} it was trained with "
             "(arcface_torch: mbf, mbf_large, mbf_scale1 for scale-1 / TreB1eN, r18/r34/r50/r100) and its embed_dim"
         )
     model.load_state_dict(sd, strict=True)

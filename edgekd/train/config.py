@@ -55,6 +55,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     flip: bool = True
+    skip_bad: bool = False
     teacher_cache: bool = True
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -108,6 +109,7 @@ FIELD_RULES = {
     "device": Rule(str),
     "num_workers": NON_NEGATIVE_INT,
     "flip": Rule(bool),
+    "skip_bad": Rule(bool),
     "teacher_cache": Rule(bool),
     "checkpoint_every": POSITIVE_INT,
     "keep_checkpoints": POSITIVE_INT,

@@ -31,7 +31,7 @@ CASES = [
     (["--model", "r51"], "r51"),
     (["--model-kwargs", "[1, 2]"], "--model-kwargs"),
     (["--head", "softmax"], "--head"),
-    (["--batch-size", "128"], "lower --batch-size"),
+    (["--batch-size", "128"], "use --batch-size 64 or less"),
     (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
     (["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
     (["--resume"], "holds no edgekd run"),

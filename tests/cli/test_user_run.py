@@ -93,7 +93,7 @@ def test_real_data_gets_face_defaults_and_only_the_demo_gets_demo_values(tmp_pat
     out = tmp_path / "run"
     argv = ["teacher", "--data", str(folder), "--model", "r_tiny", "--steps", "1", "--device", "cpu", "--no-compile"]
     code, _, err = run_cli([*argv, "--batch-size", "256", "--out", str(out)])
-    assert code == 2 and "lower --batch-size" in one_line_error(err) and not out.exists()
+    assert code == 2 and "or less (with --nproc N" in one_line_error(err) and not out.exists()
     code, stdout, err = run_cli([*argv, "--out", str(out)])
     assert code == 0, err
     saved = settings_of(out)

@@ -158,5 +158,5 @@ def test_one_identity_is_refused_before_training(tmp_path, run_cli):
     code, _, err = run_cli(["teacher", "--data", str(tmp_path / "data"), "--model", "r_tiny", "--batch-size", "2",
                             "--steps", "1", "--no-compile", "--out", str(out)])  # fmt: skip
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "has 1 class" in lines[0], err
+    assert code == 2 and len(lines) == 1 and "has 1 class(es)" in lines[0], err
     assert not out.exists()
