@@ -7,6 +7,7 @@ On real data it uses the face-standard defaults shown by ``--help``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -31,6 +32,7 @@ from edgekd.distill.methods import METHODS, method_weights, resolve_preset
 from edgekd.distill.pipeline import check_teacher_file, training_dataset
 from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config, verification_sets
 from edgekd.distributed.launch import start_world, threads_per_rank
+from edgekd.errors import EdgekdError
 from edgekd.losses import list_loss_backends
 from edgekd.utils.out_paths import check_output_dir
 from edgekd.utils.threads import set_threads
@@ -119,12 +121,22 @@ def command(**kwargs) -> None:
     are marked "demo" below. An interrupted run continues with `edgekd distill --out OUT --resume`.
     """
     values, resume = resolve_settings("distill", kwargs, SETTINGS, DEMO, default_out="runs/distill")
+    run_distill_settings(values, resume, click.echo, invocation_argv())
+
+
+def run_distill_settings(values: dict, resume: bool, echo: Callable[[str], None], argv: list[str] | None) -> dict:
+    """Run ``edgekd distill`` with resolved settings (``resolve_settings``): check everything that needs no training,
+    write the run folder, train, evaluate, print the table; returns the report (empty on ranks other than 0, or
+    when the run stopped early). ``argv``: the command line that ``--nproc`` relaunches as ranks (None: one process
+    only, the Python API's case)."""
     check_output_dir(values["out"])  # before any work: a file, a loop or a read-only place fails here
     cfg = train_config(values)
-    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv(), cfg.loss_backend)
+    if argv is None and values["nproc"] > 1:
+        raise EdgekdError("nproc > 1 starts processes from the command line; run `edgekd distill --nproc N` instead")
+    world = start_world(values["nproc"], cfg.device, cfg.batch_size, argv or [], cfg.loss_backend)
     if world is None:
-        return  # this process ran the command as --nproc ranks, which printed everything
-    echo = click.echo if world.is_main else _quiet
+        return {}  # this process ran the command as --nproc ranks, which printed everything
+    echo = echo if world.is_main else _quiet
     overrides = {term: values[f"w_{term}"] for term in ("ce", "kd", "th_ce", "th_kd", "l2e")}
     # One temperature given is both KL terms' (a matched T); --th-temperature sets th_kd's apart.
     t_th = values["temperature"] if values["th_temperature"] is None else values["th_temperature"]
@@ -164,11 +176,12 @@ def command(**kwargs) -> None:
             save_settings(out, "distill", values, SETTINGS)
         report = run_distill(job, world, dataset, log=echo)
     if not report:
-        return
+        return {}
     if report.get("results"):
         echo("\n" + results_table(report))
     plots = ", ".join(report["plots"].values())
     echo(f"\nstudent: {report['student']}  ({report['seconds']:.0f} s; report {out}/results.json; plots {plots})")
+    return report
 
 
 def _as_used(values: dict) -> dict:

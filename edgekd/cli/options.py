@@ -331,8 +331,12 @@ def read_config_file(path: str | Path, settings: list[Setting]) -> dict:
     """The settings in a YAML/TOML/JSON file, each checked by its setting's rule and type; unknown keys are an error
     (with the closest key), and null, where a setting's default is None, is the same as leaving the key out."""
     path = Path(path)
-    raw = _parse_config_file(path)
-    source = f"--config {path}"
+    return check_setting_values(_parse_config_file(path), settings, f"--config {path}")
+
+
+def check_setting_values(raw: dict, settings: list[Setting], source: str) -> dict:
+    """``raw`` (a config file's mapping, or the Python API's keyword arguments) checked as a config file's values
+    are: each by its setting's rule and type, unknown keys an error naming ``source`` and the closest key."""
     # Keys are the settings' keys or their long option names with "_" (`workers` for num_workers).
     by_key = {s.key: s for s in settings}
     by_key.update({s.option.split("/")[0][2:].replace("-", "_"): s for s in settings})

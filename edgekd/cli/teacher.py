@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,11 +68,22 @@ def command(**kwargs) -> None:
     `edgekd teacher --out OUT --resume`.
     """
     values, resume = resolve_settings("teacher", kwargs, SETTINGS, TEACHER_DEMO, default_out="runs/teacher")
+    run_teacher_settings(values, resume, click.echo, invocation_argv())
+
+
+def run_teacher_settings(
+    values: dict, resume: bool, echo: Callable[[str], None], argv: list[str] | None
+) -> Path | None:
+    """Run ``edgekd teacher`` with resolved settings (``resolve_settings``); returns the teacher file (None on ranks
+    other than 0 or when stopped early). ``argv``: the command line ``--nproc`` relaunches (None: one process only,
+    the Python API's case)."""
     check_output_dir(values["out"])  # before any work: a file, a loop or a read-only place fails here
     cfg = train_config(values)
-    world = start_world(values["nproc"], cfg.device, cfg.batch_size, invocation_argv(), cfg.loss_backend)
+    if argv is None and values["nproc"] > 1:
+        raise EdgekdError("nproc > 1 starts processes from the command line; run `edgekd teacher --nproc N` instead")
+    world = start_world(values["nproc"], cfg.device, cfg.batch_size, argv or [], cfg.loss_backend)
     if world is None:
-        return  # this process ran the command as --nproc ranks, which printed everything
+        return None  # this process ran the command as --nproc ranks, which printed everything
     out = Path(values["out"])
     if (out / "teacher.safetensors").exists() and not resume:
         raise EdgekdError(f"{out}/teacher.safetensors exists already; choose a new --out")
@@ -89,14 +101,15 @@ def command(**kwargs) -> None:
             student_head.num_classes, dataset.num_classes, whose=f"the student head {values['student_head']}"
         )
     if world.is_main:
-        click.echo(describe_settings(values, SETTINGS))
+        echo(describe_settings(values, SETTINGS))
     with undo_if_nothing_made(out, enabled=world.is_main):
         if world.is_main:
             save_settings(out, "teacher", values, SETTINGS)
         path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init, world=world)
     if not world.is_main:
-        return
+        return None
     if path is None:
-        click.echo(f"stopped after --stop-after steps; continue with `{resume_line('teacher', out)}`")
+        echo(f"stopped after --stop-after steps; continue with `{resume_line('teacher', out)}`")
     else:
-        click.echo(f"teacher: {path}")
+        echo(f"teacher: {path}")
+    return path
