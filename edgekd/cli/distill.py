@@ -29,8 +29,15 @@ from edgekd.cli.options import (
 )
 from edgekd.cli.run_folder import undo_if_nothing_made
 from edgekd.distill.methods import METHODS, method_weights, resolve_preset
-from edgekd.distill.pipeline import check_teacher_file, training_dataset
-from edgekd.distill.run import DistillJob, results_table, run_distill, teacher_config, verification_sets
+from edgekd.distill.pipeline import check_teacher_file, training_dataset, verifier_for
+from edgekd.distill.run import (
+    DistillJob,
+    results_table,
+    run_distill,
+    student_run_dir,
+    teacher_config,
+    verification_sets,
+)
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.errors import EdgekdError
 from edgekd.losses import list_loss_backends
@@ -163,6 +170,7 @@ def run_distill_settings(values: dict, resume: bool, echo: Callable[[str], None]
     dataset = training_dataset(cfg)  # a bad --data fails here, before the run folder is written
     # So do the evaluation's pair sets: a broken .bin must not cost a whole training run.
     job.pairs = verification_sets(cfg.data, values["pairs"]) if values["eval"] and face else []
+    job.verifier = verifier_for(cfg, job.pairs, student_run_dir(job))
     if values["teacher"]:  # a teacher that cannot serve this run fails before the run folder is written
         check_teacher_file(values["teacher"], cfg, dataset, weights, staged=METHODS[values["method"]].staged)
     echo(describe_settings(_as_used(values), SETTINGS))

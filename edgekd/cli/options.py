@@ -279,6 +279,14 @@ TRAIN_SETTINGS = [
     Setting("keep_checkpoints", field_number("keep_checkpoints"), "newest checkpoints kept", resumable=True),
     Setting("log_every", field_number("log_every"), "steps between metrics.jsonl lines", resumable=True),
     Setting(
+        "eval_every",
+        field_number("eval_every"),
+        "verify on the evaluation pair sets every N steps (arcface_torch's callback): scores in metrics.jsonl, the "
+        "best backbone kept as best.safetensors",
+        resumable=True,
+        shown_default="off",
+    ),
+    Setting(
         "stop_after",
         field_number("stop_after"),
         "stop this invocation after N steps (time-sliced jobs); --resume continues",

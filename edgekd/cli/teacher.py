@@ -22,7 +22,8 @@ from edgekd.cli.options import (
     train_config,
 )
 from edgekd.cli.run_folder import undo_if_nothing_made
-from edgekd.distill.pipeline import check_teacher_classes, train_teacher, training_dataset
+from edgekd.distill.pipeline import check_teacher_classes, train_teacher, training_dataset, verifier_for
+from edgekd.distill.run import verification_sets
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.errors import EdgekdError
 from edgekd.utils.out_paths import check_output_dir
@@ -100,12 +101,16 @@ def run_teacher_settings(
         check_teacher_classes(
             student_head.num_classes, dataset.num_classes, whose=f"the student head {values['student_head']}"
         )
+    # --eval-every scores the teacher on the .bin sets beside train.rec (synthetic data: its held-out pairs).
+    verifier = verifier_for(cfg, verification_sets(cfg.data, None) if cfg.eval_every else [], out)
     if world.is_main:
         echo(describe_settings(values, SETTINGS))
     with undo_if_nothing_made(out, enabled=world.is_main):
         if world.is_main:
             save_settings(out, "teacher", values, SETTINGS)
-        path = train_teacher(cfg, dataset, out, student_head=student_head, resume=resume, init=init, world=world)
+        path = train_teacher(
+            cfg, dataset, out, student_head=student_head, resume=resume, init=init, world=world, verifier=verifier
+        )
     if not world.is_main:
         return None
     if path is None:

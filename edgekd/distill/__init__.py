@@ -5,17 +5,9 @@ Called, the package is the Python API's ``distill`` (``from edgekd import distil
 """
 
 import sys
-import types
 
+from edgekd import CommandPackage
 from edgekd.distill.methods import METHODS as METHODS
 from edgekd.distill.methods import method_weights as method_weights
 
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, **settings):
-        from edgekd.api import distill  # the API imports the command-line modules, which import this package
-
-        return distill(**settings)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
+sys.modules[__name__].__class__ = CommandPackage

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from edgekd.bundle import Bundle, assign_state, head_spec_of, load_bundle, read_bundle_meta, save_bundle
-from edgekd.data import create_dataset
+from edgekd.data import create_dataset, create_pairs
 from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.heads import ClassHead, HeadSpec, create_head
@@ -23,6 +23,7 @@ from edgekd.models import create_model
 from edgekd.train.config import TrainConfig
 from edgekd.train.loop import fit
 from edgekd.train.teacher import Teacher
+from edgekd.train.verification import VerifyDuringTraining
 from edgekd.utils.cache import cache_root
 from edgekd.utils.device import resolve_device
 from edgekd.utils.hashing import json_digest
@@ -90,6 +91,7 @@ def train_teacher(
     resume: bool = False,
     init: Bundle | None = None,
     world: World = ONE_PROCESS,
+    verifier: VerifyDuringTraining | None = None,
 ) -> Path | None:
     """Train a teacher with CE on its own head, or (SH-KD I1) on ``student_head`` frozen; returns its file."""
     final = run_dir / "teacher.safetensors"
@@ -108,7 +110,8 @@ def train_teacher(
                 f"{student_head.embed_dim}; build the teacher with the student's embed_dim"
             )
         trainee.head = _head_copy(student_head).freeze()
-    result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher", world=world)
+    result = fit(trainee, cfg, LossWeights(ce=1.0), dataset, run_dir, resume=resume, desc="teacher", world=world,
+                 verifier=verifier)  # fmt: skip
     meta = {"role": "teacher", "data": dataset.fingerprint, "student_aware": student_head is not None}
     return _finish(trainee, result, run_dir, final, meta, world)
 
@@ -220,6 +223,19 @@ def check_teacher_file(path: str, cfg: TrainConfig, dataset, weights: LossWeight
             )
 
 
+def verifier_for(cfg: TrainConfig, pair_specs: list[str], run_dir: Path) -> VerifyDuringTraining | None:
+    """Verification every ``cfg.eval_every`` steps on ``pair_specs`` (None when off); no pair sets is an error."""
+    if cfg.eval_every is None:
+        return None
+    if not pair_specs:
+        raise EdgekdError(
+            f"--eval-every {cfg.eval_every} needs verification pairs: give --pairs (a .bin or synthetic:...), or put "
+            "the .bin sets (lfw.bin, cfp_fp.bin, ...) beside train.rec"
+        )
+    return VerifyDuringTraining([create_pairs(spec) for spec in pair_specs], cfg.eval_every, run_dir,
+                                resolve_device(cfg.device))  # fmt: skip
+
+
 def frozen_teacher(
     teacher: Bundle,
     student: Bundle,
@@ -281,8 +297,10 @@ def distill_student(
     init_head: ClassHead | None = None,
     shared_head: ClassHead | None = None,
     world: World = ONE_PROCESS,
+    verifier: VerifyDuringTraining | None = None,
 ) -> Path | None:
-    """Train a student with ``weights`` from ``teacher`` (None for vanilla); returns its final file."""
+    """Train a student with ``weights`` from ``teacher`` (None for vanilla); returns its final file. ``verifier``:
+    verification during training (``--eval-every``)."""
     final = run_dir / "student.safetensors"
     if final.is_file() and not resume:
         raise EdgekdError(f"{final} exists already; choose a new --out or pass --resume")
@@ -295,7 +313,7 @@ def distill_student(
     if teacher is not None:
         frozen = frozen_teacher(teacher, student, dataset, cfg, weights, shared_head, world)
     result = fit(student, cfg, weights, dataset, run_dir, teacher=frozen, resume=resume, desc=method or "student",
-                 world=world)  # fmt: skip
+                 world=world, verifier=verifier)  # fmt: skip
     meta = {"role": "student", "method": method, "data": dataset.fingerprint, "weights": weights.__dict__}
     return _finish(student, result, run_dir, final, meta, world)
 
@@ -310,6 +328,7 @@ def run_sh_kd(
     fresh_head: bool = False,
     temporary_student: Path | None = None,
     world: World = ONE_PROCESS,
+    verifier: VerifyDuringTraining | None = None,
 ) -> Path | None:
     """SH-KD: I0 temporary student (keeps θ_s) → I1 teacher on frozen θ_s → I2 student distilled from that teacher.
 
@@ -352,4 +371,5 @@ def run_sh_kd(
         init_head=None if fresh_head else theta_s,
         world=world,
         shared_head=teacher.head,
+        verifier=verifier,
     )

@@ -27,6 +27,7 @@ from edgekd.eval.roc_plot import plot_roc
 from edgekd.losses import LossWeights
 from edgekd.train.config import TrainConfig
 from edgekd.train.curves import plot_loss_curves
+from edgekd.train.verification import VerifyDuringTraining
 
 
 @dataclass
@@ -44,6 +45,14 @@ class DistillJob:
     resume: bool = False
     fresh_head: bool = False  # SH-KD's official final stage: a fresh student head (see run_sh_kd)
     vanilla_baseline: bool = False  # also train (or reuse from the cache) the vanilla student, for the table
+    verifier: VerifyDuringTraining | None = None  # --eval-every: the student scored while it trains
+
+
+def student_run_dir(job: DistillJob) -> Path:
+    """The folder the final student trains in: ``student``, or SH-KD's last stage."""
+    if get_method(job.method).staged:
+        return job.out / "sh_kd" / ("i2_fresh" if job.fresh_head else "i2")
+    return job.out / "student"
 
 
 def teacher_config(cfg: TrainConfig, model: str, epochs: float | None, lr: float | None) -> TrainConfig:
@@ -182,14 +191,14 @@ def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: 
         init = load_bundle(teacher_path) if teacher_path else None
         student_path = run_sh_kd(
             job.cfg, job.teacher_cfg, job.weights, dataset, job.out, teacher_init=init, fresh_head=job.fresh_head,
-            temporary_student=temporary, world=world,
+            temporary_student=temporary, world=world, verifier=job.verifier,
         )  # fmt: skip
         teacher_path = str(job.out / "sh_kd" / "i1" / "teacher.safetensors")
         temporary = temporary or job.out / "sh_kd" / "i0" / "student.safetensors"
     else:
         student_path = distill_student(
-            job.cfg, job.weights, dataset, teacher, job.out / "student", resume=job.resume, method=job.method,
-            world=world,
+            job.cfg, job.weights, dataset, teacher, student_run_dir(job), resume=job.resume, method=job.method,
+            world=world, verifier=job.verifier,
         )  # fmt: skip
     if student_path is None:
         again = shlex.join(["edgekd", "distill", "--out", str(job.out), "--resume"])

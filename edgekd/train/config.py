@@ -24,7 +24,7 @@ from edgekd.rules import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
 RUNTIME_SETTINGS = frozenset(
     {
         "device", "num_workers", "compile", "loss_backend", "teacher_cache", "checkpoint_every", "keep_checkpoints",
-        "log_every", "stop_after",
+        "log_every", "stop_after", "eval_every",
     }
 )  # fmt: skip
 
@@ -61,6 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     stop_after: int | None = None
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -115,4 +116,5 @@ FIELD_RULES = {
     "keep_checkpoints": POSITIVE_INT,
     "log_every": POSITIVE_INT,
     "stop_after": POSITIVE_INT,
+    "eval_every": POSITIVE_INT,
 }

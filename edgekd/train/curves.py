@@ -21,7 +21,8 @@ def plot_loss_curves(runs: dict[str, str | os.PathLike], path: str | os.PathLike
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series = {name: read_metrics(p) for name, p in runs.items()}
+    # Loss lines only: verification lines (--eval-every) share the file and carry scores instead.
+    series = {name: [r for r in read_metrics(p) if "loss" in r] for name, p in runs.items()}
     series = {name: rows for name, rows in series.items() if rows}
     if not series:
         raise EdgekdError("no training metrics to plot")

@@ -40,6 +40,7 @@ from edgekd.train.readback import Readback
 from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
 from edgekd.train.trainer import LocalTrainee, Trainer
+from edgekd.train.verification import VerifyDuringTraining
 from edgekd.utils.device import move_module, resolve_device
 from edgekd.utils.progress import LogLines, note, progress
 
@@ -161,6 +162,7 @@ def fit(
     resume: bool = False,
     desc: str = "train",
     world: World = ONE_PROCESS,
+    verifier: VerifyDuringTraining | None = None,
 ) -> FitResult:
     """Train ``trainee`` (its parameters that require grad) on ``dataset`` with ``weights``; see module doc.
 
@@ -169,9 +171,11 @@ def fit(
     is this process alone.
 
     SIGINT or SIGTERM during the run saves a checkpoint at the next step boundary and raises
-    ``TrainingInterrupted`` (see ``StopSignals``).
+    ``TrainingInterrupted`` (see ``StopSignals``). ``verifier``: verification every ``cfg.eval_every`` steps on
+    rank 0 (``VerifyDuringTraining``).
     """
     with StopSignals() as signals, _Training(trainee, cfg, weights, dataset, Path(run_dir), teacher, world) as run:
+        run.verifier = verifier if world.is_main else None
         start = run.start_step(resume)
         if start >= run.total_steps:
             run.trainer.finish()
@@ -194,6 +198,7 @@ class _Training:
             move_module(module, self.device).train()
         if teacher is not None:
             teacher.to(self.device)
+        self.verifier: VerifyDuringTraining | None = None
         self.trainer: Trainer = (
             ShardedTrainee(trainee, teacher, world, self.device, compile="inductor" if cfg.compile else None)
             if world.distributed
@@ -253,6 +258,12 @@ class _Training:
             if done % cfg.checkpoint_every == 0 or done == stop:
                 watch.check()  # this step's loss, before its weights are written
                 trainer.save(self.run_dir, done, self.optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
+            if self.verifier is not None and self.verifier.due(done):
+                scores = self.verifier(done, self.trainee)
+                note(
+                    bar,
+                    f"{desc}: step {done} verification " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items()),
+                )
             stopping = trainer.agree(signals.received is not None)
             if stopping:
                 break  # leaving the loop here also shuts the data loader's workers down
