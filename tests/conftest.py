@@ -35,6 +35,31 @@ def run_cli(capsys):
 
 
 @pytest.fixture(scope="session")
+def network_atol():
+    """``network_atol(model, reference)``: the absolute gap allowed between two float32 evaluations of one network
+    that differ only in rounding (another batch split, ONNX Runtime against PyTorch, BatchNorm folded or not).
+
+    Each Conv/Linear layer's K-term sums come out about one ulp (u = 2⁻²⁴) of the layer's output scale off the exact
+    sums in each evaluation (terms of either sign: the rounding is ≈ √K·u·rms and the sum itself ≈ √K·rms), and the
+    BatchNorm and activation after it add about as much; later layers carry it on at a gain of about 1 (BatchNorm keeps
+    the scale). So two evaluations of L such layers differ by ≲ 2·4·L·u of the output scale: ``8·L·u·max|reference|``
+    (r_tiny, L = 14: 112u, measured ≤ 18u; mbf_tiny, L = 29: 232u, measured ≤ 13u, AMD EPYC). ``model`` is a torch
+    module (its Conv and Linear layers are counted) or the count itself.
+    """
+
+    def atol(model, reference) -> float:
+        layers = (
+            model
+            if isinstance(model, int)
+            else sum(isinstance(m, torch.nn.Conv2d | torch.nn.Linear) for m in model.modules())
+        )
+        scale = reference.abs().max().item() if isinstance(reference, torch.Tensor) else float(abs(reference).max())
+        return 8 * layers * 2.0**-24 * scale
+
+    return atol
+
+
+@pytest.fixture(scope="session")
 def tiny_faces():
     """8 identities × 8 images at 32×32: enough for a few training steps."""
     from edgekd.data.synthetic import SyntheticIdentities

@@ -201,7 +201,7 @@ def _assert_it_worked(kind: Kind, files: Files, made: Made, written: int) -> Non
         original = load_file(str(made.bundle))
         loaded = {f"backbone.{k}": v for k, v in bundle.backbone.state_dict().items()}
         loaded |= {f"head.{k}": v for k, v in bundle.head.state_dict().items()}
-        assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)
+        assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], original[k]) for k in original)  # a copy
         resaved = save_bundle(files.bundle.with_name("again.safetensors"), bundle)
         assert read_bundle_meta(resaved)[FORMAT_KEY] == written
     else:

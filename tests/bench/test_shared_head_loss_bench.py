@@ -16,6 +16,7 @@ SPEC = {"device": "cpu", "dtype": "float32", "B": 4, "D": 8, "C": 20, "rounds": 
 
 
 def test_floor_formula():
+    # byte and FLOP counts over decimal ceilings: pytest.approx's 1e-6 leaves aside the last bit
     ceilings = {"tflops": 1000.0, "tbps": 4.0}
     # plain_ce: 3 GEMMs of 2·B·C·D at 1 PFLOP/s = 0.157 ms > 2 matrices of C·D bf16 at 4 TB/s = 0.051 ms.
     assert shl.floor_ms("plain_ce", 512, 512, 100_000, torch.bfloat16, ceilings) == pytest.approx(0.1572864)

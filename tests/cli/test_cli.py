@@ -109,7 +109,7 @@ def test_teacher_with_student_head_keeps_it_frozen(distilled, tmp_path, run_cli)
     from edgekd.bundle import load_bundle
 
     teacher, source = load_bundle(tmp_path / "teacher.safetensors"), load_bundle(student)
-    assert torch.equal(teacher.head.weight, source.head.weight)
+    assert torch.equal(teacher.head.weight, source.head.weight)  # frozen, saved and loaded: a copy, exact
     assert teacher.meta["student_aware"] is True
 
 

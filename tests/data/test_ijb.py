@@ -85,6 +85,7 @@ def test_load_ijb_protocol(ijb_root):
     proto = load_ijb(ijb_root)
     assert proto.name == "IJBC" and len(proto.images) == 13 and proto.images[0] == "1.jpg"
     assert proto.templates.tolist()[:4] == [1, 1, 1, 2] and proto.medias.tolist()[:4] == [10, 10, 11, 20]
+    # the file holds the template printed to 4 decimals, the template's own precision: 1e-4 is one printed digit
     assert proto.landmarks.shape == (13, 5, 2) and np.allclose(proto.landmarks[3], ARCFACE_TEMPLATE, atol=1e-4)
     assert proto.faceness[1] == pytest.approx(0.7)
     assert proto.pairs.tolist()[0] == [1, 2] and proto.labels.tolist() == [y for *_, y in PAIRS]
@@ -116,11 +117,15 @@ def test_similarity_transform_recovers_known_transform():
     moved = ARCFACE_TEMPLATE @ rot.T + shift
     m = similarity_transform(moved, ARCFACE_TEMPLATE)  # maps the moved points back: the inverse transform
     inv_rot = np.linalg.inv(rot)
+    # float64 (u = 1.1e-16): the 2×2 fit is well conditioned (landmarks ~20 px apart both ways), so the rotation-scale
+    # block is within a few u of exact (measured 1e-16); the translation multiplies it by coordinates ~200 px (2e-14)
     assert np.allclose(m[:, :2], inv_rot, atol=1e-12) and np.allclose(m[:, 2], -inv_rot @ shift, atol=1e-10)
     # noisy landmarks: least squares beats any exact fit through a subset, and stays a similarity
     noisy = moved + np.random.default_rng(0).normal(0, 0.5, moved.shape)
     m = similarity_transform(noisy, ARCFACE_TEMPLATE)
     a, b = m[0, 0], m[1, 0]
+    # a similarity by construction (to a few u); the scale of a least-squares fit to σ = 0.5 px noise on points ~20 px
+    # apart is off by ~σ/20/√10 ≈ 0.4 % (0.002 of 1/1.8), and the noise is seeded: 0.0019 on every machine
     assert np.allclose(m[:, :2], [[a, -b], [b, a]]) and abs(np.hypot(a, b) - 1 / scale) < 0.01
 
 
@@ -137,15 +142,19 @@ def test_align_face_undoes_a_similarity_warp():
     landmarks = ARCFACE_TEMPLATE @ fwd[:, :2].T + fwd[:, 2]
     aligned = align_face(crop, landmarks)
     diff = np.abs(aligned.astype(float) - face)[8:-8, 8:-8]
+    # two bilinear resamplings (warp, then align) blur the 0-5 noise and the blobs' slopes: a grey level or so on
+    # average, tens at most on the steepest pixels; a wrong transform would move whole blobs (differences ~250)
     assert aligned.shape == (112, 112, 3) and diff.mean() < 2.0 and diff.max() < 40
-    assert np.array_equal(align_face(face, ARCFACE_TEMPLATE), face)  # identity: exact
+    # Exact: the fit of the template to itself is the identity to ~1e-13 px, so every bilinear sample is its own pixel
+    # within far less than the 0.5 that would change the rounding back to uint8.
+    assert np.array_equal(align_face(face, ARCFACE_TEMPLATE), face)
 
 
 def test_warp_affine_matches_cv2_pixel_convention():
     img = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     out = warp_affine(img, np.array([[1.0, 0, 0.5], [0, 1.0, 2.0]]), (40, 30))  # dst = src + (0.5, 2)
     ref = (img[:-2, :-1].astype(float) + img[:-2, 1:]) / 2  # dst(x, y) = mean of src(x-1, y-2), src(x, y-2)
-    assert np.abs(out[2:, 1:].astype(float) - ref).max() <= 0.5
+    assert np.abs(out[2:, 1:].astype(float) - ref).max() <= 0.5  # the uint8 result rounds a half-integer mean
     assert (out[:2] == 0).all()  # border 0
 
 
@@ -165,7 +174,12 @@ def test_evaluate_ijb_matches_hand_computation(ijb_root, tmp_path, flip, norm_sc
     )
     expected = _hand_scores(ijb_root, model, flip, norm_score, detector_score)
     scores = np.load(result["paths"]["scores"])
-    assert np.allclose(scores, expected, atol=1e-5)
+    # Cosines (≤ 1) of the same float32 embeddings computed in batches of 4 and of 1: each 588-term Linear output is
+    # off by ~√588·u ≈ 1.5e-6 of its scale at most in practice (u = 2⁻²⁴; measured 1.2e-7 on the scores), 1e-5 allows
+    # it. No two pair scores lie within 2e-5 of each other, so both rank the pairs alike and the TARs below are the
+    # same count ratios (pytest.approx's default only absorbs the last bit).
+    assert np.allclose(scores, expected, rtol=0, atol=1e-5)
+    assert np.diff(np.sort(expected)).min() > 2e-5
     labels = np.array([y for *_, y in PAIRS])
     want = tar_at_far(expected, labels)
     assert result["tar_at_far"] == pytest.approx({str(far): tar for far, tar in want.items()})
@@ -200,6 +214,8 @@ def test_embedding_resumes_after_interruption(ijb_root, tmp_path):
     calls["n"] = 0
     resumed = embed_images_resumable(forward, images, tmp_path / "run", "k", batch_size=2, save_every=1)
     assert calls["n"] == 2 * 4  # the 7 remaining images in 4 batches, flipped and not
+    # Bit for bit: the resumed rows come from the same batches of 2 (the cut falls on a batch edge) through the same
+    # model in this process, so the same kernels on the same shapes; the memmap stores the floats themselves.
     assert np.array_equal(np.asarray(resumed), full)
     calls["n"] = 0
     again = embed_images_resumable(forward, images, tmp_path / "run", "k", batch_size=2)

@@ -141,6 +141,8 @@ def test_pack_image_folder_insightface_layout(tmp_path):
         img, label = ds[i]
         assert label == cls
         got = img.permute(1, 2, 0).numpy().astype(int)
+        # JPEG files are packed as their bytes and decoded alike: exact; a PNG re-encoded as JPEG of this smooth ramp
+        # (the packer's quality 95) is off by a few grey levels on average
         assert np.array_equal(got, arr) if exact else np.abs(got - arr).mean() < 8
 
 

@@ -35,6 +35,7 @@ def test_deterministic_and_order_independent():
     a = SyntheticIdentities(identities=20, images_per_identity=5, image_size=32, seed=7)
     b = SyntheticIdentities(identities=20, images_per_identity=5, image_size=32, seed=7)
     late = b[97][0].clone()  # render a later block first on b
+    # Exact: the same rendering (same blocks, same shapes) twice in one process, whatever block is asked first.
     assert torch.equal(a.tensor(), b.tensor()) and torch.equal(a[97][0], late)
     assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
     c = SyntheticIdentities(identities=20, images_per_identity=5, image_size=32, seed=8)
@@ -54,14 +55,17 @@ def test_splits_share_or_separate_identities():
     train = identity_params(0, 0, 300)
     held = identity_params(0, 1, 300)
     gaps = np.abs(train[:, None, :] - held[None, :, :]).max(-1)  # Chebyshev distance, train x held-out
-    assert gaps.min() > 1e-3  # no held-out identity repeats a training identity
+    # no held-out identity repeats a training identity: 600 independent draws of 39 parameters, so the closest pair
+    # is still far apart in its largest coordinate (rounding moves them by ~1e-16)
+    assert gaps.min() > 1e-3
     kw = dict(identities=4, images_per_identity=3, image_size=32, seed=0)
     splits = {s: SyntheticIdentities(split=s, **kw) for s in ("train", "val", "test", "heldout")}
     fps = {ds.fingerprint for ds in splits.values()}
     assert len(fps) == 4
     for s in ("val", "test", "heldout"):
         assert not torch.equal(splits[s].tensor(), splits["train"].tensor())
-    # val/test show the training identities: at difficulty 0 the images repeat exactly.
+    # val/test show the training identities: at difficulty 0 the images repeat exactly (the same identity parameters
+    # from the same (4, 16) x (16, 39) product, rendered by the same code: bit for bit).
     clean = {s: SyntheticIdentities(split=s, difficulty=0.0, **kw).tensor() for s in ("train", "test", "heldout")}
     assert torch.equal(clean["train"], clean["test"]) and not torch.equal(clean["train"], clean["heldout"])
 
@@ -107,10 +111,11 @@ def test_synthetic_pairs_balanced_deterministic_and_correct():
     a, b = create_pairs(spec), create_pairs(spec)
     assert len(a) == 60 and a.num_genuine == 30 and a.issame[:4].tolist() == [True, False, True, False]
     assert a.images.shape == (120, 3, 32, 32) and a.images.dtype == torch.uint8 and a.name == "synthetic"
-    assert torch.equal(a.images, b.images) and a.fingerprint == b.fingerprint
+    assert torch.equal(a.images, b.images) and a.fingerprint == b.fingerprint  # the same rendering twice: exact
     for fold in np.split(a.issame, 10):
         assert fold.sum() == 3  # every contiguous fold of the 10-fold protocol is balanced
-    # At difficulty 0 all images of an identity are identical: genuine pairs match pixel for pixel.
+    # At difficulty 0 all images of an identity are identical (one parameter row, rendered alike): genuine pairs
+    # match pixel for pixel.
     clean = create_pairs(spec + ",difficulty=0")
     same = [torch.equal(clean.images[2 * i], clean.images[2 * i + 1]) for i in range(len(clean))]
     assert same == clean.issame.tolist()

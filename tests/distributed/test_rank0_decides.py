@@ -76,6 +76,7 @@ def _checks(world, tmp: Path) -> dict:
             monkeypatch.setattr(loop, "latest_checkpoint", lambda run_dir: None)
         result, resumed = _fit(tmp / "stale", resume=True)
     out["resumed steps"] = result.steps
+    # bit for bit, as the product claims: the same ranks, threads and shapes in these processes, state restored exactly
     out["resumed = uninterrupted"] = bool(torch.equal(resumed, straight))
 
     _fit(tmp / "blind", stop_after=2)

@@ -68,7 +68,11 @@ CFG = TrainConfig(
     teacher_cache=False,
 )  # fmt: skip
 WEIGHTS = LossWeights(ce=1.0, kd=0.5, th_ce=1.0, th_kd=0.5, l2e=1.0, T=4.0, T_th=2.0)
+# float64 (u = 1.1e-16): the one-process quantities summed in another order, a few u each per step; 6 steps of training
+# grow that to 4e-15 (measured), and 1e-10 leaves the growth of any of these short runs a wide margin.
 TOL = {"rtol": 1e-10, "atol": 1e-10}
+# The Triton sweep (float32, its own block sums) against the chunked step (float32): two float32 roundings of logits
+# s·cos (s = 16, D = 6) and of the gradients, ≲ 1e-6 relative; 1e-4 relative and 1e-5 absolute.
 TOL_FP32 = {"rtol": 1e-4, "atol": 1e-5}
 AUTOCAST_KEYS = ("autocast chunked backbone grad / bound", "autocast triton backbone grad / bound")
 
@@ -301,6 +305,7 @@ def _unmaterialized_head_shards_are_rows_of_the_whole(world) -> None:
         lazy = create_head(kind, 5, C, device="meta")
         assert lazy.weight.is_meta and lazy.init_seed == whole.init_seed
         shard = HeadShard(lazy, world.group)
+        # exact: each rank draws the same whole blocks from the same generators (initial_rows) and slices its rows
         assert torch.equal(shard.weight, shard.shard.take(whole.weight)), kind
         if kind == "linear":
             assert torch.equal(shard.bias, torch.zeros(shard.shard.size))
@@ -337,7 +342,7 @@ def _uneven_head_gathers(world) -> None:
     target = create_head("linear", 3, 11)
     before = target.weight.clone()
     shard.gather_into(target)
-    if world.is_main:
+    if world.is_main:  # exact: gathering copies the rows
         assert torch.equal(target.weight, full.weight) and torch.equal(target.bias, full.bias)
     else:
         assert torch.equal(target.weight, before)  # rank 0 alone gathers the head
@@ -400,7 +405,7 @@ def test_two_gloo_ranks_train_as_one_process(tmp_path):
     print(f"fit, 2 ranks vs 1 process (float64): worst absolute weight difference {worst:.1e}")
     read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     for a, b in zip(read("one"), read("two"), strict=True):
-        for key in a.keys() - {"images_per_s", "time"}:
+        for key in a.keys() - {"images_per_s", "time"}:  # float64 losses: TOL's argument, 1e-12 for terms near 0
             assert b[key] == pytest.approx(a[key], rel=1e-10, abs=1e-12), (a["step"], key)
 
     face_two = torch.load(tmp_path / "two_face.pt")

@@ -8,10 +8,18 @@ from torch import nn
 from edgekd.data.pairs import PairSet
 from edgekd.eval.embed import embed_images, evaluate_pairs
 
+U = 2.0**-24  # float32 unit roundoff
+
 
 def _tiny_linear(c=3, s=6, d=5):
     torch.manual_seed(1)
     return nn.Sequential(nn.Flatten(), nn.Linear(c * s * s, d)).eval()
+
+
+def _abs_terms(model, x) -> np.ndarray:
+    """Σ|terms| of each output of the Linear on ``x`` (float64): ``|x| @ |W|ᵀ + |b|``, what its rounding scales with."""
+    w, b = model[1].weight.detach().double(), model[1].bias.detach().double()
+    return (x.double().flatten(1).abs() @ w.abs().T + b.abs()).numpy()
 
 
 def test_embed_images_flip_sum_matches_manual():
@@ -25,9 +33,15 @@ def test_embed_images_flip_sum_matches_manual():
     flipped = x.flip(-1).flatten(1) @ w.T + b
     out = embed_images(model, images, batch_size=3, flip=True, mean=mean, std=std)  # batches 3, 3, 1
     assert out.shape == (7, 5) and out.dtype == np.float32
-    np.testing.assert_allclose(out, (plain + flipped).numpy(), rtol=1e-5, atol=1e-5)
+    # float32 against float64: normalizing rounds each input by ≤ 4u of X = (|v/255| + |mean|)/std (three operations
+    # and the float32 mean and std), and the K = 108-term product with its bias rounds by ≤ γ₁₀₉ ≈ 109u of Σ|terms|:
+    # each output is within (109 + 4)·u·(|X| @ |W|ᵀ + |b|) to first order; the flip sum adds its two bounds and one u
+    # of the sum (measured: ≤ 0.5u of Σ|terms|).
+    X = (images.double() / 255 + m.double()) / s.double()
+    bound, bound_flip = ((109 + 5) * U * _abs_terms(model, v) for v in (X, X.flip(-1)))
+    assert np.all(np.abs(out - (plain + flipped).numpy()) <= bound + bound_flip + U * np.abs(out))
     no_flip = embed_images(model, images, batch_size=4, flip=False, mean=mean, std=std)
-    np.testing.assert_allclose(no_flip, plain.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(no_flip - plain.numpy()) <= bound)
 
 
 def test_embed_images_accepts_datasets_and_numpy_forwards():
@@ -40,7 +54,10 @@ def test_embed_images_accepts_datasets_and_numpy_forwards():
 
     a = embed_images(model, images, batch_size=2, mean=0.5, std=0.5)
     b = embed_images(numpy_forward, dataset, batch_size=3, mean=0.5, std=0.5)
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+    # The same float32 inputs in batches of 2 and of 3: the 16-term products may be summed in other orders (1 ulp
+    # apart on an AMD EPYC), each within γ₁₇ ≈ 17u of Σ|terms| of the exact value, so at most twice that apart.
+    x = (images.float() / 255 - 0.5) / 0.5
+    assert np.all(np.abs(a - b) <= 2 * 17 * U * _abs_terms(model, x))
 
 
 def test_embed_images_rejects_bad_output():
@@ -75,8 +92,12 @@ def test_embed_batches_normalizes_uint8_or_takes_normalized_batches():
     from_uint8 = list(embed_batches(model, images.split(3), flip=True, mean=0.5, std=0.5))
     normalized = list(embed_batches(model, x.split(3), flip=True))
     assert [len(e) for e in from_uint8] == [3, 3, 1]
-    np.testing.assert_allclose(np.concatenate(from_uint8), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.concatenate(normalized), expected, rtol=1e-5, atol=1e-5)
+    # The same float32 inputs (normalize computes (v/255 − 0.5)/0.5 as above), in batches of 3 against one of 7: two
+    # orders of each 108-term product with its bias, ≤ 2·γ₁₀₉·Σ|terms|, for the image and its mirror, and each side
+    # rounds its sum of the two (u of it each).
+    bound = 2 * 109 * U * (_abs_terms(model, x) + _abs_terms(model, x.flip(-1))) + 2 * U * np.abs(expected)
+    assert np.all(np.abs(np.concatenate(from_uint8) - expected) <= bound)
+    assert np.all(np.abs(np.concatenate(normalized) - expected) <= bound)
 
 
 def test_one_batched_embedding_loop_serves_eval_ijb_and_the_gates(monkeypatch, tmp_path):
@@ -101,5 +122,7 @@ def test_one_batched_embedding_loop_serves_eval_ijb_and_the_gates(monkeypatch, t
     assert calls == [2, 2, 1] * 2
     gated = run_batched(model, normalized, 2)
     assert calls == [2, 2, 1] * 3
-    np.testing.assert_allclose(np.asarray(resumable), ref, rtol=1e-6)
-    np.testing.assert_allclose(gated, ref, rtol=1e-5, atol=1e-6)
+    # Bit for bit: one loop (embed_batches), the same model on the same batches (2, 2, 1) of the same float32 inputs
+    # (normalized above exactly as normalize does), so the same kernels on the same shapes; the memmap stores floats.
+    np.testing.assert_array_equal(np.asarray(resumable), ref)
+    np.testing.assert_array_equal(gated, ref)

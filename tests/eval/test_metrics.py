@@ -36,6 +36,8 @@ def test_10fold_hand_computed():
     res = verification_10fold(np.zeros((p, 1)), b[:, None], issame)
     # Every fold's training folds are separable from 0.25 < t <= 2.25; the first threshold with 0.25 < t is 0.26
     # (dist < t, strict). Fold 2 then misclassifies pair 4 (acc 1/2); the nine other folds are perfect.
+    # Counts over fold sizes (1, 1/2) are exact; the thresholds are np.arange's 26th step and means of it, whose
+    # last bits pytest.approx's default (1e-6 relative) leaves aside.
     assert res["fold_thresholds"] == pytest.approx([0.26] * 10)
     assert res["fold_accuracies"] == [1.0, 1.0, 0.5] + [1.0] * 7
     assert res["accuracy"] == pytest.approx(0.95)
@@ -74,6 +76,12 @@ def test_10fold_matches_brute_force_on_random_pairs():
     a, b = flip_sum_normalize(a), flip_sum_normalize(b)
     mean, std, chosen, accs = _brute_force_10fold(a, b, issame)
     res = verification_10fold(a, b, issame)
+    # Exact equality holds when both sides count the same pairs below each threshold: their float64 squared distances
+    # (8 terms of unit vectors, ≤ 4) may differ by a few ulps (≲ 8·2⁻⁵³·4 ≈ 4e-15) where numpy sums in another order,
+    # and no distance lies within 1e-12 of a threshold. Then the fold accuracies are the same integer ratios, and the
+    # mean and std the same numpy reductions of the same 10 numbers.
+    dist = ((a - b) ** 2).sum(1)
+    assert np.abs(dist[:, None] - np.arange(0, 4, 0.01)[None, :]).min() > 1e-12
     assert res["fold_accuracies"] == accs
     assert res["fold_thresholds"] == list(chosen)
     assert res["accuracy"] == mean and res["std"] == std
@@ -84,7 +92,7 @@ def test_flip_sum_normalize():
     e = np.array([[3.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
     f = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, -1.0]])
     out = flip_sum_normalize(e, f)
-    np.testing.assert_allclose(out, [[1, 0], [0, 0], [1, 0]])
+    np.testing.assert_allclose(out, [[1, 0], [0, 0], [1, 0]])  # (4, 0)/4 and (2, 0)/2: exact; default rtol 1e-7
     np.testing.assert_allclose(flip_sum_normalize(torch.tensor([[0.0, 2.0]])), [[0, 1]])
 
 
@@ -94,6 +102,7 @@ def test_roc_curve_hand_computed_with_ties_and_drop_intermediate():
     # Distinct thresholds give (fps, tps): .9 (0,1), .8 (1,2) [tie of a genuine and an impostor], .7 (1,3), .6 (1,4),
     # .5 (2,4), .4 (3,4), .3 (4,4); 4 impostors, 4 genuines.
     fpr, tpr, thr = roc_curve(scores, labels, drop_intermediate=False)
+    # Exact: rates are counts over 4, thresholds are the given scores themselves (no arithmetic on them).
     np.testing.assert_array_equal(fpr, np.array([0, 0, 1, 1, 1, 2, 3, 4]) / 4)
     np.testing.assert_array_equal(tpr, np.array([0, 1, 2, 3, 4, 4, 4, 4]) / 4)
     np.testing.assert_array_equal(thr, [np.inf, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
@@ -117,6 +126,7 @@ def test_roc_curve_full_matches_direct_counting():
     scores = np.round(rng.random(300), 2)  # many ties
     labels = rng.random(300) < 0.3
     fpr, tpr, thr = roc_curve(scores, labels, drop_intermediate=False)
+    # Exact: each rate is a count divided by the class size on both sides (one correctly rounded division each).
     for f, t, th in zip(fpr[1:], tpr[1:], thr[1:], strict=True):
         assert f == np.mean(scores[~labels] >= th) and t == np.mean(scores[labels] >= th)
     assert list(thr[1:]) == sorted(set(scores.tolist()), reverse=True)
@@ -130,11 +140,12 @@ def test_tar_at_far_counted_by_hand():
     scores = np.r_[impostors, genuines]
     labels = np.r_[np.zeros(1000, bool), np.ones(10, bool)]
     fpr, tpr, _ = roc_curve(scores, labels)
-    # Kept (fps, tps): (0,1) (0,5) (1,5) (1,7) (499,7) (499,8) (699,8) (699,9) (899,9) (899,10) (1000,10).
+    # Kept (fps, tps): (0,1) (0,5) (1,5) (1,7) (499,7) (499,8) (699,8) (699,9) (899,9) (899,10) (1000,10). Counts over
+    # 1000 and 10 against decimal literals: equal to their last bit, within the default rtol 1e-7.
     np.testing.assert_allclose(fpr, [0, 0, 0, 0.001, 0.001, 0.499, 0.499, 0.699, 0.699, 0.899, 0.899, 1.0])
     np.testing.assert_allclose(tpr, [0, 0.1, 0.5, 0.5, 0.7, 0.7, 0.8, 0.8, 0.9, 0.9, 1.0, 1.0])
     tar = tar_at_far(scores, labels, fars=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.4, 0.6))
-    assert tar == {
+    assert tar == {  # exact: k/10 is correctly rounded, as the literal is
         1e-6: 0.5,
         1e-5: 0.5,
         1e-4: 0.5,  # nearest FPR is 0; the larger TPR among FPR = 0
@@ -184,6 +195,10 @@ def test_verification_all_pairs_scores_every_pair_once():
     pairs = [(i, j) for i in range(15) for j in range(i + 1, 15)]
     scores = np.array([emb[i] @ emb[j] for i, j in pairs])
     same = np.array([labels[i] == labels[j] for i, j in pairs])
+    # The scores here are 4-term dot products of unit vectors and verification_all_pairs forms them as a matrix
+    # product: a few float64 ulps apart (≲ 4·2⁻⁵³). No two scores lie within 1e-12 of each other, so both sides rank
+    # the pairs alike and the TARs are the same count ratios (pytest.approx's default only absorbs the last bit).
+    assert np.diff(np.sort(scores)).min() > 1e-12
     assert out["tar_at_far"] == pytest.approx(tar_at_far(scores, same, (0.1, 0.3)))
     assert 0.5 < out["accuracy"] <= 1.0 and out["std"] >= 0.0
     with pytest.raises(EdgekdError):

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from edgekd.bundle import load_bundle
 from edgekd.export.options import ExportOptions
 from edgekd.export.passes.onnx import INPUT_NAME, OUTPUT_NAME, read_metadata
 from edgekd.export.pipeline import export_checkpoint
@@ -17,7 +18,7 @@ from edgekd.export.runtimes import OrtRuntime
 
 
 @pytest.mark.parametrize(("name", "size"), [pytest.param("mbf", 112, marks=pytest.mark.slow), ("r_tiny", 32)])
-def test_export_fp32_batches_from_one_file(tmp_path, make_checkpoint, name, size):
+def test_export_fp32_batches_from_one_file(tmp_path, make_checkpoint, name, size, network_atol):
     ckpt = make_checkpoint(tmp_path / f"{name}.safetensors", name, input_size=size)
     out = tmp_path / f"{name}.onnx"
     result = export_checkpoint(ckpt, out, ExportOptions(gate_batches=(1, 3, 32), gate_images=16))
@@ -57,9 +58,11 @@ def test_export_fp32_batches_from_one_file(tmp_path, make_checkpoint, name, size
     alone = np.concatenate([runtime(x[i : i + 1]).numpy() for i in range(32)])
     in_threes = np.concatenate([runtime(x[i : i + 3]).numpy() for i in range(0, 32, 3)])
     in_32 = runtime(x).numpy()
-    scale = np.abs(alone).max()
-    np.testing.assert_allclose(in_threes, alone, rtol=0, atol=1e-6 * scale)
-    np.testing.assert_allclose(in_32, alone, rtol=0, atol=1e-6 * scale)
+    # Batch sizes may take other kernels, which sum in other orders: network_atol (tests/conftest.py), counted on the
+    # checkpoint's network (measured: 0 on an AMD EPYC, whose ONNX Runtime kernels do not depend on the batch).
+    atol = network_atol(load_bundle(ckpt).backbone, alone)
+    np.testing.assert_allclose(in_threes, alone, rtol=0, atol=atol)
+    np.testing.assert_allclose(in_32, alone, rtol=0, atol=atol)
 
 
 def test_fold_batchnorm_into_gemm_is_exact():
@@ -96,4 +99,15 @@ def test_fold_batchnorm_into_gemm_is_exact():
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {name: x.numpy()}
     )[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # Both graphs are float32 (u = 2⁻²⁴). The BatchNorm rounds h·γ/σ + shift (a few u of |h·γ/σ| + |shift|), folding
+    # rounds each new weight once and the new bias (a 257-term sum), and each Gemm sums 256 products plus the bias:
+    # to first order |got − expected| ≤ 2·(257 + 8)·u·Σ|terms|, Σ|terms| = |W|·(|h·γ/σ| + |shift|) + |b| over the
+    # Gemm's inputs h (the PRelu's output), in float64 (measured: 0.9u·Σ|terms|).
+    with torch.no_grad():
+        h = net[:2](x).double().flatten(1)
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double()
+        shift = bn.bias.double() - bn.running_mean.double() * scale
+        w_abs, per_pixel = net[4].weight.double().abs(), h.shape[1] // len(scale)
+        terms = (h * scale.repeat_interleave(per_pixel)).abs() @ w_abs.T
+        terms += shift.repeat_interleave(per_pixel).abs() @ w_abs.T + net[4].bias.double().abs()
+    assert np.all(np.abs(got - expected) <= 2 * (257 + 8) * 2.0**-24 * terms.numpy())

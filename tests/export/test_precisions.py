@@ -42,7 +42,10 @@ def test_int8_passes_its_gates(tmp_path, trained_student, student_gate_options):
     task = result.gate.task
     assert task is not None and task.passed and task.max_drop == 0.5
     assert set(task.reference) >= {"accuracy", "tar@far=0.1"}
-    assert task.reference["accuracy"] > 90  # it is a trained student, not noise
+    # A trained student, not noise (~50 %). Training in float32 for 400 steps amplifies rounding, so another CPU trains
+    # another model; its accuracy varies as the seed's does: 94.3, 95.3, 95.7 % at seeds 0, 1, 2 (AMD EPYC), so 90
+    # is about 6 of that spread below them.
+    assert task.reference["accuracy"] > 90
 
     model = onnx.load(str(out))
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -60,7 +60,11 @@ def test_margin_value_and_gradient_match_trigonometry(kind, m):
     phi = margin_target(c, HeadSpec(kind, s=64.0, m=m))
     (grad,) = torch.autograd.grad(phi.sum(), c)
     phi_too, dphi = margin_phi(c.detach(), kind, m)
-    assert torch.equal(phi_too, phi.detach())
+    assert torch.equal(phi_too, phi.detach())  # margin_target is margin_phi's [0]: the same ops on the same tensor
+    # float64 (u = 2⁻⁵³ ≈ 1.1e-16) against another formula (arccos, then cos): values of size ≤ 2.2 agree to a few u,
+    # and arccos's slope 1/sin θ (≤ 23 at |c| = 0.999) amplifies c's rounding: ≤ 1e-14, allowed 1e-12. The slopes
+    # divide by sqrt(1 − c²), whose cancellation at |c| = 0.999 costs 1/(1 − c²) ≈ 500 u relative: ≈ 6e-14, allowed
+    # 1e-9 (slope of the reference) and 1e-12 (two float64 orders of the same derivative).
     for i, value in enumerate(values):
         assert phi[i].item() == pytest.approx(value_of(value, m), abs=1e-12), value
         assert grad[i].item() == pytest.approx(slope_of(value, m), rel=1e-9), value
@@ -75,7 +79,8 @@ def test_arcface_stays_finite_at_cos_plus_minus_one(m):
     (grad,) = torch.autograd.grad(phi.sum(), c)
     _, dphi = margin_phi(c.detach(), "arcface", m)
     assert phi[0].item() == pytest.approx(math.cos(m), abs=2e-6)  # the clamp moves it by sqrt(SIN2_EPS)·sin m
-    assert phi[1].item() == pytest.approx(-1.0 - m * math.sin(m), abs=1e-12)
+    assert phi[1].item() == pytest.approx(-1.0 - m * math.sin(m), abs=1e-12)  # the fallback c − m·sin m: a few u
+    # Exact: at c = 1 the clamp zeroes the sine's share, both give cos m; at c = −1 the fallback's slope is 1 in both.
     assert torch.isfinite(grad).all() and torch.equal(dphi, grad)
 
 
@@ -83,6 +88,7 @@ def test_cosface_subtracts_margin_and_passes_gradient():
     spec = HeadSpec("cosface", s=64.0, m=0.4)
     c = torch.tensor(COSINES, dtype=torch.float64, requires_grad=True)
     margin_target(c, spec).sum().backward()
+    # Exact: margin_phi computes cos − m, the same one rounded subtraction per entry, and its slope is the constant 1.
     assert torch.equal(margin_target(c, spec).detach(), c.detach() - 0.4)
     assert torch.equal(c.grad, torch.ones_like(c))
 
@@ -98,6 +104,7 @@ def test_margin_logits_touch_only_the_target_column():
     for i in range(5):
         for j in range(7):
             expected = arcface_by_angle(cos[i, j], 0.5) if j == labels[i] else cos[i, j]
+            # float64: the 8-term cosines are the same computation; arccos/cos adds a few u, times s = 30: ~1e-14
             assert logits[i, j].item() == pytest.approx(30.0 * expected, abs=1e-10)
 
 

@@ -65,6 +65,9 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype, kind):
     ref = _loss_and_grads(shared_head_loss_reference, {k: v if k == "labels" else v.double() for k, v in
                                                        case.items()}, head, ALL_TERMS, "cpu")  # fmt: skip
     out = _loss_and_grads(make_loss_backend(shared_head_triton), case, head, ALL_TERMS, DEVICE)
+    # 16-bit inputs are rounded alike for both sides; what differs is the kernel's own rounding to the input dtype
+    # (normalized operands, returned gradients: ≤ u each, u = 2⁻¹¹ fp16, 2⁻⁸ bf16), the cosines' rounding scaled by
+    # s = 64 into the logits, and fp32 accumulation: 1e-2 ≈ 20u (fp16) and 3e-2 ≈ 8u (bf16) of the largest value.
     tol = 1e-2 if dtype == torch.float16 else 3e-2
     for name, value in ref[0].items():
         assert abs(out[0][name] - value) <= tol * max(1.0, abs(value)), name
@@ -267,6 +270,10 @@ def test_atomics_repeat_within_rounding_on_cuda(dtype, record_property):
     record_property("spread", json.dumps({"dtype": str(dtype), "runs": len(runs), "spread": spread,
                                           "distinct_results": distinct}))  # fmt: skip
     # bf16 gradients are rounded to bf16 (8 significant bits) after fp32 accumulation: one last-bit flip is 2^-8.
+    # fp32: n splits' atomic adds in another order differ by ≤ n·u·Σ|partials| (u = 2⁻²⁴); for n of order 100 that is
+    # ≲ 1e-5 of the largest entry, while a lost or doubled add moves it by a whole split's share (~1/n).
     dz_bound = 1e-5 if dtype == torch.float32 else 2**-7
     assert spread["dz_s"] <= dz_bound and spread["dz_st"] <= dz_bound, spread
+    # The forward and dW add in a fixed order (no atomics): they repeat bit for bit (spread 0); 1e-6 ≈ 17 float32 ulps
+    # only keeps a report of the spread readable, it does not allow a race (a whole split's share, ~1/splits).
     assert spread["losses"] <= 1e-6 and spread["dW_s"] <= 1e-6, spread

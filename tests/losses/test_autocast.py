@@ -24,7 +24,7 @@ from edgekd.kernels import interpreting
 from edgekd.losses import LossWeights, list_loss_backends, resolve_backend, shared_head_loss
 
 BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
-FP32_TOL = 2e-5
+FP32_TOL = 2e-5  # float32 rounding, relative to the largest value: TOL[float32] of test_shared_head_backends.py
 HEAD = HeadSpec("arcface", 16.0, 0.5)
 WEIGHTS = LossWeights(ce=1.0, kd=0.5, th_ce=0.3, th_kd=0.2, l2e=0.1, T=4.0, T_th=2.0)
 BACKENDS = [name for name in list_loss_backends() if name != "auto"]

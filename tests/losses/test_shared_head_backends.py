@@ -33,7 +33,12 @@ ALL_TERMS = LossWeights(ce=1.0, kd=0.7, th_ce=0.3, th_kd=0.2, T=4.0)
 ONE_TERM = {name: LossWeights(**{"ce": 0.0, name: 0.6}, T=2.0) for name in ("ce", "kd", "th_ce", "th_kd")}
 GRADS = ("z_s", "W_s", "b_s", "z_st")
 TRITON_RUNNABLE = torch.cuda.is_available() or interpreting()
-# Relative (to the largest reference value) error bounds per input dtype.
+# Relative (to the largest reference value) error bounds per input dtype, for the blocked backends (fp32 accumulation)
+# against float64 on the same rounded inputs. float32 (u = 2⁻²⁴ ≈ 6e-8): a logit s·cos (s = 64) carries the rounding of
+# a D-term dot product (D ≤ 96: ≲ √D·u ≈ 6e-7 typically, D·u ≈ 6e-6 at worst) times s, which the softmax passes on
+# about 1:1 relative to the largest term and gradient; 2e-5 ≈ 330u (measured worst on the CPU: 1e-6). 16-bit: the
+# normalized operands and the returned gradients are rounded to the input dtype (≤ u each: fp16 2⁻¹¹, bf16 2⁻⁸),
+# 2e-2 ≈ 40u and 4e-2 ≈ 10u (measured on the CPU: 3e-4 and 2.4e-3, under one u).
 TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
@@ -175,6 +180,9 @@ def test_chunked_float64_is_exact():
     case, head = make_case(C=200), HEADS["arcface"]
     ref_terms, ref_grads = run("reference", case, head, ALL_TERMS)
     terms, grads = run("chunked", case, head, ALL_TERMS)
+    # float64 (u = 1.1e-16), the same math summed in 128-class blocks instead of at once: the log-sum-exps over
+    # C = 200 logits of size ≤ s = 64 differ by ≲ C·u·s ≈ 1.4e-12 at worst (typically √C times less), on terms of
+    # size ~1-10; the gradients go through one more product: 1e-10 relative, 1e-12 absolute.
     for name in ref_terms:
         torch.testing.assert_close(terms[name], ref_terms[name], rtol=1e-12, atol=1e-12)
     for name in GRADS:
@@ -194,6 +202,8 @@ def test_entry_point_dispatch_and_l2e():
                                         head=HEADS["arcface"], weights=w, backend=backend)  # fmt: skip
         total.backward()
         out[backend] = (total.detach(), terms, z_s.grad)
+    # Both float32 (chunked against the reference's own float32 math): the error model of TOL[float32] (2e-5 of the
+    # largest value) for the total, 1e-4 relative and 1e-6 absolute for the gradient entries.
     torch.testing.assert_close(out["auto"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
     assert out["auto"][1].keys() == out["reference"][1].keys() == {"ce", "kd", "th_ce", "th_kd", "l2e"}
     torch.testing.assert_close(out["auto"][2], out["reference"][2], rtol=1e-4, atol=1e-6)
@@ -228,6 +238,8 @@ def compiled_step_matches_eager(backend: str, device: str = "cpu"):
     torch._dynamo.reset()
     eager_loss, eager_grads = grads(step)
     compiled_loss, compiled_grads = grads(torch.compile(step, fullgraph=True))
+    # float32, the same math with Inductor's fused kernels (other summation orders, D = 24, s = 64, C = 50): the error
+    # model of TOL[float32]: 1e-5 on the loss, 1e-4 relative (1e-5 absolute) on gradient entries.
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -299,8 +311,10 @@ def test_chunked_peak_memory_far_below_one_logit_matrix():
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # The reference keeps 16-bit logits and softmax in the input dtype (it is the definition, not a fused kernel), so its
-# 16-bit bounds are looser than TOL, which the fp32-accumulating backends meet. Measured on the CPU with make_case():
-# bf16 terms 5.1e-2 (the kd term of the linear head), gradients 3.5e-2; fp16 2.8e-3 and 4.5e-3.
+# 16-bit bounds are looser than TOL, which the fp32-accumulating backends meet. A logit of size up to s = 64 held in
+# bf16 is off by up to half an ulp, 64·2⁻⁹ ≈ 0.13 (fp16: 64·2⁻¹² ≈ 0.016), and terms built from log-softmax
+# differences move by that order relative to their size: 1.5e-1 (bf16) and 2e-2 (fp16). Measured on the CPU with
+# make_case(): bf16 terms 5.1e-2 (the kd term of the linear head), gradients 3.5e-2; fp16 2.8e-3 and 4.5e-3.
 REFERENCE_TOL = {torch.float32: TOL[torch.float32], torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -384,6 +398,7 @@ def test_kd_and_th_kd_at_their_own_temperatures(backend):
     }
     expected_total = sum(getattr(weights, name) * value for name, value in expected.items())
     expected_grads = torch.autograd.grad(expected_total, (z, ws))
+    # float64: the same formulas in another order (C = 300, s = 64: ≲ 1e-12 relative); float32 (triton): TOL's model.
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
     assert terms.keys() == expected.keys()
     for name, value in expected.items():

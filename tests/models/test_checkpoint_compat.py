@@ -92,7 +92,7 @@ def test_reference_key_list_loads_strict():
             sd[k] = torch.randn(shape, generator=gen) * 0.1
     model = create_model("mbf").eval()
     model.load_state_dict(sd, strict=True)
-    torch.testing.assert_close(model.features.layers[2].weight, sd["features.layers.2.weight"])
+    assert torch.equal(model.features.layers[2].weight, sd["features.layers.2.weight"])  # a copy: exact
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 3, 112, 112))).all()
 
@@ -160,7 +160,7 @@ def test_treb1en_conversion_round_trip():
     assert list(converted) == list(sd) and all(converted[k] is v for k, v in sd.items())
     target = load_arcface_torch_state_dict(create_model("mbf_scale1", input_size=64).eval(), treb1en)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the same architecture with the same weights on the same input, in one process
         assert torch.equal(target(x), source(x))
 
 
@@ -179,7 +179,7 @@ def test_adadistill_prefix_and_affine_free_bn_convert():
         treb1en["output_layer." + new if new.startswith(tail) else new] = v
     target = load_arcface_torch_state_dict(create_model("mbf_scale1", input_size=64).eval(), treb1en)
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the same architecture with the same weights (the BatchNorm's 1s and 0s included)
         assert torch.equal(target(x), source(x))
 
 
@@ -193,7 +193,7 @@ def test_loader_accepts_wrapped_prefixed_files(tmp_path):
     path = tmp_path / "backbone.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, path)
     target = load_arcface_torch_state_dict(create_model("mbf_tiny"), path)
-    assert all(torch.equal(target.state_dict()[k], v) for k, v in sd.items())
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in sd.items())  # copies: exact
     plain = tmp_path / "model.pt"
     torch.save(sd, plain)
     load_arcface_torch_state_dict(create_model("mbf_tiny"), str(plain))

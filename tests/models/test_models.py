@@ -121,15 +121,17 @@ def test_mbf_gdc_kernel_follows_input_size(side, kernel):
 
 
 @pytest.mark.parametrize("name", ["mbf", "r_tiny"])
-def test_eval_embeddings_do_not_depend_on_batch(name):
+def test_eval_embeddings_do_not_depend_on_batch(name, network_atol):
     torch.manual_seed(0)
     model = _build(name, input_size=64).eval()
     x = torch.randn(4, *model.cfg.input_size)
     with torch.no_grad():
         batched = model(x)
         single = torch.cat([model(x[i : i + 1]) for i in range(4)])
-    # Equal up to float32 rounding of the batched kernels, relative to the embedding's scale.
-    torch.testing.assert_close(single, batched, rtol=1e-5, atol=1e-6 * batched.abs().max().item())
+    # Equal up to float32 rounding: batch 1 and batch 4 may take other kernels, which sum in other orders. The bound
+    # is network_atol (tests/conftest.py): 8 ulps per Conv/Linear layer of the largest embedding entry (r_tiny
+    # differs by 14 ulps of it on an AMD EPYC).
+    torch.testing.assert_close(single, batched, rtol=0, atol=network_atol(model, batched))
 
 
 def test_timm_head_hidden_size_and_fixed_input_size():
@@ -144,7 +146,7 @@ def test_timm_head_hidden_size_and_fixed_input_size():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_mbf_exports_to_onnx_with_dynamic_batch(tmp_path):
+def test_mbf_exports_to_onnx_with_dynamic_batch(tmp_path, network_atol):
     # The TorchScript exporter traces shapes: arcface_torch's x.view(x.size(0), -1) would freeze batch 1 here
     # (face.md §0.3), so it is the stricter check that the flatten keeps the batch dynamic.
     onnx = pytest.importorskip("onnx")
@@ -164,4 +166,7 @@ def test_mbf_exports_to_onnx_with_dynamic_batch(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+        want = model(x)
+    # ONNX Runtime's float32 kernels against PyTorch's: other sum orders (network_atol, tests/conftest.py; measured
+    # 13 ulps of the largest entry). A fresh mbf_tiny's embeddings are ~4e-4, so a fixed 1e-5 would say nothing.
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=network_atol(model, want))

@@ -88,7 +88,7 @@ def test_tiny_study_runs_every_row_reports_and_resumes(tmp_path, fmnist_root, ru
     assert not (out / "cache").exists()  # teacher-embedding caches go once every cell is done
     (out / "REPRODUCTION.md").unlink()
     assert run_cli(["study", "--report-only", "--out", str(out)])[0] == 0
-    assert (out / "REPRODUCTION.md").read_text() == report
+    assert (out / "REPRODUCTION.md").read_text() == report  # re-rendered from the saved results: the same numbers
 
     before = _results(out)
     code, stdout, stderr = run_cli(argv)  # a rerun trains nothing
@@ -208,20 +208,24 @@ def test_paired_statistics_against_a_hand_computed_example():
     b = [0.78, 0.80, 0.80, 0.82, 0.79]
     p = paired(a, b)
     assert p.n == 5 and p.df == 4
+    # float64 sums of five two-decimal numbers: off the decimal values by a few ulps (~1e-17), far inside approx's
+    # default 1e-6 relative
     assert p.mean == pytest.approx(0.016)
     assert p.se == pytest.approx(math.sqrt(0.00023 / 5))
     assert p.t == pytest.approx(0.016 / math.sqrt(0.00023 / 5))
     # Student's t with 4 df in closed form: P(|T| ≥ t) = 1 − sin θ (1 + cos² θ / 2), θ = atan(t / 2)
     theta = math.atan(p.t / 2)
+    # the incomplete beta's continued fraction stops at a relative step of 1e-15; the closed form is a few ulps
     assert p.p == pytest.approx(1 - math.sin(theta) * (1 + math.cos(theta) ** 2 / 2), rel=1e-9)
     assert 0.07 < p.p < 0.08
     # tables: the two-sided 5 % and 1 % points of t(4), t(9) and t(30)
     for t, df, level in ((2.776445, 4, 0.05), (4.604095, 4, 0.01), (2.262157, 9, 0.05), (2.042272, 30, 0.05)):
+        # the table's t has 7 digits (±5e-7): p moves by |dp/dt|·5e-7 ≲ 1e-6 of p; 1e-5 relative
         assert t_two_sided_p(t, df) == pytest.approx(level, rel=1e-5)
     assert t_two_sided_p(1.0, 1) == pytest.approx(0.5)  # Cauchy: 1 − 2·atan(1)/π
     assert t_two_sided_p(0.0, 3) == pytest.approx(1.0)
     assert betainc(2.0, 3.0, 0.4) == pytest.approx(0.5248)  # I_0.4(2, 3) = 1 − 0.6⁴ − 4·0.4·0.6³
-    # degenerate inputs
+    # degenerate inputs (exact: a zero spread takes p = 0 or 1 by definition, not by arithmetic)
     assert paired([0.5, 0.6], [0.4, 0.5]).p == 0.0 and paired([0.5, 0.6], [0.5, 0.6]).p == 1.0
     assert math.isnan(paired([0.5], [0.4]).se)
     with pytest.raises(ValueError):
@@ -241,6 +245,7 @@ def test_combined_prediction():
         e = np.exp(x - x.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
+    # float64 softmaxes of 3 logits by another formula: a few ulps, inside assert_allclose's default rtol 1e-7
     np.testing.assert_allclose(combined_prediction(ls, lt, 0.0), softmax(ls))
     np.testing.assert_allclose(combined_prediction(ls, lt, 1.0), softmax(lt))
     mixed = combined_prediction(ls, lt, 0.25)

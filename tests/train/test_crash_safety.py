@@ -145,6 +145,8 @@ def test_kill_9_at_any_moment_then_resume_ends_bit_identical_and_clean(reference
     run_and_kill(True, lambda: latest_checkpoint(out) not in (None, before), 0.6)
 
     _run_to_end([*args, "--resume"], env)
+    # Bit for bit, as the product claims: every run here and the reference are processes of this machine with one
+    # thread (_env), running the same kernels on the same shapes from state restored exactly.
     assert (out / "teacher.safetensors").read_bytes() == (reference / "teacher.safetensors").read_bytes()
     assert _hidden(out) == []
 
@@ -170,6 +172,7 @@ def test_signal_saves_a_checkpoint_prints_the_resume_command_and_resume_is_bit_i
     assert command == ["edgekd", *args, "--resume"]
 
     _run_to_end(command[1:], env)
+    # bit for bit: one thread, the same kernels on the same shapes, state restored exactly (as above)
     assert (out / "teacher.safetensors").read_bytes() == (reference / "teacher.safetensors").read_bytes()
 
 
