@@ -42,11 +42,11 @@ from edgekd.calib import build_calibration_set, calibrate
 from edgekd.export.artifact import gate_inputs
 from edgekd.export.checks.gates import cosine_rows, run_batched
 from edgekd.export.latency import LatencyConfig, stats_ms, time_cpu
-from edgekd.export.options import ExportOptions
+from edgekd.export.options import TARGET_SUFFIXES, ExportOptions
 from edgekd.export.passes.int8 import QUANT_OP_TYPES, Int8Options, quantize_qdq
 from edgekd.export.passes.onnx import save_onnx
 from edgekd.export.pipeline import export_checkpoint
-from edgekd.export.runtimes import OrtRuntime, TorchRuntime
+from edgekd.export.runtimes import OrtRuntime, Runtime, TorchRuntime
 from edgekd.models import create_model
 from edgekd.utils.env import cpu_name, environment
 
@@ -97,12 +97,13 @@ def int8_variants(fp32_path: Path, cfg, out_dir: Path, calib_images: int, method
     return paths
 
 
-def cosines(backbone, paths: dict[str, Path], cfg, count: int) -> dict[str, dict[str, float]]:
+def cosines(backbone, runtimes: dict[str, Runtime], cfg, count: int) -> dict[str, dict[str, float]]:
+    """Per-row cosine of each runtime's embeddings to FP32 PyTorch's on ``count`` held-out synthetic faces."""
     x = gate_inputs(cfg, count, seed=0, real=None, with_noise=False)["synthetic"]
     ref = run_batched(TorchRuntime(backbone), x, 32)
     out = {}
-    for label, path in paths.items():
-        cos = cosine_rows(ref, run_batched(OrtRuntime(path, threads=1), x, 32))
+    for label, runtime in runtimes.items():
+        cos = cosine_rows(ref, run_batched(runtime, x, 32))
         out[label] = {
             "min": float(cos.min()),
             "p1": float(np.percentile(cos, 1)),
@@ -149,16 +150,32 @@ def sgemm_rate(threads: int, n: int = 1024, repeats: int = 20) -> float:
     return n**3 / best / 1e9
 
 
-def measure(backbone, paths, cfg, threads: int, batches, rounds: int, timing: LatencyConfig, log) -> list[dict]:
-    torch.set_num_threads(threads)
-    runtimes = {
-        ("torch eager", "fp32"): TorchRuntime(backbone),
-        ("torch.compile", "fp32"): TorchRuntime(backbone, compile=True),
+def ort_runtimes(paths: dict[str, Path], threads: int) -> dict[tuple[str, str], Runtime]:
+    """The ONNX Runtime CPU rows, (backend, precision) -> runtime: FP32 as edgekd runs it (rewritten at load) and as
+    written, and both INT8 Q/DQ graphs of ``int8_variants``."""
+    return {
         ("ORT CPU", ORT_FP32): OrtRuntime(paths["fp32"], threads=threads),
         ("ORT CPU", "fp32, graph as written"): OrtRuntime(paths["fp32"], threads=threads, cpu_rewrites=False),
         ("ORT CPU", "int8 S8S8 (TensorRT Q/DQ)"): OrtRuntime(paths["int8-s8s8"], threads=threads),
         ("ORT CPU", "int8 U8S8 (x86 Q/DQ)"): OrtRuntime(paths["int8-u8s8"], threads=threads),
     }
+
+
+def measure(backbone, paths, cfg, threads: int, batches, rounds: int, timing: LatencyConfig, log) -> list[dict]:
+    torch.set_num_threads(threads)
+    runtimes = {
+        ("torch eager", "fp32"): TorchRuntime(backbone),
+        ("torch.compile", "fp32"): TorchRuntime(backbone, compile=True),
+        **ort_runtimes(paths, threads),
+    }
+    return measure_rounds(runtimes, cfg, threads, batches, rounds, timing, log)
+
+
+def measure_rounds(
+    runtimes: dict[tuple[str, str], Runtime], cfg, threads: int, batches, rounds: int, timing: LatencyConfig, log
+) -> list[dict]:
+    """Time every (backend, precision) runtime at every batch once per round, ``rounds`` times, the rows interleaved
+    (see the module docstring); one ``round_summary`` per row. The caller has set torch's threads to ``threads``."""
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, *cfg.input_size, generator=gen) for b in batches}
     medians: dict[tuple, list[float]] = {}
@@ -195,36 +212,52 @@ def round_summary(backend, precision, batch, threads, medians: list[float], runs
     }
 
 
-def student_gates(ckpt: Path, data: str, out: Path, log) -> dict:
-    """The fp16 and int8 gates of ``edgekd export`` on a trained student, gate images and pairs at its difficulty."""
+# what the ONNX student gates' export did, for the table's caption (its parenthesis stays open)
+ONNX_STUDENT_EXPORT = (
+    "`edgekd export` defaults (INT8: builtin calibration, percentile ranges, first and last layer in float"
+)
+
+
+def student_gates(
+    ckpt: Path, data: str, out: Path, log, target: str = "onnx", precisions: tuple[str, ...] = ("fp16", "int8")
+) -> dict:
+    """The ``precisions``' gates of ``edgekd export --target TARGET`` on a trained student, gate images and pairs at
+    its difficulty."""
     from edgekd.data import parse_synthetic_spec
 
     difficulty = parse_synthetic_spec(data).get("difficulty")
     spec = f"synthetic:difficulty={difficulty}" if difficulty is not None else "synthetic"
     cfg = load_bundle(ckpt).cfg
     gates = {"checkpoint": str(ckpt), "model": cfg.name, "input_size": list(cfg.input_size), "pairs": spec}
-    for precision in ("fp16", "int8"):
+    for precision in precisions:
         options = ExportOptions(
-            precision=precision, calib="builtin" if precision == "int8" else None, pairs=spec, gate_data=spec
+            target=target,
+            precision=precision,
+            calib="builtin" if precision == "int8" else None,
+            pairs=spec,
+            gate_data=spec,
         )
-        result = export_checkpoint(ckpt, out / f"{cfg.name}-student.{precision}.onnx", options, log=log)
+        path = out / f"{cfg.name}-student.{precision}{TARGET_SUFFIXES[target]}"
+        result = export_checkpoint(ckpt, path, options, log=log)
         gates[precision] = result.gate.to_dict()
     return gates
 
 
-def student_markdown(students: list[dict], data: str) -> list[str]:
+def student_markdown(
+    students: list[dict], data: str, precisions: tuple[str, ...] = ("fp16", "int8"), how: str = ONNX_STUDENT_EXPORT
+) -> list[str]:
+    """The table of ``student_gates`` results, ``how`` saying what the export did (an open parenthesis)."""
     lines = [
         "",
         f"Gates of trained students (trained on `{data}` by the `edgekd teacher` command below, 400 steps), from the "
-        "same run; `edgekd export` defaults (INT8: builtin calibration, percentile ranges, first and last layer in "
-        f"float; task gate on `{students[0]['pairs']}` held-out pairs, 3000 pairs):",
+        f"same run; {how}; task gate on `{students[0]['pairs']}` held-out pairs, 3000 pairs):",
         "",
         "| student | precision | gate | min cos | mean cos | accuracy ref -> cand | TAR@FAR ref -> cand | result |",
         "|---|---|---|---:|---:|---|---|---|",
     ]
     for st in students:
         name = f"{st['model']} {st['input_size'][1]}x{st['input_size'][2]}"
-        for precision in ("fp16", "int8"):
+        for precision in precisions:
             g = st[precision]
             rows = g["rows"]
             task = g.get("task") or {}
@@ -360,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         result = export_checkpoint(ckpt, fp32_path, ExportOptions(gate_images=32), log=log)
         paths = {"fp32": result.onnx, **int8_variants(result.onnx, cfg, args.out, args.calib_images, args.calib_method)}
-        cos = cosines(backbone, {k: v for k, v in paths.items() if k != "fp32"}, cfg, args.cosine_images)
+        int8 = {k: OrtRuntime(v, threads=1) for k, v in paths.items() if k != "fp32"}
+        cos = cosines(backbone, int8, cfg, args.cosine_images)
         log(f"INT8 cosine: {cos}")
         rows = []
         macs = multiply_adds(backbone, cfg.input_size)

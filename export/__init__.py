@@ -1,14 +1,16 @@
-"""ONNX export, FP16 / INT8 variants, TensorRT engines, runtimes, gates and latency (installed as ``edgekd.export``).
+"""ONNX export, FP16 / INT8 variants, TensorRT engines, ExecuTorch programs, runtimes, gates and latency (installed as
+``edgekd.export``).
 
-The usual entry point is ``export_checkpoint`` (what ``edgekd export`` runs). The pieces are public for scripts, by
-concept: ``passes`` (``export_onnx`` -> ``convert_fp16`` / ``quantize_qdq``; ``PRECISION_TABLE`` says what each
-precision is), ``checks`` (``check_readiness`` for
-TensorRT, ``parity_gate`` / ``task_gate``, ``insightface_problems`` for insightface's loader), ``builders``
-(``build_engine``), ``runtimes`` (``open_runtime`` runs any artifact or checkpoint), ``artifact`` (the gated write
-every route shares), and ``read_contract`` for the input an ONNX file expects (edgekd metadata or insightface
-conventions). TensorRT and torch-tensorrt are imported only when a function needs them.
+The usual entry point is ``export_checkpoint`` (what ``edgekd export`` runs; ``ExportOptions(target="executorch")``
+for a ``.pte``). The pieces are public for scripts, by concept: ``passes`` (``export_onnx`` -> ``convert_fp16`` /
+``quantize_qdq``; ``PRECISION_TABLE`` says what each precision is), ``checks`` (``check_readiness`` for TensorRT,
+``parity_gate`` / ``task_gate``, ``insightface_problems`` for insightface's loader), ``builders`` (``build_engine``,
+``build_executorch_program``), ``runtimes`` (``open_runtime`` runs any artifact or checkpoint), ``artifact`` (the gated
+write every route shares), and ``read_contract`` for the input an ONNX file expects (edgekd metadata or insightface
+conventions). TensorRT, torch-tensorrt and ExecuTorch are imported only when a function needs them.
 """
 
+from edgekd.export.builders.executorch import build_executorch_program as build_executorch_program
 from edgekd.export.builders.tensorrt import EngineProfile as EngineProfile
 from edgekd.export.builders.tensorrt import build_engine as build_engine
 from edgekd.export.checks.gates import GateReport as GateReport

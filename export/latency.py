@@ -131,7 +131,7 @@ def time_cuda(step: Callable[[], Any], stream: torch.cuda.Stream, cfg: LatencyCo
 
 @dataclass
 class ModelSpec:
-    """A model to benchmark: ``path`` (checkpoint, ``.onnx`` or ``.plan``) or an in-memory module."""
+    """A model to benchmark: ``path`` (checkpoint, ``.onnx``, ``.plan`` or ``.pte``) or an in-memory module."""
 
     path: str | None
     name: str
@@ -171,7 +171,10 @@ _NEEDS = {
     "checkpoint": "needs a checkpoint (torch backends do not run ONNX files or engines)",
     "onnx": "needs an ONNX model",
     "engine": "needs a TensorRT .plan (edgekd export --trt)",
+    "executorch": "needs an ExecuTorch .pte (edgekd export --target executorch)",
 }
+# kinds of model file whose graph may fix the batch: only that batch is timed
+_FIXED_BATCH_KINDS = ("onnx", "executorch")
 
 
 def _source(spec: ModelSpec, backend: str) -> torch.nn.Module | str | None:
@@ -194,7 +197,8 @@ def _device_of(backend: str, cfg: LatencyConfig) -> str:
 
 
 def _open(spec: ModelSpec, backend: str, cfg: LatencyConfig, cuda_graph: bool):
-    """The Runtime for ``spec`` on ``backend`` (one of ``LATENCY_BACKENDS``), or a skip reason (str)."""
+    """The Runtime for ``spec`` on ``backend`` (one of ``LATENCY_BACKENDS``), or a skip reason (str). ``cfg.threads``
+    sizes ONNX Runtime's intra-op threads and ExecuTorch's thread pool alike."""
     source = _source(spec, backend)
     if source is None:
         return _NEEDS[BACKENDS[backend].runs]
@@ -306,7 +310,7 @@ def spec_batches(spec: ModelSpec, cfg: LatencyConfig) -> tuple[int, ...]:
 
 def _run_backend(spec, backend, cfg, cuda_graph, log) -> list[dict[str, Any]]:
     rows = []
-    batches = spec_batches(spec, cfg) if backend.startswith("ort") else tuple(cfg.batches)
+    batches = spec_batches(spec, cfg) if BACKENDS[backend].runs in _FIXED_BATCH_KINDS else tuple(cfg.batches)
     try:
         runtime = _open(spec, backend, cfg, cuda_graph=False)
     except MissingDependency as exc:

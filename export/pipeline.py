@@ -1,11 +1,14 @@
-"""``edgekd export`` as a function: checkpoint -> gated ONNX (FP32 / FP16 / INT8) -> optional gated TensorRT engine.
+"""``edgekd export`` as a function: checkpoint -> gated ONNX (FP32 / FP16 / INT8) -> optional gated TensorRT engine,
+or (``--target executorch``) checkpoint -> gated ExecuTorch program (FP32 / INT8, XNNPACK).
 
 The ONNX graph comes out of the passes (``edgekd.export.passes``: export, then the precision's pass from
 ``PRECISION_TABLE``, then optionally the ONNX Runtime CPU rewrites), is checked for TensorRT readiness, and is written
 through ``edgekd.export.artifact.write_gated``: under a temporary name, gated from there, renamed into place only when
 the gates pass, then the sidecar ``<artifact>.json`` (metadata, gate results, readiness findings, calibration details
-and the environment). With ``--trt`` the engine route (``edgekd.export.engine``) then writes the engine the same way. A
-failure leaves nothing final behind and raises ``GateFailed`` after the report has been logged.
+and the environment). With ``--trt`` the engine route (``edgekd.export.engine``) then writes the engine the same way.
+The ExecuTorch program is lowered from the PyTorch model (``edgekd.export.builders.executorch``; INT8 calibrated on the
+same calibration set) and written the same way, gated as ExecuTorch's runtime runs it under the precision's thresholds.
+A failure leaves nothing final behind and raises ``GateFailed`` after the report has been logged.
 """
 
 from __future__ import annotations
@@ -22,13 +25,20 @@ import torch
 from edgekd.bundle import load_bundle
 from edgekd.calib import CalibrationResult, CalibrationSet, build_calibration_set, calibrate
 from edgekd.export.artifact import Artifact, Gates, gate_inputs, load_gate_pairs, log_skipped, write_gated
+from edgekd.export.builders.executorch import (
+    QUANTIZER,
+    XNNPACK_BACKEND,
+    build_executorch_program,
+    check_executorch_available,
+    executorch_versions,
+)
 from edgekd.export.builders.tensorrt import EngineProfile
 from edgekd.export.checks.gates import GateReport
 from edgekd.export.checks.insightface import insightface_problems
 from edgekd.export.checks.outputs import check_output_file
 from edgekd.export.checks.readiness import ReadinessReport, check_readiness
 from edgekd.export.engine import check_trt_available, export_engine
-from edgekd.export.options import ExportOptions, check_options
+from edgekd.export.options import TARGET_SUFFIXES, ExportOptions, check_options
 from edgekd.export.passes.int8 import QUANT_OP_TYPES
 from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx
 from edgekd.export.passes.ort_cpu import rewrite_for_ort_cpu
@@ -44,14 +54,16 @@ Log = Callable[[str], None]
 
 @dataclass
 class ExportResult:
-    """Paths written and the reports behind them."""
+    """Paths written and the reports behind them: the ONNX file (with its readiness report, and the engine with
+    ``--trt``), or the ExecuTorch program (``--target executorch``; then ``onnx`` and ``readiness`` are None)."""
 
-    onnx: Path
+    onnx: Path | None
     gate: GateReport
-    readiness: ReadinessReport
+    readiness: ReadinessReport | None
     engine: Path | None = None
     engine_gate: GateReport | None = None
     sidecars: list[Path] = field(default_factory=list)
+    program: Path | None = None
 
 
 class _Source(NamedTuple):
@@ -63,10 +75,15 @@ class _Source(NamedTuple):
     sha256: str
 
 
-def default_output(checkpoint: str | os.PathLike, precision: str, static_batch: int | None = None) -> Path:
+def default_output(
+    checkpoint: str | os.PathLike, precision: str, static_batch: int | None = None, target: str = "onnx"
+) -> Path:
     """``<checkpoint stem>.<precision>.onnx`` next to the checkpoint (``.b<N>`` before ``.onnx`` for a static batch,
-    so it does not replace the dynamic-batch file)."""
+    so it does not replace the dynamic-batch file); ``<stem>.<precision>.pte`` for ``--target executorch`` (every
+    program is batch 1)."""
     ckpt = Path(checkpoint)
+    if target == "executorch":
+        return ckpt.with_name(f"{ckpt.stem}.{precision}{TARGET_SUFFIXES[target]}")
     batch = f".b{static_batch}" if static_batch else ""
     return ckpt.with_name(f"{ckpt.stem}.{precision}{batch}.onnx")
 
@@ -79,11 +96,12 @@ def export_checkpoint(
     model_name: str | None = None,
     log: Log | None = None,
 ) -> ExportResult:
-    """Export ``checkpoint`` to a gated ONNX file (and optionally a gated TensorRT engine).
+    """Export ``checkpoint`` to a gated ONNX file (and optionally a gated TensorRT engine), or to a gated ExecuTorch
+    program (``options.target == "executorch"``).
 
     Args:
         checkpoint: an edgekd ``.safetensors`` bundle, or an arcface_torch ``.pt`` with ``model_name``.
-        out: the ONNX path (default: ``default_output``).
+        out: the ONNX (or ``.pte``) path (default: ``default_output``).
         options: see ``ExportOptions``.
         model_name: architecture of a plain state_dict checkpoint.
         log: receives report lines (the CLI passes ``click.echo``); None is silent.
@@ -93,20 +111,27 @@ def export_checkpoint(
 
     Raises:
         GateFailed: a gate failed; nothing final was written for that artifact.
-        MissingDependency: ``--trt`` without TensorRT / torch-tensorrt / a GPU (checked before any work).
+        MissingDependency: ``--trt`` without TensorRT / torch-tensorrt / a GPU, ``--target executorch`` without the
+            ``executorch`` extra (checked before any work).
         EdgekdError: bad options or inputs.
     """
-    options = _checked_options(options or ExportOptions())
+    options = options or ExportOptions()
+    check_options(options)
     precision = PRECISION_TABLE[options.precision]
     log = log or (lambda _msg: None)
     torch.manual_seed(options.seed)
-    out = Path(out) if out is not None else default_output(checkpoint, precision.name, options.static_batch)
-    check_output_file(out, ".onnx")
+    if out is None:
+        out = default_output(checkpoint, precision.name, options.static_batch, options.target)
+    out = check_output_file(out, TARGET_SUFFIXES[options.target])
+    options = _runnable_options(options)
 
     source = _load_source(checkpoint, model_name)
     # every data source is read before the export, so a bad one fails in seconds, not after the exporter
     gates = _gates(source, precision, options, log)
     calib_set = _calibration_set(source.cfg, options, log) if precision.needs_calibration else None
+    if options.target == "executorch":
+        written = _export_executorch(out, source, gates, calib_set, options, log)
+        return ExportResult(onnx=None, gate=written.gate, readiness=None, program=out, sidecars=[written.sidecar])
     _log_deployment_notes(source.cfg, precision, options, out, log)
 
     fp32 = _export_fp32(source, options, out, log)
@@ -124,15 +149,16 @@ def export_checkpoint(
     return result
 
 
-def _checked_options(options: ExportOptions) -> ExportOptions:
-    """``options`` checked, with a static batch applied to the gates and the engine profile; the TensorRT route is
-    checked to run here before any work."""
-    check_options(options)
-    if options.static_batch:  # a fixed-shape graph runs only its own batch (and, padded, smaller ones)
-        n = options.static_batch
+def _runnable_options(options: ExportOptions) -> ExportOptions:
+    """Checked ``options`` with a static batch (an ExecuTorch program's is 1) applied to the gates and the engine
+    profile; the TensorRT and ExecuTorch routes are checked to run here, before any work."""
+    n = 1 if options.target == "executorch" else options.static_batch
+    if n:  # a fixed-shape graph runs only its own batch (and, padded, smaller ones)
         options = replace(options, gate_batches=(n,), profile=EngineProfile(n, n, n))
     if options.trt:
         check_trt_available(options)
+    if options.target == "executorch":
+        check_executorch_available()
     return options
 
 
@@ -277,5 +303,53 @@ def _write_onnx(
             "static_batch": options.static_batch,
             "readiness": readiness.to_dict(),
             "calibration": calib_info,
+        },
+    )
+
+
+def _export_executorch(
+    out: Path, source: _Source, gates: Gates, calib_set: CalibrationSet | None, options: ExportOptions, log: Log
+) -> Artifact:
+    """The ExecuTorch route: the XNNPACK program lowered from the PyTorch model (INT8 calibrated on ``calib_set``),
+    written through the gated write and gated as ExecuTorch's own runtime runs it."""
+    cfg = source.cfg
+    log(f"exporting {cfg.name} {tuple(cfg.input_size)} -> {out} [executorch {options.precision}, XNNPACK, batch 1]")
+    metadata = model_metadata(cfg, precision=options.precision, source_sha256=source.sha256, static_batch=1)
+    calibration = None
+    if calib_set is not None:
+        log(f"calibration: {QUANTIZER}, on {len(calib_set)} images from {options.calib}")
+        calibration = {
+            "source": options.calib,
+            "images": len(calib_set),
+            "skipped": calib_set.skipped,
+            "data_fingerprint": calib_set.fingerprint,
+            "quantizer": QUANTIZER,
+        }
+    built = build_executorch_program(
+        source.backbone,
+        tuple(cfg.input_size),
+        options.precision,
+        metadata,
+        calib_images=calib_set.images if calib_set is not None else None,
+        artifact=out.name,
+        log=log,
+    )
+    return write_gated(
+        out,
+        lambda tmp: tmp.write_bytes(built.data),
+        lambda tmp: open_runtime(tmp, "executorch", precision=options.precision),
+        gates,
+        kind="executorch-program",
+        precision=options.precision,
+        sidecar={
+            "checkpoint": source.checkpoint,
+            "checkpoint_sha256": source.sha256,
+            "model": cfg.to_dict(),
+            "static_batch": 1,
+            "delegate": XNNPACK_BACKEND,
+            "delegation": built.census.to_dict(),
+            "build_seconds": built.seconds,
+            "versions": executorch_versions(),
+            "calibration": calibration,
         },
     )

@@ -1,8 +1,11 @@
-"""``edgekd benchmark-latency``: latency and throughput of torch, ONNX Runtime and TensorRT over a batch sweep.
+"""``edgekd benchmark-latency``: latency and throughput of torch, ONNX Runtime, TensorRT and ExecuTorch over a batch
+sweep, in one table.
 
-Each MODEL is a checkpoint (``.safetensors``, or an arcface_torch ``.pt`` with ``--model``), an ``.onnx`` file or a
-TensorRT ``.plan``; every requested backend that can run it is timed (a checkpoint is also exported to ONNX on the fly
-for the ONNX Runtime backends). Unavailable backends (no GPU, no TensorRT) are listed as skipped with the reason.
+Each MODEL is a checkpoint (``.safetensors``, or an arcface_torch ``.pt`` with ``--model``), an ``.onnx`` file, a
+TensorRT ``.plan`` or an ExecuTorch ``.pte``; every requested backend that can run it is timed (a checkpoint is also
+exported to ONNX on the fly for the ONNX Runtime backends). A graph or program that fixes its batch (every ``.pte``:
+batch 1) is timed at that batch only. Unavailable backends (no GPU, no TensorRT, no ExecuTorch) are listed as skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
 from edgekd.cli.export import CHECKPOINT_SUFFIXES, EXPORTED_SUFFIXES, OutputFile, PositiveInts, existing_file
+from edgekd.cli.options import non_negative
 from edgekd.errors import EdgekdError
 from edgekd.export.contract import EDGEKD_SOURCE, graph_precision, override_contract, read_contract
 from edgekd.export.latency import (
@@ -85,6 +89,23 @@ def _plan_spec(path: Path, sha: str) -> ModelSpec:
     )
 
 
+def _pte_spec(path: Path, sha: str, log) -> ModelSpec:
+    """A spec for an ExecuTorch program: its contract from the program (its shapes, and edgekd's metadata or, for a
+    foreign one, insightface's conventions); timed at the batch the program fixes."""
+    runtime = open_runtime(path, "executorch")
+    contract = runtime.contract
+    if contract.source != EDGEKD_SOURCE:
+        log(f"note: {path.name} has no edgekd metadata; timing it as {contract.describe()}")
+    return ModelSpec(
+        path=str(path),
+        name=path.name,
+        precision=runtime.precision,
+        sha256=sha,
+        input_size=contract.input_size,
+        fixed_batch=contract.batch,
+    )
+
+
 def _checkpoint_spec(path: Path, sha: str, arch: str | None) -> ModelSpec:
     backbone = load_bundle(path, model=arch).backbone.eval()
     return ModelSpec(
@@ -109,6 +130,8 @@ def _specs(models, arch, image_size, backends, tmpdir: str, log) -> list[ModelSp
             specs.append(_onnx_spec(path, sha, image_size, log))
         elif kind == "engine":
             specs.append(_plan_spec(path, sha))
+        elif kind == "executorch":
+            specs.append(_pte_spec(path, sha, log))
         else:
             specs.append(_checkpoint_spec(path, sha, arch))
     if any(b.startswith("ort") for b in backends):
@@ -168,7 +191,7 @@ def _log_ort_cpu_notes(specs, backends, log) -> None:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads for torch and ONNX Runtime (default: torch's)",
+    help="CPU threads for torch, ONNX Runtime and ExecuTorch (default: torch's)",
 )
 @click.option(
     "--warmup",
@@ -179,7 +202,7 @@ def _log_ort_cpu_notes(specs, backends, log) -> None:
     help="warm-up runs (at least)",
 )
 @click.option(
-    "--warmup-seconds", type=click.FloatRange(min=0.0), default=0.5, show_default=True, help="warm-up time (at least)"
+    "--warmup-seconds", type=non_negative(float), default=0.5, show_default=True, help="warm-up time (at least)"
 )
 @click.option(
     "--iters",
@@ -189,7 +212,7 @@ def _log_ort_cpu_notes(specs, backends, log) -> None:
     help="timed runs (at least); p90/p95/p99 are reported from 10/20/100 runs on",
 )
 @click.option(
-    "--min-seconds", type=click.FloatRange(min=0.0), default=2.0, show_default=True, help="timed duration (at least)"
+    "--min-seconds", type=non_negative(float), default=2.0, show_default=True, help="timed duration (at least)"
 )
 @click.option("--max-iters", type=click.IntRange(min=1), default=10_000, show_default=True, help="timed runs (at most)")
 @click.option(

@@ -1,4 +1,5 @@
-"""``edgekd eval``: verification (pairs, .bin, IJB-B/C) or classification accuracy of a checkpoint or ONNX model.
+"""``edgekd eval``: verification (pairs, .bin, IJB-B/C) or classification accuracy of a checkpoint, an ONNX model, an
+ExecuTorch program (``.pte``, run by ExecuTorch's runtime) or a TensorRT engine.
 
 An ONNX file without edgekd's metadata (an arcface_torch ``torch2onnx`` export, an insightface model-zoo file) is read
 the insightface way (``edgekd.export.contract``): input size from the graph, RGB, ``(x - 127.5) / 127.5``; ``--mean``,
@@ -47,7 +48,8 @@ class OpenedModel:
 
 
 def _open_exported(path: Path, device: str, image_size, mean, std, log) -> OpenedModel:
-    """An ONNX file or engine with its input contract (recorded, or insightface's), overridden by the options."""
+    """An ONNX file, ExecuTorch program or engine with its input contract (recorded, or insightface's), overridden by
+    the options."""
     runtime = open_runtime(path, device=device)
     contract = getattr(runtime, "contract", None)
     if contract is None:  # a TensorRT engine: its sidecar JSON is the only record
@@ -167,7 +169,8 @@ def _check_pairs_exist(ctx, param, values):
     "--out", type=OutputDir(), default="runs/eval", show_default=True, help="folder for eval.json, roc.png, IJB files"
 )
 def command(model_path, arch, pairs, ijb, data, split, batch_size, image_size, mean, std, device, out) -> None:
-    """Evaluate MODEL (a checkpoint, a plain arcface_torch state_dict with --model, or an ONNX file)."""
+    """Evaluate MODEL (a checkpoint, a plain arcface_torch state_dict with --model, an ONNX file, an ExecuTorch .pte
+    or a TensorRT engine)."""
     if not (pairs or ijb or data):
         pairs = ("synthetic",)
     path = Path(model_path)

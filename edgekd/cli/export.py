@@ -1,4 +1,5 @@
-"""``edgekd export``: a checkpoint to a gated ONNX model (FP32 / FP16 / INT8) and optionally a TensorRT engine.
+"""``edgekd export``: a checkpoint to a gated ONNX model (FP32 / FP16 / INT8) and optionally a TensorRT engine, or
+(``--target executorch``) to a gated ExecuTorch program for XNNPACK (FP32 / INT8).
 
 Given an ``.onnx`` file instead of a checkpoint, it only prints the TensorRT-readiness report (exit 2 when the model is
 not ready).
@@ -15,15 +16,17 @@ from pathlib import Path
 import click
 
 from edgekd.calib import CALIBRATION_METHODS
+from edgekd.cli.options import Number, positive
 from edgekd.errors import EdgekdError
 from edgekd.export.builders.tensorrt import EngineProfile
 from edgekd.export.checks.outputs import check_output_dir, check_output_file
 from edgekd.export.checks.readiness import check_readiness
-from edgekd.export.options import ENGINE_ROUTES, PRECISIONS, ExportOptions
+from edgekd.export.options import ENGINE_ROUTES, PRECISIONS, TARGETS, ExportOptions
 from edgekd.export.passes.int8 import ACTIVATION_TYPES, Int8Options
 from edgekd.export.passes.precisions import PRECISION_TABLE
 from edgekd.export.pipeline import export_checkpoint
 from edgekd.export.runtimes import FILE_KINDS, file_kind
+from edgekd.rules import Rule
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
@@ -117,7 +120,8 @@ _DEFAULT_PAIRS_HELP = ", ".join(
 _CALIBRATED = " and ".join(p.name for p in PRECISION_TABLE.values() if p.needs_calibration)
 
 CHECKPOINT_SUFFIXES = FILE_KINDS["checkpoint"]
-EXPORTED_SUFFIXES = (*FILE_KINDS["onnx"], *FILE_KINDS["engine"])  # what eval and benchmark-latency run
+# what eval and benchmark-latency run
+EXPORTED_SUFFIXES = (*FILE_KINDS["onnx"], *FILE_KINDS["engine"], *FILE_KINDS["executorch"])
 
 
 def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
@@ -148,10 +152,20 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
     callback=existing_file((*CHECKPOINT_SUFFIXES, *FILE_KINDS["onnx"]), "checkpoint"),
 )
 @click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    default="onnx",
+    show_default=True,
+    help="onnx: a dynamic-batch ONNX file for ONNX Runtime and TensorRT (servers, PCs, NVIDIA); executorch: a "
+    "batch-1 .pte program for ExecuTorch's XNNPACK backend (Android, iOS, embedded Linux; fp32, or int8 quantized "
+    "by PT2E with the XNNPACK quantizer on --calib; needs the executorch extra)",
+)
+@click.option(
     "--out",
-    type=OutputFile(".onnx"),
+    type=OutputFile(),
     default=None,
-    help="ONNX path to write (default: <checkpoint stem>.<precision>.onnx beside it)",
+    help="path to write, ending in the target's suffix (.onnx, .pte; default: <checkpoint stem>.<precision>.onnx or "
+    ".pte beside it)",
 )
 @click.option("--model", "model_name", default=None, help="architecture of a plain arcface_torch .pt (e.g. mbf)")
 @click.option(
@@ -193,7 +207,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 )
 @click.option(
     "--min-cosine",
-    type=click.FloatRange(-1.0, 1.0),
+    type=Number(Rule(float, low=-1.0, high=1.0)),
     default=None,
     help=f"override the per-row cosine threshold ({_THRESHOLD_HELP})",
 )
@@ -204,7 +218,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 )
 @click.option(
     "--max-drop",
-    type=click.FloatRange(0.0, 100.0),
+    type=Number(Rule(float, low=0.0, high=100.0)),
     default=0.5,
     show_default=True,
     help="largest allowed drop of accuracy and TAR@FAR, in points (percent)",
@@ -272,7 +286,7 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 )
 @click.option(
     "--workspace-gib",
-    type=click.FloatRange(min=0.0, min_open=True),
+    type=positive(float),
     default=1.0,
     show_default=True,
     help="TensorRT builder workspace",
@@ -291,8 +305,11 @@ def existing_file(suffixes: tuple[str, ...] | None = None, what: str = "file"):
 def command(
     ctx, checkpoint, out, model_name, gate_batches, trt_batch, keep_first, keep_last, int8_activations, **kw
 ) -> None:
-    """Export CHECKPOINT to ONNX behind parity gates; nothing final is written if a gate fails."""
+    """Export CHECKPOINT to ONNX (or an ExecuTorch .pte) behind parity gates; nothing final is written if a gate
+    fails."""
     if file_kind(checkpoint) == "onnx":
+        if kw["target"] != "onnx":
+            raise EdgekdError(f"--target {kw['target']} exports a checkpoint; {Path(checkpoint).name} is an ONNX file")
         _readiness_only(checkpoint)
         return
     static = kw["static_batch"]

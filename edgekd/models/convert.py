@@ -124,7 +124,7 @@ def load_arcface_torch_state_dict(
 
     Raises:
         CheckpointError: unreadable file, not a state_dict, or keys/shapes that do not fit ``model``.
-"""
+    """
     if isinstance(path_or_state_dict, Mapping):
         source, obj = "the given mapping", path_or_state_dict
     else:

@@ -1,12 +1,13 @@
-"""Runtimes: one ``Runtime`` interface over torch eager / torch.compile, ONNX Runtime (CPU, CUDA), TensorRT engines and
-torch-tensorrt programs, opened through ``open_runtime(source, backend=None)``.
+"""Runtimes: one ``Runtime`` interface over torch eager / torch.compile, ONNX Runtime (CPU, CUDA), TensorRT engines,
+torch-tensorrt programs and ExecuTorch programs, opened through ``open_runtime(source, backend=None)``.
 
 ``base`` holds the interface, one module per backend family the implementation (``pytorch``, ``ort``, ``tensorrt``,
-``torch_tensorrt``), and ``registry`` the backend names, file kinds and ``open_runtime``. ONNX Runtime, TensorRT and
-torch-tensorrt are imported only when a runtime of theirs is opened.
+``torch_tensorrt``, ``executorch``), and ``registry`` the backend names, file kinds and ``open_runtime``. ONNX Runtime,
+TensorRT, torch-tensorrt and ExecuTorch are imported only when a runtime of theirs is opened.
 """
 
 from edgekd.export.runtimes.base import Runtime as Runtime
+from edgekd.export.runtimes.executorch import ExecuTorchRuntime as ExecuTorchRuntime
 from edgekd.export.runtimes.ort import OrtRuntime as OrtRuntime
 from edgekd.export.runtimes.ort import ort_cuda_available as ort_cuda_available
 from edgekd.export.runtimes.pytorch import TorchRuntime as TorchRuntime

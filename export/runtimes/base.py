@@ -4,6 +4,10 @@ A ``Runtime`` is a callable: normalized float32 images ``(B, C, H, W)`` (a torch
 embeddings ``(B, D)`` on the CPU out, so ``edgekd.eval.embed`` and the gates use every backend the same way. For
 latency measurement it also offers ``prepare(x)``, which puts one input batch where the backend reads it (device
 memory on CUDA) and returns a zero-argument ``step`` that launches one inference without copies or synchronization.
+
+A runtime over a file that records its input contract (ONNX Runtime, ExecuTorch) keeps it as ``contract``
+(``edgekd.export.contract.InputContract``); ``check_image_shape`` and ``run_in_fixed_batches`` are how such a runtime
+meets a graph that fixes its image size or its batch.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import numpy as np
 import torch
 
 from edgekd.errors import EdgekdError
+from edgekd.export.contract import InputContract
 
-__all__ = ["Runtime", "as_tensor", "cuda_available"]
+__all__ = ["Runtime", "as_tensor", "cuda_available", "check_image_shape", "run_in_fixed_batches"]
 
 
 def cuda_available() -> bool:
@@ -34,6 +39,34 @@ def as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     if x.dim() != 4:
         raise EdgekdError(f"a runtime takes (B, C, H, W) images, got shape {tuple(x.shape)}")
     return x
+
+
+def check_image_shape(x: torch.Tensor, fixed: tuple[int, int, int] | None, name: str) -> None:
+    """A one-line error naming both shapes, instead of the runtime's own traceback, when the graph fixes another
+    ``(C, H, W)`` than ``x`` has (``fixed`` None: any size)."""
+    if fixed is not None and tuple(x.shape[1:]) != fixed:
+        got = "x".join(map(str, x.shape[1:]))
+        raise EdgekdError(
+            f"{name} takes {'x'.join(map(str, fixed))} (CxHxW) images, got {got}; "
+            f"make the data {fixed[1]}x{fixed[2]} (e.g. --image-size {fixed[1]})"
+        )
+
+
+def run_in_fixed_batches(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int | None
+) -> torch.Tensor:
+    """``run`` over ``x`` when the graph takes exactly ``batch`` rows (None: any number): in chunks of ``batch``, the
+    last one padded with zeros and its padding rows dropped from the output."""
+    if batch is None or len(x) == batch:
+        return run(x)
+    outs = []
+    for lo in range(0, len(x), batch):
+        chunk = x[lo : lo + batch]
+        rows = len(chunk)
+        if rows < batch:
+            chunk = torch.cat([chunk, chunk.new_zeros(batch - rows, *chunk.shape[1:])])
+        outs.append(run(chunk)[:rows])
+    return torch.cat(outs)
 
 
 class Runtime:
@@ -71,6 +104,11 @@ class Runtime:
     def describe(self) -> dict[str, Any]:
         """What the JSON reports record about this runtime."""
         return {"backend": self.backend, "device": self.device, "precision": self.precision}
+
+    def set_contract(self, contract: InputContract) -> None:
+        """Use ``contract`` (e.g. with the user's overrides applied) as this runtime's input contract."""
+        self.contract = contract
+        self.mean, self.std, self.input_size = contract.mean, contract.std, contract.input_size
 
     def _read_contract(self, meta: dict[str, Any]) -> None:
         """Set ``mean``/``std``/``input_size`` from metadata values (JSON strings or lists)."""

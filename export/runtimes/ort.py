@@ -20,10 +20,10 @@ import onnx
 import torch
 
 from edgekd.errors import EdgekdError, EdgekdWarning, MissingDependency
-from edgekd.export.contract import EDGEKD_SOURCE, InputContract, graph_precision, read_contract
+from edgekd.export.contract import EDGEKD_SOURCE, graph_precision, read_contract
 from edgekd.export.passes.onnx import load_onnx
 from edgekd.export.passes.ort_cpu import rewrite_for_ort_cpu
-from edgekd.export.runtimes.base import Runtime, as_tensor, cuda_available
+from edgekd.export.runtimes.base import Runtime, as_tensor, check_image_shape, cuda_available, run_in_fixed_batches
 from edgekd.utils.env import onnxruntime_conflict
 
 __all__ = ["OrtRuntime", "ort_cuda_available"]
@@ -149,24 +149,9 @@ class OrtRuntime(Runtime):
                 "torch2onnx does); running it one image at a time"
             )
 
-    def set_contract(self, contract: InputContract) -> None:
-        """Use ``contract`` (e.g. with the user's overrides applied) as this runtime's input contract."""
-        self.contract = contract
-        self.mean, self.std, self.input_size = contract.mean, contract.std, contract.input_size
-
     def _rewrite_for_cpu(self, proto, source: str | bytes) -> str | bytes:
         rewritten, self.rewrites = rewrite_for_ort_cpu(copy.deepcopy(proto))
         return rewritten.SerializeToString() if any(self.rewrites.values()) else source
-
-    def _check_shape(self, x: torch.Tensor) -> None:
-        """A one-line error naming both shapes, instead of ONNX Runtime's traceback, when the graph fixes another."""
-        fixed = self.contract.graph_size
-        if fixed is not None and tuple(x.shape[1:]) != fixed:
-            got = "x".join(map(str, x.shape[1:]))
-            raise EdgekdError(
-                f"{self.name} takes {'x'.join(map(str, fixed))} (CxHxW) images, got {got}; "
-                f"make the data {fixed[1]}x{fixed[2]} (e.g. --image-size {fixed[1]})"
-            )
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -179,22 +164,12 @@ class OrtRuntime(Runtime):
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_shape(x)
-        batch = self.contract.batch
-        if batch is None or len(x) == batch:
-            return self._run(x)
-        outs = []
-        for lo in range(0, len(x), batch):  # a fixed-batch graph takes exactly `batch` rows: chunk, pad the last
-            chunk = x[lo : lo + batch]
-            rows = len(chunk)
-            if rows < batch:
-                chunk = torch.cat([chunk, chunk.new_zeros(batch - rows, *chunk.shape[1:])])
-            outs.append(self._run(chunk)[:rows])
-        return torch.cat(outs)
+        check_image_shape(x, self.contract.graph_size, self.name)
+        return run_in_fixed_batches(self._run, x, self.contract.batch)
 
     def prepare(self, x: torch.Tensor) -> Callable[[], Any]:
         x = as_tensor(x)
-        self._check_shape(x)
+        check_image_shape(x, self.contract.graph_size, self.name)
         if self.contract.batch is not None and len(x) != self.contract.batch:
             raise EdgekdError(f"{self.name} has a fixed batch of {self.contract.batch}; it cannot time batch {len(x)}")
         if self._stream is None:

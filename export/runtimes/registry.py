@@ -3,8 +3,8 @@
 ``BACKENDS`` names every backend, the kind of file it runs and the device it runs on; ``FILE_KINDS`` maps each kind to
 the suffixes that mark it. Given no backend, ``open_runtime`` picks it from the source: a module or a checkpoint runs
 in PyTorch, an ``.onnx`` file in ONNX Runtime (on CUDA when ``device`` allows and a GPU is there), a ``.plan`` /
-``.engine`` in TensorRT and an ``.ep`` program in torch-tensorrt. The CLI's choices and ``benchmark-latency``'s backends
-come from here.
+``.engine`` in TensorRT, an ``.ep`` program in torch-tensorrt and a ``.pte`` program in ExecuTorch. The CLI's choices
+and ``benchmark-latency``'s backends come from here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from edgekd.bundle import load_bundle
 from edgekd.errors import EdgekdError
 from edgekd.export.runtimes.base import Runtime, cuda_available
+from edgekd.export.runtimes.executorch import ExecuTorchRuntime
 from edgekd.export.runtimes.ort import OrtRuntime, ort_cuda_available
 from edgekd.export.runtimes.pytorch import TorchRuntime
 from edgekd.export.runtimes.tensorrt import TensorRTRuntime
@@ -31,6 +32,7 @@ FILE_KINDS: dict[str, tuple[str, ...]] = {
     "onnx": (".onnx",),
     "engine": (".plan", ".engine"),  # a serialized TensorRT engine
     "program": (".ep",),  # a saved torch-tensorrt ExportedProgram
+    "executorch": (".pte",),  # an ExecuTorch program (edgekd export --target executorch)
 }
 
 
@@ -60,6 +62,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("ort-cuda", "onnx", "cuda"),
         Backend("tensorrt", "engine", "cuda"),
         Backend("torch-tensorrt", "program", "cuda", timed=False),
+        Backend("executorch", "executorch", "cpu"),
     )
 }
 
@@ -79,8 +82,8 @@ def _pick_backend(source: str | os.PathLike | torch.nn.Module, device: str) -> s
         return "ort-cuda" if cuda else "ort-cpu"
     if kind is None:
         raise EdgekdError(
-            f"cannot open {source}: expected an .onnx file, a TensorRT .plan/.engine, a torch-tensorrt .ep "
-            f"or a checkpoint ({'/'.join(FILE_KINDS['checkpoint'])})"
+            f"cannot open {source}: expected an .onnx file, a TensorRT .plan/.engine, a torch-tensorrt .ep, an "
+            f"ExecuTorch .pte or a checkpoint ({'/'.join(FILE_KINDS['checkpoint'])})"
         )
     return next(name for name, backend in BACKENDS.items() if backend.runs == kind)
 
@@ -100,12 +103,13 @@ def open_runtime(
 
     Args:
         source: an ``nn.Module`` or a checkpoint (torch backends; a compiled module for ``torch-tensorrt``), an
-            ``.onnx`` file (``ort-*``), a ``.plan``/``.engine`` (``tensorrt``) or a saved program (``torch-tensorrt``).
+            ``.onnx`` file (``ort-*``), a ``.plan``/``.engine`` (``tensorrt``), a saved program (``torch-tensorrt``)
+            or an ExecuTorch ``.pte`` (``executorch``).
         backend: a key of ``BACKENDS``; None picks it from the source (see the module docstring). A named backend
             takes the file whatever its suffix (the gates open artifacts under their temporary names).
         device: ``auto``, ``cpu`` or ``cuda[:N]``; where the torch backends run (``auto``: CUDA when torch sees one)
             and whether an ``.onnx`` file opens on ONNX Runtime's CUDA provider. Other backends have a fixed device.
-        threads: ONNX Runtime intra-op threads (torch uses ``torch.set_num_threads``).
+        threads: ONNX Runtime intra-op threads, ExecuTorch's thread pool (torch uses ``torch.set_num_threads``).
         precision: label for reports (default: what the artifact records).
         model_name: architecture of a plain arcface_torch ``.pt`` checkpoint.
         cuda_graph: replay the torch backends as CUDA graphs.
@@ -114,7 +118,7 @@ def open_runtime(
 
     Raises:
         EdgekdError: a missing file, an unknown backend or suffix, or a module given to a file-only backend.
-        MissingDependency: the backend needs a GPU, TensorRT or torch-tensorrt that is not there.
+        MissingDependency: the backend needs a GPU, TensorRT, torch-tensorrt or ExecuTorch that is not there.
     """
     is_module = isinstance(source, torch.nn.Module)
     if not is_module and not Path(source).is_file():
@@ -134,4 +138,6 @@ def open_runtime(
         return OrtRuntime(source, device=where, threads=threads, precision=precision, cpu_rewrites=cpu_rewrites)
     if runs == "engine":
         return TensorRTRuntime(source, precision=precision)
+    if runs == "executorch":
+        return ExecuTorchRuntime(source, threads=threads, precision=precision)
     return TorchTensorRTRuntime(source, precision=precision or "fp32")
