@@ -35,7 +35,6 @@ from edgekd.export.builders.executorch import (
 from edgekd.export.builders.tensorrt import EngineProfile
 from edgekd.export.checks.gates import GateReport
 from edgekd.export.checks.insightface import insightface_problems
-from edgekd.export.checks.outputs import check_output_file
 from edgekd.export.checks.readiness import ReadinessReport, check_readiness
 from edgekd.export.engine import check_trt_available, export_engine
 from edgekd.export.options import TARGET_SUFFIXES, ExportOptions, check_options
@@ -46,6 +45,7 @@ from edgekd.export.passes.precisions import PRECISION_TABLE, Precision
 from edgekd.export.runtimes import TorchRuntime, open_runtime
 from edgekd.models import ModelCfg
 from edgekd.utils.hashing import file_sha256
+from edgekd.utils.out_paths import check_output_file
 
 __all__ = ["ExportResult", "export_checkpoint", "default_output"]
 

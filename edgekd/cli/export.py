@@ -19,7 +19,6 @@ from edgekd.calib import CALIBRATION_METHODS
 from edgekd.cli.options import Number, positive
 from edgekd.errors import EdgekdError
 from edgekd.export.builders.tensorrt import EngineProfile
-from edgekd.export.checks.outputs import check_output_dir, check_output_file
 from edgekd.export.checks.readiness import check_readiness
 from edgekd.export.options import ENGINE_ROUTES, PRECISIONS, TARGETS, ExportOptions
 from edgekd.export.passes.int8 import ACTIVATION_TYPES, Int8Options
@@ -27,6 +26,7 @@ from edgekd.export.passes.precisions import PRECISION_TABLE
 from edgekd.export.pipeline import export_checkpoint
 from edgekd.export.runtimes import FILE_KINDS, file_kind
 from edgekd.rules import Rule
+from edgekd.utils.out_paths import check_output_dir, check_output_file
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:

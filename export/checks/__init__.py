@@ -1,2 +1,3 @@
 """Checks of an export: TensorRT readiness of the graph (``readiness``), the parity and task gates against PyTorch
-(``gates``), loading through insightface (``insightface``) and the writability of the outputs (``outputs``)."""
+(``gates``) and loading through insightface (``insightface``). Output paths are checked by every command alike
+(``edgekd.utils.out_paths``)."""

@@ -199,7 +199,7 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, run_cli, arg
 
 def test_writable_checks_leave_no_probe_files(tmp_path):
     """The writability probe removes its file, and a folder that does not exist yet is judged by its parent."""
-    from edgekd.export.checks.outputs import check_output_dir, check_output_file
+    from edgekd.utils.out_paths import check_output_dir, check_output_file  # the deploy commands' checks
 
     check_output_file(tmp_path / "new" / "deeper" / "m.onnx", ".onnx")
     check_output_dir(tmp_path / "eval")
