@@ -87,12 +87,30 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
 
 
 def graph_io(model: onnx.ModelProto) -> tuple[list[int | None], list[int | None]]:
-    """Shapes of the first real input (initializers listed as inputs are skipped) and the first output."""
+    """Shapes of the graph's one image input (initializers listed as inputs are skipped) and its one embedding output.
+
+    A recognition model maps one image batch to one ``(B, D)`` embedding; a graph with more inputs or outputs, or an
+    output of another rank, is refused in one line: scoring its first output as if it were the embedding would report
+    numbers about something else."""
     weights = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in weights]
-    if not inputs or not model.graph.output:
+    outputs = list(model.graph.output)
+    if not inputs or not outputs:
         raise EdgekdError("the model has no graph inputs or outputs (an empty or non-ONNX file?)")
-    return _dims(inputs[0]), _dims(model.graph.output[0])
+    for kind, values in (("inputs", inputs), ("outputs", outputs)):
+        if len(values) > 1:
+            names = ", ".join(v.name for v in values)
+            raise EdgekdError(
+                f"the model has {len(values)} {kind} ({names}); edgekd evaluates recognition models with one image "
+                "input and one (batch, D) embedding output: export the embedding branch alone"
+            )
+    output = _dims(outputs[0])
+    if output and len(output) != 2:  # a graph that records no output shape is read by its contract
+        raise EdgekdError(
+            f"the model's output {outputs[0].name} has {len(output)} dimensions {output}; a recognition model's "
+            "embedding is (batch, D)"
+        )
+    return _dims(inputs[0]), output
 
 
 def _json(meta: dict[str, Any], key: str) -> Any:

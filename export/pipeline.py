@@ -39,7 +39,7 @@ from edgekd.export.checks.readiness import ReadinessReport, check_readiness
 from edgekd.export.engine import check_trt_available, export_engine
 from edgekd.export.options import TARGET_SUFFIXES, ExportOptions, check_options
 from edgekd.export.passes.int8 import QUANT_OP_TYPES
-from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx
+from edgekd.export.passes.onnx import default_opset, export_onnx, model_metadata, save_onnx
 from edgekd.export.passes.ort_cpu import rewrite_for_ort_cpu
 from edgekd.export.passes.precisions import PRECISION_TABLE, Precision
 from edgekd.export.runtimes import TorchRuntime, open_runtime
@@ -299,7 +299,7 @@ def _write_onnx(
             "checkpoint": source.checkpoint,
             "checkpoint_sha256": source.sha256,
             "model": source.cfg.to_dict(),
-            "opset": options.opset,
+            "opset": default_opset(candidate),  # what the file imports, not what was asked for
             "static_batch": options.static_batch,
             "readiness": readiness.to_dict(),
             "calibration": calib_info,

@@ -266,6 +266,10 @@ def command(
         _log_batch_limits(specs, batches, click.echo)
         _log_ort_cpu_notes(specs, chosen, click.echo)
         rows = run_benchmark(specs, chosen, cfg, log=click.echo, only_applicable=not backends)
+    if not any(row["status"] == "ok" for row in rows):
+        # Every asked-for combination was skipped: an empty report would read as a benchmark that ran.
+        reasons = sorted({f"{row['backend']}: {row['status'].removeprefix('skipped: ')}" for row in rows})
+        raise EdgekdError(f"nothing could be timed here ({'; '.join(reasons) or 'no model and backend apply'})")
     click.echo(format_latency_table(rows))
     report = {
         "tool": "edgekd benchmark-latency", "edgekd_version": __version__,

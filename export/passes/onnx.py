@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "model_metadata",
     "set_metadata",
     "name_batch_axis",
+    "default_opset",
     "read_metadata",
     "check_onnx",
     "save_onnx",
@@ -135,7 +137,12 @@ def export_onnx(
     batch_axis = {0: "batch"} if static_batch is None else None
     quiet = io.StringIO()
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+        with (
+            torch.no_grad(),
+            contextlib.redirect_stdout(quiet),
+            warnings.catch_warnings(),
+            _quiet_loggers(_EXPORTER_LOGGERS),
+        ):
             # torch 2.11's run_decompositions deep-copies pytree LeafSpecs, and each copy prints a FutureWarning
             # ("`isinstance(treespec, LeafSpec)` is deprecated") on stderr; torch 2.14 no longer does.
             warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
@@ -169,12 +176,43 @@ def export_onnx(
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgekdError(f"ONNX export of {cfg.name!r} failed: {first[:300]}") from exc
+    written = default_opset(proto)
+    if written != opset:
+        # Below 18 the dynamo exporter down-converts; where that fails it keeps opset 18 and only logs it.
+        raise EdgekdError(
+            f"the ONNX exporter cannot write opset {opset} for {cfg.name!r} (its conversion left opset {written}); "
+            f"use --opset {written} or higher, which needs no conversion"
+        )
     proto, _ = fold_batchnorm(proto)
     name_batch_axis(proto)
     if metadata:
         set_metadata(proto, metadata)
     check_onnx(proto)
     return proto
+
+
+# The exporter's own loggers: a failed down-conversion logs a traceback there and goes on at opset 18, which
+# export_onnx then refuses in one line (default_opset); the log would only repeat it at length.
+_EXPORTER_LOGGERS = ("torch.onnx", "onnxscript")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names: tuple[str, ...]):
+    """Only errors from the loggers ``names`` while the block runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The version of the default (``ai.onnx``) operator set the model imports."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def name_batch_axis(model: onnx.ModelProto) -> None:
