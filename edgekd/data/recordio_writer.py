@@ -108,7 +108,7 @@ def _write_packed(listing, out_dir: Path, quality: int, skip_bad: bool) -> dict:
     """``pack_image_folder`` for an ``ImageFolder`` listing: images as they read well, then the header's counts."""
     k = len(listing.classes)
     labels, skipped = [], []
-    hint = "" if skip_bad else "replace or remove it, or pack with --skip-bad (skip_bad=True) to leave such images out"
+    hint = "" if skip_bad else "replace or remove it, or pack with --skip-bad to leave such images out"
     with RecordWriter(out_dir / "train.rec", out_dir / "train.idx") as writer:
         header_at = writer.write(0, pack_record([1, 1 + k]))  # same size as the real header, written once N is known
         for path, cls in listing.samples:

@@ -179,3 +179,22 @@ def test_the_undo_removes_only_what_the_block_created(tmp_path):
     with undo_if_nothing_made(folder, enabled=True):  # no failure: nothing removed
         (folder / "settings.json").write_text("{}")
     assert (folder / "settings.json").is_file()
+
+
+def test_data_pack_failing_on_an_image_leaves_its_folder_then_packs_there(tmp_path, run_cli):
+    from PIL import Image
+
+    for who in ("a", "b"):
+        (tmp_path / "images" / who).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (16, 16), (60 * k, 90, 9)).save(tmp_path / "images" / who / f"{k}.png")
+    (tmp_path / "images" / "b" / "bad.png").write_bytes(b"not an image")
+    folder = tmp_path / "packed"
+    before = _with_users_file(folder)
+    code, _, err = run_cli(["data", "pack", str(tmp_path / "images"), str(folder)])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--skip-bad" in lines[0] and "skip_bad=" not in lines[0], err
+    assert _snapshot(folder) == before
+    code, _, err = run_cli(["data", "pack", str(tmp_path / "images"), str(folder), "--skip-bad"])
+    assert code in (0, None), err
+    assert (folder / "train.rec").is_file() and (folder / "notes.txt").is_file()
