@@ -15,6 +15,7 @@ from typing import Any
 
 from edgekd.atomic import write_json
 from edgekd.errors import EdgekdError
+from edgekd.formats import read_versioned_json, stamp
 from edgekd.utils.cache import cache_root
 from edgekd.utils.hashing import content_digest, json_digest
 
@@ -60,14 +61,18 @@ class CalibrationCache:
         return self.root / f"{key}.json"
 
     def lookup(self, key: str) -> Path | None:
-        """The ranges file of ``key`` if it is cached and readable, else None (a corrupt entry is dropped)."""
-        path = self.path(key)
+        """The ranges file of ``key`` if it is cached and readable, else None. A corrupt entry, or one whose
+        ``.meta.json`` carries a format this edgekd does not read (newer, garbled, or none: an entry whose meta file
+        is gone), is dropped: it is a cache, so it is calibrated again."""
+        path, meta = self.path(key), self.root / f"{key}.meta.json"
         if not path.is_file():
             return None
         try:
             json.loads(path.read_text())
-        except (OSError, ValueError):
+            read_versioned_json("calibration_cache", meta)
+        except (OSError, ValueError, EdgekdError):
             path.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
             return None
         return path
 
@@ -81,7 +86,7 @@ class CalibrationCache:
             raise EdgekdError(f"cannot create the calibration cache folder {self.root}: {exc.strerror}") from None
         path = self.path(key)
         save_tensors_data(tensors_data, path)  # temporary file + os.replace inside ORT
-        write_json(self.root / f"{key}.meta.json", {"key": key, **info})
+        write_json(self.root / f"{key}.meta.json", stamp("calibration_cache", {"key": key, **info}))
         return path
 
     def info(self, key: str) -> dict[str, Any] | None:

@@ -79,6 +79,20 @@ FORMATS: dict[str, Format] = {
         "resume with the edgekd that wrote it",
         "start a new run with another --out",
     ),
+    "export_sidecar": Format(
+        "export sidecar",
+        1,
+        1,
+        "read the artifact with the edgekd that exported it",
+        "export the artifact again with edgekd export",
+    ),
+    "calibration_cache": Format(
+        "calibration cache",
+        1,
+        1,
+        "this edgekd calibrates again",
+        "this edgekd calibrates again",
+    ),
 }
 
 

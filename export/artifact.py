@@ -29,6 +29,7 @@ from edgekd.data.transforms import normalize
 from edgekd.errors import EdgekdError
 from edgekd.eval.embed import Forward
 from edgekd.export.checks.gates import GateReport, parity_gate, task_gate
+from edgekd.formats import stamp
 from edgekd.utils.env import environment
 
 __all__ = ["DEFAULT_GATE_PAIRS", "Gates", "Artifact", "gate_inputs", "load_gate_pairs", "log_skipped", "write_gated"]
@@ -199,14 +200,17 @@ def write_gated(
     meta = path.with_name(path.name + ".json")
     write_json(
         meta,
-        {
-            "artifact": path.name,
-            "kind": kind,
-            "precision": precision,
-            **sidecar,
-            "gate": report.to_dict(),
-            "environment": environment(),
-        },
+        stamp(
+            "export_sidecar",
+            {
+                "artifact": path.name,
+                "kind": kind,
+                "precision": precision,
+                **sidecar,
+                "gate": report.to_dict(),
+                "environment": environment(),
+            },
+        ),
     )
     gates.log(f"wrote {path} and {meta.name}")
     return Artifact(path=path, sidecar=meta, gate=report)

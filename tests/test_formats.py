@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -406,3 +407,39 @@ def test_a_multi_rank_checkpoint_is_read_only_in_a_format_this_edgekd_reads(edit
     with pytest.raises(EdgekdError) as refused:
         checkpoint_bundle(folder)
     assert fragment in str(refused.value) and str(folder / STATE_FILE) in str(refused.value)
+
+
+# ----------------------------------------------------------------------------------------- export and calibration
+
+
+@pytest.mark.parametrize("version", [2, "two", None])
+def test_a_plan_sidecar_of_another_format_is_refused_in_one_line(version, tmp_path, run_cli):
+    """benchmark-latency reads a TensorRT plan's input shape from its sidecar before any TensorRT call."""
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine bytes")
+    (tmp_path / "m.plan.json").write_text(json.dumps({"format_version": version, "input_shape": [3, 16, 16]}))
+    code, _, err = run_cli(
+        ["benchmark-latency", str(plan), "--backend", "tensorrt", "--json", str(tmp_path / "l.json")]
+    )
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "export sidecar format" in lines[0] and "m.plan.json" in lines[0], err
+    assert not (tmp_path / "l.json").exists()
+
+
+@pytest.mark.parametrize("version", [2, "two", "missing"])
+def test_a_calibration_cache_entry_of_another_format_is_calibrated_again(version, tmp_path):
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+
+    from edgekd.calib.cache import CalibrationCache
+
+    cache = CalibrationCache(tmp_path)
+    data = TensorsData(CalibrationMethod.MinMax, {"x": TensorData(lowest=np.float32(-1), highest=np.float32(1))})
+    path = cache.store("k", data, {"images": 4})
+    meta = tmp_path / "k.meta.json"
+    assert json.loads(meta.read_text())["format_version"] == FORMATS["calibration_cache"].current
+    assert cache.lookup("k") == path
+    if version == "missing":
+        meta.unlink()
+    else:
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": version}))
+    assert cache.lookup("k") is None and not path.exists() and not meta.exists()

@@ -10,7 +10,6 @@ with the reason.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from edgekd.export.latency import (
 from edgekd.export.passes.onnx import export_onnx, load_onnx, model_metadata, read_metadata, save_onnx
 from edgekd.export.passes.precisions import PRECISION_TABLE
 from edgekd.export.runtimes import file_kind, open_runtime
+from edgekd.formats import read_versioned_json
 from edgekd.utils.env import environment
 from edgekd.utils.hashing import file_sha256
 from edgekd.version import __version__
@@ -74,10 +74,7 @@ def _probed_batch(path: Path, contract, log):
 def _plan_spec(path: Path, sha: str) -> ModelSpec:
     """A spec for a TensorRT engine, whose input shape comes from the sidecar ``edgekd export --trt`` wrote."""
     side = path.with_name(path.name + ".json")
-    try:
-        info = json.loads(side.read_text()) if side.is_file() else {}
-    except ValueError:
-        raise EdgekdError(f"sidecar {side} is not valid JSON") from None
+    info = read_versioned_json("export_sidecar", side) if side.is_file() else {}
     if "input_shape" not in info:
         raise EdgekdError(f"{path.name} has no sidecar {side.name} with its input shape; build it with edgekd export")
     return ModelSpec(

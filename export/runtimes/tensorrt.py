@@ -7,7 +7,6 @@ it gives the precision and the model's mean, std and input size. ``tensorrt`` is
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from edgekd.errors import EdgekdError, MissingDependency
 from edgekd.export.optional_deps import TRT_INSTALL_HINT, import_tensorrt
 from edgekd.export.runtimes.base import Runtime, as_tensor, cuda_available
+from edgekd.formats import read_versioned_json
 
 __all__ = ["TensorRTRuntime"]
 
@@ -48,7 +48,7 @@ class TensorRTRuntime(Runtime):
         self._trt = trt
         sidecar = Path(f"{plan}.json") if not isinstance(plan, bytes) else None
         if sidecar is not None and sidecar.is_file():
-            info = json.loads(sidecar.read_text())
+            info = read_versioned_json("export_sidecar", sidecar)
             self.precision = precision or info.get("precision", self.precision)
             self._read_contract(info.get("model", {}))
 

@@ -114,6 +114,7 @@ def test_the_sidecar_names_the_opset_the_file_imports(opset, checkpoint, tmp_pat
     assert code in (0, None), err
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["opset"] == default_opset(onnx.load(out)) == opset
+    assert sidecar["format_version"] == 1  # the export sidecar's format (edgekd/formats.py)
 
 
 @pytest.mark.parametrize(
