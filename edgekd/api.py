@@ -8,13 +8,16 @@ are, and bad input raises ``edgekd.errors.EdgekdError`` with the one line the co
 - ``train_teacher(data=..., model=..., out=...)``: ``edgekd teacher``; returns the teacher file's path.
 - ``load_model(path)``: an ``Embedder``: a checkpoint ready to embed images.
 - ``evaluate(model, pairs)``: verification on a pair set (``synthetic:...`` or an insightface ``.bin``).
-- ``export(checkpoint, out, precision=...)``: ``edgekd export`` to ONNX; returns the artifact's path.
+- ``export(checkpoint, out, precision=...)``: ``edgekd export`` (ONNX, or ``target="executorch"``); returns the
+  written paths and gate reports.
 
 ``nproc`` > 1 is the command line's (``edgekd distill --nproc N``): it starts processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +36,10 @@ from edgekd.data.pairs import PairSet
 from edgekd.data.transforms import normalize
 from edgekd.errors import EdgekdError
 from edgekd.eval.report import verify_bundle
+from edgekd.export.options import ExportOptions
+from edgekd.export.pipeline import ExportResult, export_checkpoint
 
-__all__ = ["distill", "train_teacher", "load_model", "evaluate", "Embedder"]
+__all__ = ["distill", "train_teacher", "load_model", "evaluate", "export", "Embedder"]
 
 
 def _settings(command: str, settings: list, demo: dict, given: dict, out, resume: bool, config) -> tuple[dict, bool]:
@@ -115,3 +120,24 @@ def evaluate(model: Embedder | str | os.PathLike, pairs: str | PairSet, device: 
     pair_set = pairs if isinstance(pairs, PairSet) else create_pairs(str(pairs))
     result = verify_bundle(embedder.bundle, pair_set, device=str(embedder.device))
     return {k: v for k, v in result.items() if k != "roc"}
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    model: str | None = None,
+    log: Callable[[str], None] = print,
+    **options,
+) -> ExportResult:
+    """Export a checkpoint as ``edgekd export`` does: ONNX (``precision`` fp32/fp16/int8, ``calib=...``), or an
+    ExecuTorch program (``target="executorch"``), behind the same gates; returns the written paths and gate reports.
+    ``options`` are ``edgekd.export.ExportOptions`` fields (``precision``, ``calib``, ``pairs``, ``static_batch``...);
+    ``model`` names the architecture of a plain arcface_torch state_dict."""
+    fields = [f.name for f in dataclasses.fields(ExportOptions)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+        hints = "; ".join(f"{k}: did you mean {m[0]}?" if m else f"{k} is no export option" for k, m in close.items())
+        raise EdgekdError(f"edgekd.export(): {hints}")
+    return export_checkpoint(checkpoint, out, ExportOptions(**options), model_name=model, log=log)

@@ -10,6 +10,9 @@ write every route shares), and ``read_contract`` for the input an ONNX file expe
 conventions). TensorRT, torch-tensorrt and ExecuTorch are imported only when a function needs them.
 """
 
+import sys
+
+from edgekd import CommandPackage
 from edgekd.export.builders.executorch import build_executorch_program as build_executorch_program
 from edgekd.export.builders.tensorrt import EngineProfile as EngineProfile
 from edgekd.export.builders.tensorrt import build_engine as build_engine
@@ -30,3 +33,6 @@ from edgekd.export.passes.precisions import PRECISION_TABLE as PRECISION_TABLE
 from edgekd.export.pipeline import export_checkpoint as export_checkpoint
 from edgekd.export.runtimes import BACKENDS as BACKENDS
 from edgekd.export.runtimes import open_runtime as open_runtime
+
+# Called, this package is the Python API's export (``from edgekd import export; export(ckpt, precision="int8")``).
+sys.modules[__name__].__class__ = CommandPackage

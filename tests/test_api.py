@@ -101,3 +101,14 @@ def test_bad_arguments_raise_the_commands_one_line_error(kwargs, fragment, tmp_p
     with pytest.raises(EdgekdError, match=fragment.replace("?", r"\?")):
         edgekd.distill(data=DATA, out=tmp_path / "x", log=lambda _: None, **{**TINY, **kwargs})
     assert not (tmp_path / "x").exists()
+
+
+def test_export_writes_the_gated_onnx_as_the_command_does(runs, tmp_path):
+    from edgekd import export
+
+    _, _, report = runs
+    result = export(report["student"], tmp_path / "student.onnx", pairs=PAIRS, log=lambda _: None)
+    assert result.onnx == tmp_path / "student.onnx" and result.onnx.is_file()
+    assert json.loads((tmp_path / "student.onnx.json").read_text())["precision"] == "fp32"
+    with pytest.raises(EdgekdError, match=r"precison: did you mean precision\?"):
+        export(report["student"], tmp_path / "x.onnx", precison="int8", log=lambda _: None)

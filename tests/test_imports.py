@@ -85,7 +85,8 @@ class _Imports(ast.NodeVisitor):
                 package = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{package}.{base}" if base else package
             names = [f"{base}.{alias.name}" for alias in node.names]
-            self._uses_importlib |= base == "importlib"
+            # from importlib import import_module is a dynamic import; from importlib import metadata is not
+            self._uses_importlib |= base == "importlib" and any(alias.name == "import_module" for alias in node.names)
         for name in names:
             target = _resolve(name)
             if target is not None and target != self.module:
