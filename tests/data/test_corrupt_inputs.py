@@ -201,7 +201,7 @@ def test_plain_file_label_out_of_range_is_a_data_error(tmp_path, value):
     ds = RecordIODataset(tmp_path / "data.rec")
     with pytest.raises(DataError, match=r"record 1 at byte \d+: label .* is not in \[0, 2\^24\)"):
         ds.num_classes  # noqa: B018
-    _one_line_error(ds, 1, "data.rec", "record 1 ", "skip_bad=True")
+    _one_line_error(ds, 1, "data.rec", "record 1 ", "--skip-bad")  # the hint names the CLI option (issue 23, class 7)
     skipping = RecordIODataset(tmp_path / "data.rec", skip_bad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
