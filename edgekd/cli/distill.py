@@ -50,7 +50,8 @@ SETTINGS = TRAIN_SETTINGS + [
         "preset",
         click.STRING,
         "weight preset: th-kd paper|code|face|kdth, sh-kd face|code|official|kdeth",
-        shown_default="by head family, edgekd/distill/methods.py",
+        shown_default="face heads: th-kd paper, sh-kd face (study v1); classification: th-kd paper, sh-kd "
+        "official, the paper's (study v3 found no gain from kdth); why: edgekd/distill/methods.py",
     ),
     Setting(
         "teacher",

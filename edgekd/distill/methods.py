@@ -16,12 +16,12 @@ plus whether it needs a teacher. Presets:
 - ``th-kd``/``kdth`` and ``sh-kd``/``kdeth``: the weights study v2 chose on validation (Fashion-MNIST): KD at T 2
   plus th_kd 4 at the same temperature (the official code's ``kdth``), and for SH-KD plus l2e 1 (``kdeth``).
 
-Which preset each head family gets by default comes from ``edgekd study``, chosen on its validation splits, never
-its test splits:
+Which preset each head family gets by default:
 
-- classification: ``kdth`` for TH-KD and ``kdeth`` for SH-KD, from study v2 (docs/results/study/FINDINGS.md):
-  on validation (seed 0) th_kd 4 beat 0.25 and 1 (86.14 against 84.68 and 85.78 %, KD alone 85.38). On test over 5
-  paired seeds these rows are +0.24 and +0.38 points over KD, not significant (p 0.40, 0.22).
+- classification: the paper's settings, TH-KD ``paper`` and SH-KD ``official``. Study v2 had made ``kdth``/``kdeth``
+  the defaults; study v3 (docs/results/study/v3/FINDINGS.md, pre-registered) tested them on 30 fresh seeds and found
+  KD+TH no better than KD at the same total distillation weight (−0.09 points, 95 % CI [−0.28, +0.09]) and 0.25
+  points below KD (p 0.046, Holm 0.14), so, as its plan said, the defaults returned to the paper's.
 - face (synthetic identities, ArcFace s = 16), from study v1 (docs/results/study/v1): TH-KD ``paper`` — the KL forms
   beat the CE-only ``face`` form (val TAR@1e-3: paper 34.2, code with th_kd 1 34.3, face with th_ce 2 33.7, face
   with th_ce 1 27.1), and among the tied KL forms the published one needs no extra weight; SH-KD ``face`` with
@@ -89,7 +89,7 @@ METHODS: dict[str, MethodSpec] = {
                 "kdth": {"ce": 1.0, "kd": 1.0, "th_kd": 4.0, "T": 2.0, "T_th": 2.0},
             },
             default_face="paper",
-            default_classification="kdth",
+            default_classification="paper",
             combined_prediction=True,
         ),
         MethodSpec(
@@ -104,7 +104,7 @@ METHODS: dict[str, MethodSpec] = {
                 "kdeth": {"ce": 1.0, "kd": 1.0, "th_kd": 4.0, "l2e": 1.0, "T": 2.0, "T_th": 2.0},
             },
             default_face="face",
-            default_classification="kdeth",
+            default_classification="official",
             fresh_head_presets=frozenset({"official"}),
             staged=True,
         ),

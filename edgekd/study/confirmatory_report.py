@@ -84,6 +84,10 @@ def contrast_rows(arm: Arm, rows: dict[str, dict[int, dict]]) -> list[dict]:
     return found
 
 
+def _mark(passed: bool) -> str:
+    return "✓" if passed else "✗"
+
+
 def _gate_lines(arm: Arm, data: dict) -> list[str]:
     teacher = data["teacher"]
     if teacher is None:
@@ -97,13 +101,19 @@ def _gate_lines(arm: Arm, data: dict) -> list[str]:
         student_params = next(iter(data["rows"][control].values()))["backbone_params"]
         mean = 100 * mean_std(values)[0]
         gap = 100 * t_value - mean
+        gates = arm.profile.gates
+        ratio = teacher["backbone_params"] / student_params
         lines += [
             f"- {control} students (mean of {len(values)} seeds): {mean:.2f} %; teacher ahead by **{gap:+.2f}** "
-            f"points (required: ≥ {arm.profile.gates.min_gap_points:g})",
+            f"points (required: ≥ {gates.min_gap_points:g}) {_mark(gap >= gates.min_gap_points)}",
             f"- backbone parameters teacher / student: {teacher['backbone_params']:,} / {student_params:,} = "
-            f"{teacher['backbone_params'] / student_params:.1f}× "
-            f"(required: ≥ {arm.profile.gates.min_param_ratio:g}×)",
+            f"{ratio:.1f}× (required: ≥ {gates.min_param_ratio:g}×) {_mark(ratio >= gates.min_param_ratio)}",
         ]
+        if gap < gates.min_gap_points or ratio < gates.min_param_ratio:
+            lines.append(
+                "- **A gate failed**: as the plan says, this arm is reported but not read as a test of the teacher "
+                "head with a real capacity gap."
+            )
     return lines + [""]
 
 
