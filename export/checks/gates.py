@@ -98,6 +98,23 @@ class TaskResult:
     drop: dict[str, float]
     max_drop: float
     passed: bool
+    n_pairs: int = 0
+
+    def noise_points(self, key: str) -> float:
+        """One standard error of metric ``key`` at this pair count, in points: sqrt(p (1 - p) / n) for a rate p over
+        the n pairs it counts (all pairs for accuracy, the genuine half for a TAR). The drop compares both models on
+        the same pairs, so it is less noisy than this; a drop within it is not evidence of a worse model."""
+        n = self.n_pairs if key == "accuracy" else max(1, self.n_pairs // 2)
+        p = min(max(self.reference[key] / 100.0, 0.0), 1.0)
+        return 100.0 * (p * (1.0 - p) / max(n, 1)) ** 0.5
+
+
+# What to try when a gate fails, by precision: the options that change what the gate measures.
+_ADVICE = {
+    "int8": "try --calib-method (percentile, minmax, entropy), more --calib-images, or keep layers in float with "
+    "--keep-first N / --keep-last N",
+    "fp16": "keep this model in FP32 (--precision fp32), or --min-cosine if the drift is acceptable",
+}
 
 
 @dataclass
@@ -124,9 +141,10 @@ class GateReport:
 
     def format(self) -> str:
         """A short human-readable table of the parity rows and the task gate."""
+        parity = all(r.passed for r in self.rows)
         head = (
             f"gate for {self.artifact} [{self.precision}]: per-row cosine {self.statistic} >= {self.threshold}"
-            f" -> {'PASS' if self.passed else 'FAIL'}"
+            f" -> {'PASS' if parity else 'FAIL'}"  # this gate's own verdict; the task gate's is on its line
         )
         cols = (
             f"  {'source':<10} {'batch':>5} {'n':>5} {'min cos':>10} {'p1 cos':>10} {'mean cos':>10} "
@@ -149,9 +167,22 @@ class GateReport:
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
-        """Raise ``GateFailed`` with a one-line summary when any gate failed."""
-        if self.failures:
-            raise GateFailed(f"{self.artifact} failed its {self.precision} gate: {'; '.join(self.failures)}")
+        """Raise ``GateFailed`` with a one-line summary when any gate failed: which gate, by how much, how noisy the
+        task gate is at its pair count, and what to try."""
+        if not self.failures:
+            return
+        notes = []
+        if self.task is not None and not self.task.passed:
+            t = self.task
+            failed = [k for k, d in t.drop.items() if d > t.max_drop]
+            noise = ", ".join(f"{k} ±{t.noise_points(k):.2f}" for k in failed)
+            notes.append(f"task-gate noise at {t.n_pairs} pairs (one standard error): {noise}; --max-drop sets the "
+                         f"allowed drop (now {t.max_drop:g})")  # fmt: skip
+        advice = _ADVICE.get(self.precision)
+        if advice:
+            notes.append(advice)
+        tail = f" ({'; '.join(notes)})" if notes else ""
+        raise GateFailed(f"{self.artifact} failed its {self.precision} gate: {'; '.join(self.failures)}{tail}")
 
 
 def parity_gate(
@@ -254,6 +285,7 @@ def task_gate(
         drop=drop,
         max_drop=max_drop,
         passed=not bad,
+        n_pairs=len(pairs),
     )
     report.failures.extend(f"task gate: {b} (> {max_drop})" for b in bad)
     return report
