@@ -8,6 +8,7 @@ numpy array). ``embed_batches`` is the one batched embedding loop; ``embed_image
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from edgekd.eval.metrics import (
 )
 from edgekd.utils.progress import progress
 
-__all__ = ["Forward", "embed_batches", "embed_images", "evaluate_pairs"]
+__all__ = ["Forward", "embed_batches", "embed_images", "distinct_images", "evaluate_pairs"]
 
 Forward = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 
@@ -138,6 +139,29 @@ def embed_images(
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
+def distinct_images(images: torch.Tensor | Dataset) -> tuple[torch.Tensor | Dataset, np.ndarray]:
+    """The distinct images of a pair set and, for each of its ``2P`` slots, the index of its image among them.
+
+    Pair sets reuse images (LFW's pairs share faces; edgekd's synthetic gate pairs draw 3,000 pairs from 1,000 images),
+    so embedding each distinct image once is up to 6x less work for the same embeddings. Tensors are compared by
+    content (a hash of each image's bytes); a Dataset is left as it is (reading it all to compare would cost what is
+    saved).
+    """
+    if not isinstance(images, torch.Tensor):
+        return images, np.arange(len(images))
+    flat = images.reshape(len(images), -1).contiguous().numpy()
+    index: dict[bytes, int] = {}
+    source: list[int] = []  # for each distinct image, the first slot that holds it
+    slot = np.empty(len(images), dtype=np.int64)
+    for i, row in enumerate(flat):
+        key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+        if key not in index:
+            index[key] = len(source)
+            source.append(i)
+        slot[i] = index[key]
+    return images[torch.as_tensor(source)], slot
+
+
 def evaluate_pairs(
     forward: Forward,
     pairs: PairSet,
@@ -171,9 +195,10 @@ def evaluate_pairs(
         ``impostors`` (the count), ``accuracy_ci`` (95 %, from the fold spread), ``tar_ci`` (``{far: (low, high)}``,
         95 % bootstrap, only at the FARs ``resolvable_fars`` keeps; report TAR at these only) and ``fars_left_out``.
     """
+    unique, slot = distinct_images(pairs.images)
     emb = flip_sum_normalize(
-        embed_images(forward, pairs.images, batch_size, flip, mean, std, device, desc=f"embed {pairs.name}")
-    )
+        embed_images(forward, unique, batch_size, flip, mean, std, device, desc=f"embed {pairs.name}")
+    )[slot]
     a, b = emb[0::2], emb[1::2]
     result = verification_10fold(a, b, pairs.issame, nfolds=nfolds)
     scores = np.einsum("ij,ij->i", a, b)
