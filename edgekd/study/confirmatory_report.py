@@ -6,24 +6,26 @@ per-seed cell. It reads only the files the runner wrote, so a half-finished stud
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from edgekd.atomic import atomic_path
 from edgekd.study.cells import Cell
 from edgekd.study.confirmatory import Arm, build_arms
-from edgekd.study.report_sections import commands_section, environment_section, format_p, markdown_table
+from edgekd.study.report import read_json
+from edgekd.study.report_sections import (
+    commands_section,
+    environment_section,
+    format_p,
+    markdown_table,
+    mean_pm,
+)
 from edgekd.study.stats import detectable_effect, holm, mean_std, paired
 
 __all__ = ["collect_arm", "arm_metric", "write_confirmatory_report", "contrast_rows"]
 
 REPORT_NAME = "REPRODUCTION.md"
 _FAR = "0.01"  # the face arm's secondary metric, TAR at FAR 1e-2 (3,000 impostors resolve it)
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def collect_arm(out: Path, arm: Arm) -> dict:
@@ -33,11 +35,11 @@ def collect_arm(out: Path, arm: Arm) -> dict:
     for seed in arm.seeds:
         for row in arm.rows:
             folder = root / Cell.student(row, seed, arm.params).folder
-            result, test = _read(folder / "result.json"), _read(folder / "test.json")
+            result, test = read_json(folder / "result.json"), read_json(folder / "test.json")
             if result is None or test is None or test.get("key") != result.get("key"):
                 continue
             rows[row][seed] = {**result, "test": test["test"]}
-    return {"teacher": _read(root / "teacher" / "result.json"), "rows": rows}
+    return {"teacher": read_json(root / "teacher" / "result.json"), "rows": rows}
 
 
 def arm_metric(arm: Arm, cell: dict) -> float:
@@ -50,11 +52,6 @@ def _secondary(arm: Arm, cell: dict) -> float:
     if arm.metric == "top1":
         return cell["test"].get("top1_th", math.nan)
     return cell["verify"]["tar_at_far"].get(_FAR, math.nan)
-
-
-def _pm(values: list[float]) -> str:
-    mean, sd = mean_std(values)
-    return "—" if not values else f"{100 * mean:.2f} ± {'n/a' if math.isnan(sd) else f'{100 * sd:.2f}'}"
 
 
 def contrast_rows(arm: Arm, rows: dict[str, dict[int, dict]]) -> list[dict]:
@@ -130,8 +127,8 @@ def _arm_section(arm: Arm, data: dict) -> list[str]:
     lines += [f"Fixed hyper-parameters: {hp}; seeds {arm.seeds[0]}..{arm.seeds[-1]}.", "", "### Gates", ""]
     lines += _gate_lines(arm, data)
     body = [
-        [row, str(len(rows[row])), _pm([arm_metric(arm, c) for c in rows[row].values()]),
-         _pm([_secondary(arm, c) for c in rows[row].values()])]
+        [row, str(len(rows[row])), mean_pm([arm_metric(arm, c) for c in rows[row].values()]),
+         mean_pm([_secondary(arm, c) for c in rows[row].values()])]
         for row in arm.rows
     ]  # fmt: skip
     lines += ["### Rows", "", *markdown_table(["row", "seeds", f"{metric}, mean ± std", second], body), ""]
@@ -173,7 +170,7 @@ def _arm_section(arm: Arm, data: dict) -> list[str]:
 def write_confirmatory_report(out: str | Path) -> Path:
     """Write ``out/REPRODUCTION.md`` from the study folder; returns its path."""
     out = Path(out)
-    study = _read(out / "study.json") or {}
+    study = read_json(out / "study.json") or {}
     arms = build_arms(study.get("profile", "v3"))
     lines = [
         "# Reproduction: study v3, the confirmatory test of classifier sharing",

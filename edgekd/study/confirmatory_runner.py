@@ -12,7 +12,6 @@ the end) and one folder per arm laid out as study v2's (``teacher/``, ``seed<k>/
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -29,7 +28,7 @@ from edgekd.errors import EdgekdError
 from edgekd.study.cells import Cell, CellRunner
 from edgekd.study.confirmatory import Arm, build_arms
 from edgekd.study.confirmatory_report import write_confirmatory_report
-from edgekd.study.runner import STUDY_FILE, check_data
+from edgekd.study.runner import STUDY_FILE, cache_dir, check_data
 from edgekd.utils.env import source_commit
 
 __all__ = ["run_confirmatory", "arm_cells", "cell_count", "estimate_confirmatory_seconds"]
@@ -132,19 +131,6 @@ def _run_pool(tasks: list[tuple], workers: int, threads: int) -> None:
                 raise f.exception()
 
 
-@contextlib.contextmanager
-def _cache_dir(path: Path):
-    old = os.environ.get("EDGEKD_CACHE_DIR")
-    os.environ["EDGEKD_CACHE_DIR"] = str(path)  # spawned workers inherit it
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("EDGEKD_CACHE_DIR", None)
-        else:
-            os.environ["EDGEKD_CACHE_DIR"] = old
-
-
 def run_confirmatory(
     profile_name: str,
     out: str | os.PathLike,
@@ -179,7 +165,7 @@ def run_confirmatory(
     write_json(out / STUDY_FILE, record)
     started = time.perf_counter()
     try:
-        with _cache_dir(out / "cache"):
+        with cache_dir(out / "cache"):
             teachers = [(_train_teacher, profile_name, fmnist_root, a.name, str(out), device) for a in arms]
             _run_pool(teachers, min(workers, len(teachers)), threads)
             # The longest chains first, so that no long one starts last.

@@ -28,12 +28,13 @@ from edgekd.study.report_sections import (
     table_rows,
 )
 
-__all__ = ["collect", "write_report", "REPORT_NAME"]
+__all__ = ["collect", "read_json", "write_report", "REPORT_NAME"]
 
 REPORT_NAME = "REPRODUCTION.md"
 
 
-def _read(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, None when the file is not there (a cell not finished yet)."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -41,9 +42,9 @@ def collect(out: str | Path) -> dict:
     """What the study folder holds: plan, gates, selection, the teacher, the student-aware teachers and, per row,
     the tested cells in seed order (``{row: {seed: cell}}``, each cell its result.json plus ``test``)."""
     out = Path(out)
-    study = _read(out / "study.json") or {}
+    study = read_json(out / "study.json") or {}
     plan = study.get("plan", {})
-    selection = _read(out / "selection.json") or {}
+    selection = read_json(out / "selection.json") or {}
     hp = {entry["param"]: entry["chosen"] for entry in selection.values()}
     seeds = plan.get("seeds", 0)
     rows: dict[str, dict[int, dict]] = {row: {} for row in ROWS}
@@ -54,21 +55,21 @@ def collect(out: str | Path) -> dict:
                 folder = out / cell_folder(row, seed, hp)
             except KeyError:  # a hyper-parameter this row needs is not chosen yet
                 continue
-            result, test = _read(folder / "result.json"), _read(folder / "test.json")
+            result, test = read_json(folder / "result.json"), read_json(folder / "test.json")
             if result is None or test is None or test.get("key") != result.get("key"):
                 continue
             rows[row][seed] = {**result, "test": test["test"], "folder": str(folder.relative_to(out))}
-        sh = _read(out / cell_folder("sh-teacher", seed, {}) / "result.json")
+        sh = read_json(out / cell_folder("sh-teacher", seed, {}) / "result.json")
         if sh is not None:
             sh_teachers[seed] = sh
     return {
         "study": study,
         "plan": plan,
-        "gates": _read(out / "gates.json"),
+        "gates": read_json(out / "gates.json"),
         "selection": selection,
         "hp": hp,
-        "teacher": _read(out / "teacher" / "result.json"),
-        "long": _read(out / cell_folder("vanilla-long", 0, {}) / "result.json"),
+        "teacher": read_json(out / "teacher" / "result.json"),
+        "long": read_json(out / cell_folder("vanilla-long", 0, {}) / "result.json"),
         "sh_teachers": sh_teachers,
         "rows": rows,
     }

@@ -26,6 +26,7 @@ __all__ = [
     "convergence_section",
     "cells_section",
     "markdown_table",
+    "mean_pm",
     "format_p",
     "duration",
 ]
@@ -58,7 +59,8 @@ def table_rows(rows: dict[str, dict[int, dict]]) -> list[tuple[str, str, dict[in
 # --------------------------------------------------------------------------------------------- formatting
 
 
-def _pm(values: list[float], scale: float = 100.0) -> str:
+def mean_pm(values: list[float], scale: float = 100.0) -> str:
+    """``84.85 ± 0.45``: mean ± sample std of fractions, in points (``—`` for none, ``n/a`` for one value's std)."""
     if not values:
         return "—"
     mean, std = mean_std(values)
@@ -245,8 +247,8 @@ def results_section(data: dict) -> list[str]:
             [
                 _LABEL[key],
                 weights,
-                _pm(list(values.values())),
-                _pm(th) if th else "—",
+                mean_pm(list(values.values())),
+                mean_pm(th) if th else "—",
                 "—" if key == "kd" else _diff(values, base.get("kd", {})),
                 "—" if key == "kd+l2e" else _diff(values, base.get("kd+l2e", {})),
                 str(len(values)),
@@ -279,8 +281,8 @@ def results_section(data: dict) -> list[str]:
                 [
                     "student-aware teachers (SH-KD I1, one per seed)",
                     f"{ts[0]['params']:,}",
-                    _pm([t["val"]["top1"] for t in ts]),
-                    _pm([t["test"]["top1"] for t in ts]),
+                    mean_pm([t["val"]["top1"] for t in ts]),
+                    mean_pm([t["test"]["top1"] for t in ts]),
                     str(len(ts)),
                 ]
             )

@@ -46,14 +46,15 @@ from edgekd.study.grid import ROWS, SWEPT, Profile
 from edgekd.study.report import write_report
 from edgekd.utils.env import source_commit
 
-__all__ = ["StudyRunner", "run_study", "planned_cells", "STUDY_FILE"]
+__all__ = ["StudyRunner", "run_study", "planned_cells", "cache_dir", "check_data", "STUDY_FILE"]
 
 STUDY_FILE = "study.json"
 
 
 @contextlib.contextmanager
-def _cache_dir(path: Path) -> Iterator[None]:
-    """Point ``EDGEKD_CACHE_DIR`` (teacher-embedding caches) into the study folder while the study runs."""
+def cache_dir(path: Path) -> Iterator[None]:
+    """Point ``EDGEKD_CACHE_DIR`` (teacher-embedding caches) into the study folder while the study runs (worker
+    processes spawned meanwhile inherit it)."""
     old = os.environ.get("EDGEKD_CACHE_DIR")
     os.environ["EDGEKD_CACHE_DIR"] = str(path)
     try:
@@ -192,7 +193,7 @@ def run_study(
     save_record()
     runner = StudyRunner(profile, out, device, log, on_cell=save_record)
     try:
-        with _cache_dir(out / "cache"):
+        with cache_dir(out / "cache"):
             runner.run()
     except GateError as exc:
         invocation["gate_failed"] = str(exc)
