@@ -18,7 +18,6 @@ torch, ONNX Runtime (intra-op) and ExecuTorch (its thread pool) alike, one threa
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -30,7 +29,7 @@ import torch
 from bench.export_latency import (
     MIN_ROUNDS,
     ORT_FP32,
-    ROOT,
+    benchmark_parser,
     cosines,
     int8_variants,
     measure_rounds,
@@ -140,36 +139,13 @@ def markdown(rows: list[dict], cos: dict, sizes: dict[str, int], meta: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint (default: untrained mbf)")
-    parser.add_argument("--model", default="mbf", help="architecture for the untrained default")
-    parser.add_argument("--threads", default="1,2", help="thread counts to run, comma-separated")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=MIN_ROUNDS,
-        help=f"interleaved rounds (at least {MIN_ROUNDS} for --write-md); rows report their spread",
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0],
+        rounds_note=f"at least {MIN_ROUNDS} for --write-md",
+        gates="executorch fp32 and int8",
+        out_name="executorch_latency",
+        section=repr(SECTION[3:]),
     )
-    parser.add_argument("--iters", type=int, default=10, help="timed runs per row and round (at least)")
-    parser.add_argument("--min-seconds", type=float, default=0.3, help="timed seconds per row and round (at least)")
-    parser.add_argument("--calib-images", type=int, default=128)
-    parser.add_argument("--calib-method", default="percentile", help="the ONNX INT8 graphs' range estimator")
-    parser.add_argument("--cosine-images", type=int, default=256)
-    parser.add_argument(
-        "--student",
-        type=Path,
-        action="append",
-        default=[],
-        help="a trained student checkpoint (repeatable): also run the executorch fp32 and int8 export gates on it",
-    )
-    parser.add_argument(
-        "--student-data",
-        default="synthetic",
-        help="synthetic spec of the student's data (its difficulty sets the gate images and pairs)",
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "executorch_latency")
-    parser.add_argument("--write-md", action="store_true", help=f"rewrite the {SECTION[3:]!r} section")
-    parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.write_md and args.rounds < MIN_ROUNDS):
         parser.error(f"--rounds {args.rounds}: BENCHMARKS.md rows need at least {MIN_ROUNDS} interleaved rounds")

@@ -342,38 +342,49 @@ def write_markdown(path: Path, rows, cos, meta: dict) -> None:
         tmp.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def benchmark_parser(description: str, *, rounds_note: str, gates: str, out_name: str, section: str):
+    """The options the latency benchmarks share (this module's and ``bench.executorch_latency``'s): the model, thread
+    counts, interleaved rounds and their timing, calibration and cosine images, the trained students whose export
+    gates join the section, and where results and BENCHMARKS.md go."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--checkpoint", type=Path, default=None, help="a trained checkpoint (default: untrained mbf)")
     parser.add_argument("--model", default="mbf", help="architecture for the untrained default")
     parser.add_argument("--threads", default="1,2", help="thread counts to run, comma-separated")
-    parser.add_argument("--batches", default="1,8")
     parser.add_argument(
-        "--rounds",
-        type=int,
-        default=MIN_ROUNDS,
-        help=f"interleaved rounds (at least {MIN_ROUNDS}); rows report their spread",
+        "--rounds", type=int, default=MIN_ROUNDS, help=f"interleaved rounds ({rounds_note}); rows report their spread"
     )
     parser.add_argument("--iters", type=int, default=10, help="timed runs per row and round (at least)")
     parser.add_argument("--min-seconds", type=float, default=0.3, help="timed seconds per row and round (at least)")
     parser.add_argument("--calib-images", type=int, default=128)
-    parser.add_argument("--calib-method", default="percentile")
+    parser.add_argument("--calib-method", default="percentile", help="the ONNX INT8 graphs' range estimator")
     parser.add_argument("--cosine-images", type=int, default=256)
     parser.add_argument(
         "--student",
         type=Path,
         action="append",
         default=[],
-        help="a trained student checkpoint (repeatable): also run the fp16 and int8 export gates on it",
+        help=f"a trained student checkpoint (repeatable): also run the {gates} export gates on it",
     )
     parser.add_argument(
         "--student-data",
         default="synthetic",
         help="synthetic spec of the student's data (its difficulty sets the gate images and pairs)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "export_latency")
-    parser.add_argument("--write-md", action="store_true", help="rewrite the Export and latency section")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / out_name)
+    parser.add_argument("--write-md", action="store_true", help=f"rewrite the {section} section")
     parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0],
+        rounds_note=f"at least {MIN_ROUNDS}",
+        gates="fp16 and int8",
+        out_name="export_latency",
+        section="Export and latency",
+    )
+    parser.add_argument("--batches", default="1,8")
     args = parser.parse_args(argv)
     if args.rounds < MIN_ROUNDS:
         parser.error(f"--rounds {args.rounds}: a row's spread needs at least {MIN_ROUNDS} interleaved rounds")
