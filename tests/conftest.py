@@ -65,3 +65,20 @@ def tiny_faces():
     from edgekd.data.synthetic import SyntheticIdentities
 
     return SyntheticIdentities(identities=8, images_per_identity=8, image_size=32, seed=0)
+
+
+@pytest.fixture
+def one_line():
+    """``one_line(code, err, *fragments)``: a user error as the command line prints it — exit code 2, exactly one
+    line on stderr starting ``edgekd: error:``, no traceback, each of ``fragments`` in it; returns the line."""
+
+    def check(code, err: str, *fragments: str) -> str:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2, err
+        assert len(lines) == 1 and lines[0].startswith("edgekd: error:"), err
+        assert "Traceback" not in err
+        for fragment in fragments:
+            assert fragment in lines[0], lines[0]
+        return lines[0]
+
+    return check

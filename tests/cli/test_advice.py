@@ -59,21 +59,15 @@ def _quoted_command(text: str) -> list[str]:
     return shlex.split(found.group(1))[1:]
 
 
-def _one_line(code, err) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("edgekd: warning")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("kind", ["image folder", "RecordIO"])
-def test_an_unreadable_training_image_names_an_option_that_exists_and_works(kind, tmp_path, run_cli):
+def test_an_unreadable_training_image_names_an_option_that_exists_and_works(kind, tmp_path, run_cli, one_line):
     data = (
         _faces(tmp_path / "faces", broken=1)
         if kind == "image folder"
         else _recordio_with_a_damaged_record(tmp_path / "rec")
     )
     args = ["teacher", "--data", str(data), *BASE]
-    line = _one_line(*run_cli([*args, "--out", str(tmp_path / "a")])[::2])
+    line = one_line(*run_cli([*args, "--out", str(tmp_path / "a")])[::2])
     assert "--skip-bad" in line and "skip_bad=" not in line
     code, _, err = run_cli([*args, "--skip-bad", "--out", str(tmp_path / "b")])
     assert code in (0, None), err
@@ -95,28 +89,28 @@ def test_the_resume_command_printed_after_a_stop_runs_as_printed(folder, tmp_pat
     assert (tmp_path / folder / "teacher.safetensors").is_file()
 
 
-def test_the_command_named_for_a_folder_holding_a_run_resumes_it(tmp_path, run_cli):
+def test_the_command_named_for_a_folder_holding_a_run_resumes_it(tmp_path, run_cli, one_line):
     _faces(tmp_path / "faces")
     out = tmp_path / "a run with spaces"
     args = ["teacher", "--data", str(tmp_path / "faces"), "--model", "r_tiny", "--batch-size", "4", "--steps", "2",
             "--device", "cpu", "--no-compile"]  # fmt: skip
     assert run_cli([*args, "--stop-after", "1", "--out", str(out)])[0] in (0, None)
-    line = _one_line(*run_cli([*args, "--out", str(out)])[::2])  # the same command again, without --resume
+    line = one_line(*run_cli([*args, "--out", str(out)])[::2])  # the same command again, without --resume
     code, _, err = run_cli(_quoted_command(line))
     assert code in (0, None), err
     assert (out / "teacher.safetensors").is_file()
 
 
-def test_the_batch_size_named_for_small_data_is_one_that_trains(tmp_path, run_cli):
+def test_the_batch_size_named_for_small_data_is_one_that_trains(tmp_path, run_cli, one_line):
     _faces(tmp_path / "faces", per=2)
     args = ["teacher", "--data", str(tmp_path / "faces"), "--model", "r_tiny", "--steps", "1", "--no-compile"]
-    line = _one_line(*run_cli([*args, "--batch-size", "64", "--out", str(tmp_path / "a")])[::2])
+    line = one_line(*run_cli([*args, "--batch-size", "64", "--out", str(tmp_path / "a")])[::2])
     size = re.search(r"use --batch-size (\d+) or less", line).group(1)
     code, _, err = run_cli([*args, "--batch-size", size, "--out", str(tmp_path / "b")])
     assert code in (0, None), err
 
 
-def test_a_plain_teacher_state_dict_is_read_with_teacher_model_not_the_students_model(tmp_path, run_cli):
+def test_a_plain_teacher_state_dict_is_read_with_teacher_model_not_the_students_model(tmp_path, run_cli, one_line):
     """``distill --teacher backbone.pt`` reads its architecture from --teacher-model, the option the help names for
     it (the student's --model is another network), and a file that does not fit names --teacher-model too."""
     from edgekd.models import create_model
@@ -128,7 +122,7 @@ def test_a_plain_teacher_state_dict_is_read_with_teacher_model_not_the_students_
     args = ["distill", "--data", str(tmp_path / "faces"), "--method", "l2e", "--teacher-model", "r_tiny",
             "--model", "cnn_tiny", "--batch-size", "4", "--steps", "1", "--device", "cpu", "--no-compile",
             "--no-eval"]  # fmt: skip
-    line = _one_line(*run_cli([*args, "--teacher", str(tmp_path / "narrow.pt"), "--out", str(tmp_path / "a")])[::2])
+    line = one_line(*run_cli([*args, "--teacher", str(tmp_path / "narrow.pt"), "--out", str(tmp_path / "a")])[::2])
     assert "pick the --teacher-model it was trained with" in line, line
     code, _, err = run_cli([*args, "--teacher", str(tmp_path / "backbone.pt"), "--out", str(tmp_path / "run")])
     assert code in (0, None), err

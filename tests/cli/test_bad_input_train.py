@@ -47,35 +47,27 @@ DISTILL_CASES = [
 ]
 
 
-def assert_one_line_error(code, err, fragment):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("edgekd: error:"), err
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in err
-
-
 @pytest.mark.parametrize("command", ["teacher", "distill"])
 @pytest.mark.parametrize("extra, fragment", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_training_option_is_one_line_and_writes_nothing(command, extra, fragment, tmp_path, run_cli):
+def test_bad_training_option_is_one_line_and_writes_nothing(command, extra, fragment, tmp_path, run_cli, one_line):
     out = tmp_path / "run"
     code, _, err = run_cli([command, *T, *extra, "--out", str(out)])
-    assert_one_line_error(code, err, fragment)
+    one_line(code, err, fragment)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("extra, fragment", DISTILL_CASES, ids=[" ".join(a) for a, _ in DISTILL_CASES])
-def test_bad_distill_option_is_one_line_and_writes_nothing(extra, fragment, tmp_path, run_cli):
+def test_bad_distill_option_is_one_line_and_writes_nothing(extra, fragment, tmp_path, run_cli, one_line):
     out = tmp_path / "run"
     code, _, err = run_cli(["distill", *T, *extra, "--out", str(out)])
-    assert_one_line_error(code, err, fragment)
+    one_line(code, err, fragment)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("command", ["teacher", "distill"])
-def test_out_that_is_a_file_is_one_line(command, tmp_path, run_cli):
+def test_out_that_is_a_file_is_one_line(command, tmp_path, run_cli, one_line):
     out = tmp_path / "taken"
     out.write_text("not a folder")
     code, _, err = run_cli([command, *T, "--out", str(out)])
-    assert_one_line_error(code, err, str(out))
+    one_line(code, err, str(out))
     assert out.read_text() == "not a folder"

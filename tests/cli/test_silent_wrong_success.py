@@ -55,21 +55,15 @@ GRAPHS = {
 }
 
 
-def _one_line(code, err) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("edgekd: warning")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("name", GRAPHS)
 @pytest.mark.parametrize("command", ["eval", "benchmark-latency"])
-def test_a_graph_that_is_not_one_image_to_one_embedding_is_refused(name, command, tmp_path, run_cli):
+def test_a_graph_that_is_not_one_image_to_one_embedding_is_refused(name, command, tmp_path, run_cli, one_line):
     kwargs, fragment = GRAPHS[name]
     path = tmp_path / "model.onnx"
     onnx.save(_graph(**kwargs), path)
     argv = ["eval", str(path), "--pairs", PAIRS, "--out", str(tmp_path / "eval")] if command == "eval" else [
         "benchmark-latency", str(path), "--backend", "ort-cpu", "--json", str(tmp_path / "lat.json")]  # fmt: skip
-    line = _one_line(*run_cli(argv)[::2])
+    line = one_line(*run_cli(argv)[::2])
     assert fragment in line, line
     assert not (tmp_path / "eval").exists() and not (tmp_path / "lat.json").exists()
 
@@ -98,9 +92,9 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("opset", [9, 11, 13])
-def test_an_opset_the_exporter_cannot_write_is_refused(opset, checkpoint, tmp_path, run_cli):
+def test_an_opset_the_exporter_cannot_write_is_refused(opset, checkpoint, tmp_path, run_cli, one_line):
     out = tmp_path / f"m{opset}.onnx"
-    line = _one_line(*run_cli(["export", str(checkpoint), "--opset", str(opset), "--out", str(out)])[::2])
+    line = one_line(*run_cli(["export", str(checkpoint), "--opset", str(opset), "--out", str(out)])[::2])
     assert f"cannot write opset {opset}" in line and "--opset 18" in line, line
     assert list(tmp_path.iterdir()) == []
 
@@ -125,7 +119,9 @@ def test_the_sidecar_names_the_opset_the_file_imports(opset, checkpoint, tmp_pat
         (["tensorrt", "ort-cuda"], "ort-cuda: no CUDA device"),
     ],
 )
-def test_benchmark_latency_with_nothing_it_can_time_is_refused(backends, fragment, checkpoint, tmp_path, run_cli):
+def test_benchmark_latency_with_nothing_it_can_time_is_refused(
+    backends, fragment, checkpoint, tmp_path, run_cli, one_line
+):
     import torch
 
     if torch.cuda.is_available():
@@ -133,6 +129,6 @@ def test_benchmark_latency_with_nothing_it_can_time_is_refused(backends, fragmen
     argv = ["benchmark-latency", str(checkpoint), "--json", str(tmp_path / "lat.json")]
     for b in backends:
         argv += ["--backend", b]
-    line = _one_line(*run_cli(argv)[::2])
+    line = one_line(*run_cli(argv)[::2])
     assert line.startswith("edgekd: error: nothing could be timed here") and fragment in line, line
     assert not (tmp_path / "lat.json").exists()

@@ -134,65 +134,55 @@ BAD_CONFIG_OBJECTS = [
 ]
 
 
-def assert_one_line_error(code, err, fragment):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("edgekd: error:"), err
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in err
-
-
 def ids(cases):
     return [" ".join(case[0]) if isinstance(case[0], list) else f"{case[0]}:{case[1].strip()}" for case in cases]
 
 
 @pytest.mark.parametrize("name, text, fragment", BAD_CONFIGS, ids=ids(BAD_CONFIGS))
-def test_bad_config_value_is_one_line_naming_key_and_value(name, text, fragment, tmp_path, run_cli):
+def test_bad_config_value_is_one_line_naming_key_and_value(name, text, fragment, tmp_path, run_cli, one_line):
     config, out = tmp_path / name, tmp_path / "run"
     config.write_text(text)
     code, _, err = run_cli(["teacher", *T, "--config", str(config), "--out", str(out)])
-    assert_one_line_error(code, err, fragment)
+    one_line(code, err, fragment)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("name, text, fragment", BAD_DISTILL_CONFIGS, ids=ids(BAD_DISTILL_CONFIGS))
-def test_bad_distill_config_value_is_one_line(name, text, fragment, tmp_path, run_cli):
+def test_bad_distill_config_value_is_one_line(name, text, fragment, tmp_path, run_cli, one_line):
     config, out = tmp_path / name, tmp_path / "run"
     config.write_text(text)
     code, _, err = run_cli(["distill", *T, "--config", str(config), "--out", str(out)])
-    assert_one_line_error(code, err, fragment)
+    one_line(code, err, fragment)
     assert not out.exists()
 
 
-def test_config_message_says_what_to_give(tmp_path, run_cli):
+def test_config_message_says_what_to_give(tmp_path, run_cli, one_line):
     config = tmp_path / "run.yaml"
     config.write_text("lr: [0.1, 0.2]\n")
     code, _, err = run_cli(["teacher", *T, "--config", str(config), "--out", str(tmp_path / "run")])
-    assert_one_line_error(
-        code, err, f"--config {config}: lr is a list ([0.1, 0.2]); give a finite number > 0, e.g. lr: 0.1"
-    )
+    one_line(code, err, f"--config {config}: lr is a list ([0.1, 0.2]); give a finite number > 0, e.g. lr: 0.1")
 
 
 @pytest.mark.parametrize("extra, fragment", BAD_ARGS, ids=ids(BAD_ARGS))
-def test_bad_option_value_is_one_line(extra, fragment, tmp_path, run_cli):
+def test_bad_option_value_is_one_line(extra, fragment, tmp_path, run_cli, one_line):
     out = tmp_path / "run"
     code, _, err = run_cli(["teacher", *T, *extra, "--out", str(out)])
-    assert_one_line_error(code, err, fragment)
+    one_line(code, err, fragment)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("extra, fragment", BAD_DISTILL_ARGS, ids=ids(BAD_DISTILL_ARGS))
-def test_bad_distill_option_value_is_one_line(extra, fragment, tmp_path, run_cli):
+def test_bad_distill_option_value_is_one_line(extra, fragment, tmp_path, run_cli, one_line):
     out = tmp_path / "run"
     code, _, err = run_cli(["distill", *T, *extra, "--out", str(out)])
-    assert_one_line_error(code, err, fragment)
+    one_line(code, err, fragment)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("argv, fragment", BAD_DEPLOY_ARGS, ids=ids(BAD_DEPLOY_ARGS))
-def test_nan_and_inf_fail_the_deploy_commands_float_ranges(argv, fragment, run_cli):
+def test_nan_and_inf_fail_the_deploy_commands_float_ranges(argv, fragment, run_cli, one_line):
     code, _, err = run_cli(argv)
-    assert_one_line_error(code, err, fragment)
+    one_line(code, err, fragment)
 
 
 @pytest.mark.parametrize("kwargs, fragment", BAD_CONFIG_OBJECTS, ids=[str(k) for k, _ in BAD_CONFIG_OBJECTS])
