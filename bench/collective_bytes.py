@@ -124,7 +124,7 @@ def one_step(args, classes: int, weights: LossWeights) -> list:
     labels = torch.randint(0, classes, (args.batch,), generator=g)
     with count_collectives(record):
         step = trainer.step_fn(weights, "chunked")
-        total, terms = step(x, labels, z_t)
+        total, terms = step(x, labels, z_t, 0)
         trainer.reduce(terms, total, weights)
         total.backward()
         trainer.clip(5.0)

@@ -238,6 +238,12 @@ TRAIN_SETTINGS = [
     Setting("warmup_steps", field_number("warmup_steps"), "linear warm-up steps before the polynomial decay"),
     Setting("lr_power", field_number("lr_power"), "power of the polynomial decay to 0 (1: linear, as arcface_torch)"),
     Setting("clip_grad", field_number("clip_grad"), "gradient-norm clip (0: off)"),
+    Setting(
+        "sample_rate",
+        field_number("sample_rate"),
+        "Partial FC: the share of the head's classes each step computes, every class of the batch plus random others "
+        "(arcface_torch's sample_rate; under torchrun per class shard); 1 is the exact loss",
+    ),
     Setting("flip", click.BOOL, "random horizontal flips", flag="--flip/--no-flip"),
     Setting(
         "skip_bad",

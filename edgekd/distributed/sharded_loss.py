@@ -41,6 +41,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from edgekd.distributed.shards import class_shard_of
 from edgekd.errors import EdgekdError
+from edgekd.heads.class_sampling import relabel
 from edgekd.heads.margin import HeadSpec
 from edgekd.kernels.shared_head_autograd import empty_grad, outside_autocast, term_mask
 from edgekd.kernels.shared_head_math import (
@@ -71,13 +72,14 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 # z_st is optional: None means the th head reads z_s itself (the shared embedding), gathered and scattered once.
 _ARGS = (
     "Tensor z_s, Tensor labels, Tensor? W_s, Tensor? b_s, Tensor? z_st, Tensor? W_t, Tensor? b_t, Tensor? z_t, "
-    "int kind, float s, float m, float T, int terms, int block_c, int class_start, str group, str sweep"
+    "Tensor? classes, int kind, float s, float m, float T, int terms, int block_c, int class_start, str group, "
+    "str sweep"
 )
 _FORWARD_SCHEMA = f"({_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)"
 _BACKWARD_SCHEMA = (
     "(Tensor grad, Tensor stats, Tensor rows, Tensor labels, Tensor? W_s, Tensor? b_s, Tensor? W_t, Tensor? b_t, "
-    "int kind, float s, float m, float T, int terms, int block_c, int class_start, str group, str sweep, int d_s, "
-    "int d_st, int need) -> (Tensor, Tensor, Tensor, Tensor)"
+    "int kind, float s, float m, float T, int terms, int block_c, str group, str sweep, int d_s, int d_st, "
+    "int need) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -103,6 +105,11 @@ def _gather(x: torch.Tensor, pg: dist.ProcessGroup, world: int, async_op: bool =
     return out, _all_gather(out, x.contiguous(), group=pg, async_op=async_op)
 
 
+def global_labels(labels: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The global batch's labels: every rank's ``(B,)`` in rank order (a collective)."""
+    return _gather(labels, group, dist.get_world_size(group))[0]
+
+
 def _rows(z_s, z_st, z_t) -> torch.Tensor:
     """``[z_s | z_st | z_t]`` (absent parts left out) in their promoted dtype: one gather instead of three."""
     parts = [z.detach() for z in (z_s, z_st, z_t) if z is not None]
@@ -117,7 +124,7 @@ def _split_rows(rows: torch.Tensor, d_s: int, d_st: int):
 
 
 def _sharded_forward(
-    z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group, sweep
+    z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, classes, kind, s, m, T, terms, block_c, class_start, group, sweep
 ):  # fmt: skip
     pg, world = _world(group)
     # Rows and labels travel together (two collectives in flight), the partials after the sweep.
@@ -126,12 +133,19 @@ def _sharded_forward(
     rows_work.wait()
     labels_work.wait()
     zs_all, zst_all, zt_all = _split_rows(rows, z_s.shape[1], 0 if z_st is None else z_st.shape[1])
-    local = labels_all - class_start  # rows whose label another rank owns fall outside [0, shard size)
+    local = shard_labels(labels_all, class_start, classes)
     part = SWEEPS[sweep].partials(zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms,
                                          block_c)  # fmt: skip
     whole = union_partials(part[None], terms, _all_reduce(dist.ReduceOp.MAX, pg), _all_reduce(dist.ReduceOp.SUM, pg))
     losses, stats = merge_partials(whole[None], terms, T)
-    return losses, stats, rows, labels_all
+    return losses, stats, rows, local
+
+
+def shard_labels(labels: torch.Tensor, class_start: int, classes: torch.Tensor | None) -> torch.Tensor:
+    """Global class ids as rows of this rank's head tensors: the shard's rows, or the sampled ``classes`` of it.
+    A label another rank owns (or a class not drawn) falls outside ``[0, rows)``, which the sweeps skip."""
+    local = labels - class_start
+    return local if classes is None else relabel(local, classes)
 
 
 def _all_reduce(op: dist.ReduceOp, pg: dist.ProcessGroup):
@@ -146,8 +160,7 @@ def _all_reduce(op: dist.ReduceOp, pg: dist.ProcessGroup):
 
 
 def _sharded_backward(
-    grad, stats, rows, labels_all, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, class_start, group, sweep, d_s,
-    d_st, need,
+    grad, stats, rows, local, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, group, sweep, d_s, d_st, need
 ):  # fmt: skip
     pg, world = _world(group)
     shared = d_st == 0
@@ -155,7 +168,6 @@ def _sharded_backward(
     sweep_need = need
     if shared and need & NEED_Z_S:
         sweep_need |= NEED_Z_ST  # the th head's path into the shared embedding
-    local = labels_all - class_start
     dzs, dzst, dW_s, db_s = SWEEPS[sweep].backward(
         grad, stats, zs_all, local, W_s, b_s, zst_all, W_t, b_t, zt_all, kind, s, m, T, terms, block_c, sweep_need
     )
@@ -183,7 +195,7 @@ _sharded_shared_head_bwd = torch.library.custom_op(
 
 
 @sharded_shared_head.register_fake
-def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group, sweep):
+def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, classes, kind, s, m, T, terms, block_c, class_start, group, sweep):
     N = _world(group)[1] * z_s.shape[0]
     rows = _rows(z_s, z_st, z_t)
     acc = accum_dtype(rows.dtype)  # the sweep runs on the gathered rows
@@ -196,8 +208,8 @@ def _(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c,
 
 
 @_sharded_shared_head_bwd.register_fake
-def _(grad, stats, rows, labels, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, class_start, group, sweep, d_s,
-      d_st, need):  # fmt: skip
+def _(grad, stats, rows, labels, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, group, sweep, d_s, d_st,
+      need):  # fmt: skip
     B = rows.shape[0] // _world(group)[1]
     device, acc = rows.device, accum_dtype(rows.dtype)  # the row gradients are summed over ranks in float32 at least
     return (
@@ -209,17 +221,17 @@ def _(grad, stats, rows, labels, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block
 
 
 def _setup_context(ctx, inputs, output):
-    z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, kind, s, m, T, terms, block_c, class_start, group, sweep = inputs
-    _, stats, rows, labels_all = output
-    ctx.save_for_backward(stats, rows, labels_all, W_s, b_s, W_t, b_t)
-    ctx.scalars = (kind, s, m, T, terms, block_c, class_start, group, sweep)
+    z_s, _, W_s, b_s, z_st, W_t, b_t, _, _, kind, s, m, T, terms, block_c, _, group, sweep = inputs
+    _, stats, rows, local = output
+    ctx.save_for_backward(stats, rows, local, W_s, b_s, W_t, b_t)
+    ctx.scalars = (kind, s, m, T, terms, block_c, group, sweep)
     ctx.widths = (z_s.shape[1], 0 if z_st is None else z_st.shape[1])
     ctx.dtypes = (z_s.dtype, None if z_st is None else z_st.dtype)
 
 
 def _backward(ctx, grad_losses, grad_stats, grad_rows, grad_labels):
-    stats, rows, labels_all, W_s, b_s, W_t, b_t = ctx.saved_tensors
-    kind, s, m, T, terms, block_c, class_start, group, sweep = ctx.scalars
+    stats, rows, local, W_s, b_s, W_t, b_t = ctx.saved_tensors
+    kind, s, m, T, terms, block_c, group, sweep = ctx.scalars
     d_s, d_st = ctx.widths
     # Like autograd of the reference: no gradient for an input no active term reads (the th head reads z_s when
     # z_st is None). The need bits must agree on every rank: the reduce-scatter below them is a collective.
@@ -231,8 +243,8 @@ def _backward(ctx, grad_losses, grad_stats, grad_rows, grad_labels):
     if grad_losses is None:
         grad_losses = stats.new_zeros(4)
     dz_s, dz_st, dW_s, db_s = _sharded_shared_head_bwd(
-        grad_losses.contiguous(), stats, rows, labels_all, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c,
-        class_start, group, sweep, d_s, d_st, need,
+        grad_losses.contiguous(), stats, rows, local, W_s, b_s, W_t, b_t, kind, s, m, T, terms, block_c, group, sweep,
+        d_s, d_st, need,
     )  # fmt: skip
     return (
         dz_s.to(ctx.dtypes[0]) if needs[0] else None,
@@ -240,7 +252,7 @@ def _backward(ctx, grad_losses, grad_stats, grad_rows, grad_labels):
         dW_s if needs[1] else None,
         db_s if needs[2] else None,
         dz_st.to(ctx.dtypes[1]) if needs[3] else None,
-        *([None] * 12),
+        *([None] * 13),
     )
 
 
@@ -263,6 +275,7 @@ def sharded_shared_head_loss(
     num_classes: int,
     block_c: int = 0,
     sweep: str = "chunked",
+    rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The head terms (ce, kd, th_ce, th_kd) of the global batch, over class shards; a loss backend's signature.
 
@@ -277,6 +290,8 @@ def sharded_shared_head_loss(
         block_c: classes per sweep block (0: the backend's default for the gathered rows).
         sweep: how each rank sweeps its shard, ``chunked`` (PyTorch, any device) or ``triton`` (the fused kernels:
             CUDA, or the CPU under ``TRITON_INTERPRET=1``; float32/float16/bfloat16).
+        rows: Partial FC sampling: the sorted rows of this rank's shard that ``W_s``/``W_t`` hold (each rank draws
+            its own, ``edgekd.heads.class_sampling``); labels stay global. None: the whole shard.
 
     Returns:
         Each active term, the same value on every rank. Gradients: module docstring (row gradients are ×W for DDP).
@@ -284,18 +299,20 @@ def sharded_shared_head_loss(
     if sweep not in SWEEPS:
         raise EdgekdError(f"a class shard is swept by one of {', '.join(SWEEPS)}, not {sweep!r}")
     shard = class_shard_of(num_classes, group)
+    expected = shard.size if rows is None else rows.numel()
     for name, w in (("W_s", W_s), ("W_t", W_t)):
-        if w is not None and w.shape[0] != shard.size:
+        if w is not None and w.shape[0] != expected:
             raise EdgekdError(
                 f"{name} has {w.shape[0]} rows but rank {dist.get_rank(group)} owns {shard.size} of {num_classes} "
-                f"classes ([{shard.start}, {shard.stop})); pass the shard, not the full head"
+                f"classes ([{shard.start}, {shard.stop})){'' if rows is None else f' and drew {expected}'}; pass "
+                f"the shard, not the full head"
             )
     terms = term_mask(weights)
     th = terms & (TERM_TH_CE | TERM_TH_KD)
     z_st = None if z_st is z_s or not th else z_st
     z_t = z_t if terms & (TERM_KD | TERM_TH_KD) else None
-    losses, _, _, _ = sharded_shared_head(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, head.kind_id, float(head.s),
-                                          float(head.m), float(weights.T), terms, block_c, shard.start,
+    losses, _, _, _ = sharded_shared_head(z_s, labels, W_s, b_s, z_st, W_t, b_t, z_t, rows, head.kind_id,
+                                          float(head.s), float(head.m), float(weights.T), terms, block_c, shard.start,
                                           group.group_name, sweep)  # fmt: skip
     return {name: losses[k] for k, name in enumerate(HEAD_TERM_NAMES) if terms & TERM_BITS[k]}
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 import torch
 
 from edgekd.errors import EdgekdError, EdgekdWarning, MissingDependency
+from edgekd.heads.class_sampling import relabel
 from edgekd.heads.margin import HeadSpec
 from edgekd.kernels.sweeps import SWEEPS
 from edgekd.losses.reference import shared_head_loss_reference
@@ -163,6 +164,7 @@ def shared_head_loss(
     head: HeadSpec,
     weights: LossWeights,
     backend: str | LossBackend = "auto",
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss ``Σ weight·term`` and the terms for one batch.
 
@@ -176,6 +178,9 @@ def shared_head_loss(
         weights: term weights and the temperatures T (kd) and T_th (th_kd).
         backend: ``auto``, ``reference``, ``chunked`` or ``triton``; or a function with their signature, such as
             the class-sharded loss of ``edgekd.distributed.make_sharded_backend`` (heads then are this rank's shards).
+        rows: Partial FC sampling (``edgekd.heads.class_sampling``): the sorted rows of the heads this step computes;
+            every head term is then over those classes (labels stay the full head's ids). A backend function gets
+            ``rows`` as a keyword and relabels itself (a shard sees other ranks' labels); None: every class.
 
     Returns:
         ``(total, terms)``: a scalar with gradients, and each active term's value. The terms are not detached
@@ -184,13 +189,20 @@ def shared_head_loss(
     """
     _check_inputs(z_s, labels, W_s, W_t, z_t, weights)
     fn = backend if callable(backend) else LOSS_BACKENDS[resolve_backend(backend, z_s.device)]
+    sampled = {}  # what a backend function is told of the sampled rows
+    if rows is not None:
+        W_s, b_s, W_t, b_t = (None if w is None else w.index_select(0, rows) for w in (W_s, b_s, W_t, b_t))
+        if callable(backend):
+            sampled = {"rows": rows}
+        else:
+            labels = relabel(labels, rows)
     terms: dict[str, torch.Tensor] = {}
     # Autocast stops here (module doc, "Precision"): every backend computes the terms alike under it.
     with torch.autocast(z_s.device.type, enabled=False):
         z_s, z_t = (_to_head_dtype(z, W_s if W_s is not None else W_t) for z in (z_s, z_t))
         for call in backend_calls(weights):
             # Both heads read the student's one embedding (the official code's design): z_s is also the backends' z_st.
-            terms.update(fn(z_s, labels, W_s, b_s, z_s, W_t, b_t, z_t, head, call))
+            terms.update(fn(z_s, labels, W_s, b_s, z_s, W_t, b_t, z_t, head, call, **sampled))
         if weights.l2e:
             terms["l2e"] = l2_embedding(z_s, z_t)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
@@ -205,7 +217,7 @@ def _to_head_dtype(z: torch.Tensor | None, W: torch.Tensor | None) -> torch.Tens
 
 
 def head_loss_fn(head, teacher_head, weights: LossWeights, backend: str | LossBackend):
-    """``loss(z_s, labels, z_t) -> (total, terms)`` through ``head`` (the student's ``ClassHead``) and
+    """``loss(z_s, labels, z_t, rows=None) -> (total, terms)`` through ``head`` (the student's ``ClassHead``) and
     ``teacher_head`` (frozen, or None), read at each call so that a compiled step sees their parameters.
 
     The student head's tensors are passed only when a term reads them (ce, kd): vanilla SH-KD stages and TH-only
@@ -213,7 +225,7 @@ def head_loss_fn(head, teacher_head, weights: LossWeights, backend: str | LossBa
     """
     uses_student_head = bool(weights.ce or weights.kd)
 
-    def loss(z_s: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
+    def loss(z_s: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None, rows: torch.Tensor | None = None):
         return shared_head_loss(
             z_s,
             labels,
@@ -225,6 +237,7 @@ def head_loss_fn(head, teacher_head, weights: LossWeights, backend: str | LossBa
             head=head.spec,
             weights=weights,
             backend=backend,
+            rows=rows,
         )
 
     return loss

@@ -49,6 +49,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_power: float = 1.0
     clip_grad: float = 5.0
+    sample_rate: float = 1.0
     seed: int = 0
     compile: bool = True
     loss_backend: str = "auto"
@@ -103,6 +104,8 @@ FIELD_RULES = {
     "warmup_steps": NON_NEGATIVE_INT,
     "lr_power": POSITIVE,
     "clip_grad": NON_NEGATIVE,
+    # Partial FC's share of the head's classes each step keeps (1: every class, the exact loss).
+    "sample_rate": Rule(float, low=0, high=1, low_open=True),
     # The data order seeds a generator per epoch with seed * 1_000_003 + epoch, which must fit in 64 bits.
     "seed": Rule(int, low=0, high=2**32 - 1),
     "compile": Rule(bool),

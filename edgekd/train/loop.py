@@ -27,6 +27,7 @@ from edgekd.bundle import Bundle
 from edgekd.data.transforms import normalize_and_flip
 from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.errors import EdgekdError, TrainingDiverged, TrainingInterrupted
+from edgekd.heads.class_sampling import ClassSampler
 from edgekd.losses import LossWeights
 from edgekd.train.checkpoint import (
     checkpoint_path,
@@ -232,7 +233,8 @@ class _Training:
     def train(self, start: int, desc: str, signals: StopSignals) -> FitResult:
         """Steps ``start`` to the end of the run (or ``cfg.stop_after`` of them), checkpointing on the way."""
         cfg, world, trainer = self.cfg, self.world, self.trainer
-        step_fn = trainer.step_fn(self.weights, cfg.loss_backend)
+        sampler = ClassSampler(cfg.sample_rate, cfg.seed) if cfg.sample_rate < 1 else None
+        step_fn = trainer.step_fn(self.weights, cfg.loss_backend, sampler)
         stop = self.total_steps if cfg.stop_after is None else min(self.total_steps, start + cfg.stop_after)
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -285,7 +287,7 @@ class _Training:
         z_t = self.teacher.embed(images, indices, flips) if self.teacher is not None else None
         lr = set_lr(optimizer, cfg.lr, lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.lr_power))
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            total, terms = step_fn(x, labels, z_t)
+            total, terms = step_fn(x, labels, z_t, step)
         # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
         # Both stay on the device: the host reads them a step later (_LossWatch) or when it logs.
         loss, terms = trainer.reduce(terms, total, self.weights)

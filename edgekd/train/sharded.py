@@ -41,9 +41,10 @@ from edgekd.bundle import Bundle, bundle_meta
 from edgekd.distributed import make_sharded_backend
 from edgekd.distributed.head_shard import HeadShard, clip_grad_norm_, release
 from edgekd.distributed.launch import World
-from edgekd.distributed.sharded_loss import check_sharded_backend
+from edgekd.distributed.sharded_loss import check_sharded_backend, global_labels
 from edgekd.distributed.sync_bn import convert_sync_batchnorm, restore
 from edgekd.errors import CheckpointError
+from edgekd.heads.class_sampling import ClassSampler
 from edgekd.losses import LossWeights
 from edgekd.losses.shared_head import head_loss_fn, resolve_backend
 from edgekd.train.checkpoint import checkpoint_folders, checkpoint_path, read_state, write_state
@@ -130,13 +131,22 @@ class ShardedTrainee:
         """What the optimizer steps: the backbone's trainable parameters and this rank's head shard."""
         return [p for _, p in self.params]
 
-    def step_fn(self, weights: LossWeights, backend: str):
-        """``step_fn(x, labels, z_t) -> (total, terms)`` on this rank's rows: DDP's backbone, then the head loss."""
+    def step_fn(self, weights: LossWeights, backend: str, sampler: ClassSampler | None = None):
+        """``step_fn(x, labels, z_t, step) -> (total, terms)`` on this rank's rows: DDP's backbone, then the head
+        loss, over the rows of this rank's shard that ``sampler`` draws from the global batch's labels."""
         sweep = shard_sweep(backend, self.device)
         sharded = make_sharded_backend(self.world.group, self.head.num_classes, sweep=sweep)
         head_loss = head_loss_fn(self.head, self.t_head, weights, sharded)
         loss = torch.compile(head_loss, backend=self.compile) if self.compile else head_loss
-        return lambda x, labels, z_t: loss(self.backbone(x), labels, z_t)
+        if sampler is None:
+            return lambda x, labels, z_t, step: loss(self.backbone(x), labels, z_t)
+        shard, group = self.head.shard, self.world.group
+
+        def step_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None, step: int):
+            rows = sampler.rows(step, global_labels(labels, group), shard.start, shard.size)
+            return loss(self.backbone(x), labels, z_t, rows)
+
+        return step_fn
 
     def reduce(
         self, terms: dict, total: torch.Tensor, weights: LossWeights

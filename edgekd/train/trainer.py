@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from edgekd.bundle import Bundle
+from edgekd.heads.class_sampling import ClassSampler
 from edgekd.losses import LossWeights, resolve_backend
 from edgekd.losses.shared_head import head_loss_fn
 from edgekd.train.checkpoint import load_checkpoint, save_checkpoint
@@ -28,8 +29,9 @@ class Trainer(Protocol):
         """What the optimizer steps (on this process)."""
         ...
 
-    def step_fn(self, weights: LossWeights, backend: str):
-        """``step(x, labels, z_t) -> (total, terms)`` on this process's rows, compiled where the run compiles."""
+    def step_fn(self, weights: LossWeights, backend: str, sampler: ClassSampler | None = None):
+        """``step(x, labels, z_t, step) -> (total, terms)`` on this process's rows, compiled where the run compiles;
+        the head terms over the classes ``sampler`` draws for the step (Partial FC), or every class."""
         ...
 
     def reduce(
@@ -68,15 +70,22 @@ class Trainer(Protocol):
 
 
 def make_loss_fn(trainee: Bundle, teacher: Teacher | None, weights: LossWeights, backend: str):
-    """``loss_fn(x, labels, z_t) -> (total, terms)`` over the trainee's modules; this is what gets compiled."""
+    """``loss_fn(x, labels, z_t, rows=None) -> (total, terms)`` over the trainee's modules; this is what gets
+    compiled (``rows``: the head rows a Partial FC step computes)."""
     backbone = trainee.backbone
     backend = resolve_backend(backend, next(backbone.parameters()).device)
     head_loss = head_loss_fn(trainee.head, teacher.head if teacher is not None else None, weights, backend)
 
-    def loss_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None):
-        return head_loss(backbone(x), labels, z_t)
+    def loss_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None, rows: torch.Tensor | None = None):
+        return head_loss(backbone(x), labels, z_t, rows)
 
     return loss_fn
+
+
+def head_classes(trainee: Bundle, teacher: Teacher | None) -> int:
+    """C: the classes of the heads the loss reads (the student's, or the teacher's where the student has none)."""
+    head = trainee.head if trainee.head is not None else teacher.head
+    return head.num_classes
 
 
 class LocalTrainee:
@@ -88,10 +97,15 @@ class LocalTrainee:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.trainee.backbone, self.trainee.head) if m is not None for p in m.parameters()]
 
-    def step_fn(self, weights: LossWeights, backend: str):
-        """The (compiled) ``loss_fn(x, labels, z_t) -> (total, terms)`` of ``make_loss_fn``."""
+    def step_fn(self, weights: LossWeights, backend: str, sampler: ClassSampler | None = None):
+        """``step_fn(x, labels, z_t, step) -> (total, terms)``: the (compiled) ``loss_fn`` of ``make_loss_fn`` over
+        the head rows ``sampler`` draws for the step (drawn outside the compiled graph: their count varies)."""
         loss_fn = make_loss_fn(self.trainee, self.teacher, weights, backend)
-        return torch.compile(loss_fn) if self.compile else loss_fn
+        loss_fn = torch.compile(loss_fn) if self.compile else loss_fn
+        if sampler is None:
+            return lambda x, labels, z_t, step: loss_fn(x, labels, z_t)
+        num_classes = head_classes(self.trainee, self.teacher)
+        return lambda x, labels, z_t, step: loss_fn(x, labels, z_t, sampler.rows(step, labels, 0, num_classes))
 
     def reduce(
         self, terms: dict, total: torch.Tensor, weights: LossWeights

@@ -24,11 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from edgekd.distributed import class_shard_of, sharded_shared_head_loss
+from edgekd.distributed import class_shard_of, make_sharded_backend, sharded_shared_head_loss
 from edgekd.distributed.sharded_loss import sharded_shared_head
+from edgekd.distributed.shards import class_shard
 from edgekd.errors import EdgekdError
 from edgekd.heads import HEAD_KINDS, HeadSpec, default_margin
+from edgekd.heads.class_sampling import ClassSampler
 from edgekd.kernels.sweeps import SWEEPS
+from edgekd.losses import shared_head_loss
 from edgekd.losses.reference import shared_head_loss_reference
 from edgekd.losses.terms import LossWeights, l2_embedding
 
@@ -154,6 +157,42 @@ def _check_ddp_backbone(group, errors):
         errors[f"ddp d{k}"] = (got - want).abs().max().item()
 
 
+def _check_sampled(group, errors) -> None:
+    """Partial FC sampling per shard: each rank draws from its own shard (rate 0.8: 5 of [0, 6), 4 of [6, 11), the
+    positives 0, 3, 5 and 6, 7 among them); the terms and gradients equal the float64 reference on the union of both
+    draws (built by hand: every rank recomputes both draws, a pure function of seed, step and shard), and the head
+    shard's gradient is zero on the rows its rank did not draw."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    labels = torch.tensor([0, 5, 6, 0, 3, 7, 5, 6])
+    head, weights, sampler = HEADS["arcface"], ALL_TERMS, ClassSampler(0.8, seed=4)
+    shards = [class_shard(C, r, world) for r in range(world)]
+    drawn = [sampler.rows(9, labels, sh.start, sh.size) for sh in shards]
+    union = torch.cat([sh.start + rows for sh, rows in zip(shards, drawn, strict=True)])
+    assert [len(rows) for rows in drawn] == [5, 4] and {0, 3, 5, 6, 7} <= set(union.tolist())
+    case = _global_case(shared=True, seed=2)  # shared_head_loss: both heads read the student's embedding
+    everything = {"z_s", "W_s", "W_t", "z_t"}
+    ref = _leaves(case, head, slice(None), slice(None), everything)
+    kept = union.tolist()
+    position = torch.tensor([kept.index(c) for c in labels.tolist()])
+    sub = dict(ref, W_s=ref["W_s"][union], W_t=ref["W_t"][union])
+    ref_terms, ref_grads = _terms_and_grads(shared_head_loss_reference, sub, position, head, weights)
+    ref_grads["W_s"] = ref["W_s"].grad  # of the full head: zero on rows not drawn
+
+    shard, rows = shards[rank], slice(rank * B, (rank + 1) * B)
+    leaves = _leaves(case, head, rows, slice(shard.start, shard.stop), everything)
+    _, terms = shared_head_loss(
+        leaves["z_s"], labels[rows], W_s=leaves["W_s"], W_t=leaves["W_t"], z_t=leaves["z_t"], head=head,
+        weights=weights, backend=make_sharded_backend(group, C, block_c=BLOCK_C), rows=drawn[rank],
+    )  # fmt: skip
+    sum(getattr(weights, k) * v for k, v in terms.items()).backward()
+    got = {k: v.detach() for k, v in terms.items()} | {"dz_s": leaves["z_s"].grad, "dW_s": leaves["W_s"].grad}
+    expected = {k: ref_terms[k] for k in terms} | {"dz_s": world * ref_grads["z_s"][rows]}
+    expected["dW_s"] = ref_grads["W_s"][shard.start : shard.stop]
+    for k, want in expected.items():
+        torch.testing.assert_close(got[k], want, **TOL, msg=lambda m, k=k: f"sampled {k}: {m}")
+        errors[f"sampled {k}"] = (got[k] - want).abs().max().item()
+
+
 def _opcheck(group) -> None:
     """torch.library.opcheck of the op (schema, fake kernels, autograd registration, AOT dispatch) on both ranks."""
     rank, shard, case = dist.get_rank(group), class_shard_of(C, group), _global_case(shared=False)
@@ -164,8 +203,8 @@ def _opcheck(group) -> None:
         t.requires_grad_()
     torch.library.opcheck(
         sharded_shared_head,
-        (z_s, LABELS[rows], W_s, b_s, z_st, W_t, b_t, case["z_t"][rows], 0, 1.0, 0.0, 2.0, 15, BLOCK_C, shard.start,
-         group.group_name, "chunked"),
+        (z_s, LABELS[rows], W_s, b_s, z_st, W_t, b_t, case["z_t"][rows], None, 0, 1.0, 0.0, 2.0, 15, BLOCK_C,
+         shard.start, group.group_name, "chunked"),
     )  # fmt: skip
 
 
@@ -190,6 +229,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         th_weights = LossWeights(ce=0.0, th_ce=0.5, th_kd=1.5)
         _check_case("cosface th only", _global_case(True), HEADS["cosface"], th_weights, th_only, group, errors)
         _check_ddp_backbone(group, errors)
+        _check_sampled(group, errors)
         _opcheck(group)
         with pytest.raises(EdgekdError, match="pass the shard"):
             case = _global_case(False)
@@ -210,9 +250,9 @@ def test_sharded_loss_matches_reference_on_two_gloo_ranks(tmp_path):
     per_rank = [{k.split(" ", 2)[2] for k in errors if k.startswith(f"rank {rank} ")} for rank in range(WORLD)]
     # Every comparison ran on both ranks: 4 head kinds × (4 terms + dz_s, dW_s, dz_st; + db_s for linear), the same
     # with a shared embedding (no dz_st) and with every other sweep (the Triton one in float32, and the test's third,
-    # registered in the workers only), ce alone (1 + dz_s, dW_s, db_s), th alone (2 + dz_s), DDP (3).
+    # registered in the workers only), ce alone (1 + dz_s, dW_s, db_s), th alone (2 + dz_s), DDP (3), sampled (4 + 2).
     others = len(SWEEPS) - 1 + 1
-    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 29 + 25 + 29 * others + 4 + 3 + 3, per_rank
+    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 29 + 25 + 29 * others + 4 + 3 + 3 + 6, per_rank
     for label, keep in (("float64 chunked", lambda k: "triton" not in k), ("float32 triton", lambda k: "triton" in k)):
         part = {k: v for k, v in errors.items() if keep(k)}
         worst = max(part, key=part.get)

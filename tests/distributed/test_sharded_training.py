@@ -178,7 +178,7 @@ def _steps_agree(world, runs, tol: dict) -> float:
         g = torch.Generator().manual_seed(1 + world.rank)
         x, z_t = torch.randn(4, 3, 8, 8, generator=g, dtype=dtype), torch.randn(4, 6, generator=g, dtype=dtype)
         labels = torch.tensor([0, 5, 6, 10]) if world.rank == 0 else torch.tensor([3, 7, 5, 9])
-        total, _ = trainer.step_fn(WEIGHTS, backend)(x, labels, z_t)
+        total, _ = trainer.step_fn(WEIGHTS, backend)(x, labels, z_t, 0)
         total.backward()
         results.append((total.detach(), [p.grad for p in trainer.parameters()]))
         trainer.close()
@@ -230,7 +230,7 @@ def _autocast_steps_match_float64(world, errors: dict) -> None:
                                  compile)  # fmt: skip
         with torch.autocast("cpu", torch.bfloat16):
             z = backbone(x).detach()  # the bf16 embedding the step's backbone computes
-            total, terms = trainer.step_fn(WEIGHTS, backend)(x, labels, z_t)
+            total, terms = trainer.step_fn(WEIGHTS, backend)(x, labels, z_t, 0)
         total.backward()
         loss, _ = trainer.reduce(terms, total, WEIGHTS)  # the global batch's (l2e is a mean over this rank's rows)
         z64 = _gathered(world, z).double().requires_grad_()
@@ -276,7 +276,7 @@ def _timm_families_train_as_one_process(world, errors: dict) -> None:
         one = _student_of(arch)
         z_one = one.backbone(x_all)
         local = LocalTrainee(_student_of(arch), None, compile=False)
-        total_one, _ = local.step_fn(weights, "chunked")(x_all, labels_all, None)
+        total_one, _ = local.step_fn(weights, "chunked")(x_all, labels_all, None, 0)
         total_one.backward()
         grads_one = {name: p.grad for name, p in local.trainee.backbone.named_parameters()}
 
@@ -284,7 +284,7 @@ def _timm_families_train_as_one_process(world, errors: dict) -> None:
         trainer = ShardedTrainee(student, None, world, torch.device("cpu"))
         assert not any(isinstance(m, _BatchNorm) for m in student.backbone.modules()), arch  # all synchronized
         torch.testing.assert_close(student.backbone(x_all[rows]), z_one[rows], **TOL, msg=lambda m, a=arch: f"{a}: {m}")
-        total, _ = trainer.step_fn(weights, "chunked")(x_all[rows], labels_all[rows], None)
+        total, _ = trainer.step_fn(weights, "chunked")(x_all[rows], labels_all[rows], None, 0)
         total.backward()
         torch.testing.assert_close(total, total_one, **TOL, msg=lambda m, a=arch: f"{a} loss: {m}")
         for name, p in student.backbone.named_parameters():

@@ -99,7 +99,7 @@ def _sharded_step(trainer: ShardedTrainee, step_fn, teacher: Teacher, optimizer,
     x = normalize_and_flip(images, trainer.trainee.cfg.mean, trainer.trainee.cfg.std, flips)
     z_t = teacher.embed(images, indices, flips)
     with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-        total, terms = step_fn(x, labels, z_t)
+        total, terms = step_fn(x, labels, z_t, step)
     loss, _ = trainer.reduce(terms, total, WEIGHTS)
     optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgekd.bundle import Bundle
+from edgekd.data.synthetic import SyntheticIdentities
 from edgekd.distill.pipeline import build_trainee, student_embed_dim
 from edgekd.errors import EdgekdError, TrainingDiverged
 from edgekd.heads import create_head
@@ -57,20 +58,28 @@ def _metrics(run_dir):
     return [{k: v for k, v in line.items() if k not in ("images_per_s", "time")} for line in lines]
 
 
-def test_interrupted_and_resumed_run_ends_bit_identical(tiny_faces, tmp_path):
-    teacher, frozen = _teacher(tiny_faces)
-    full = _student(tiny_faces, teacher)
-    fit(full, CFG, THKD, tiny_faces, tmp_path / "full", teacher=frozen)
+@pytest.mark.parametrize("sample_rate", [1.0, 0.25])
+def test_interrupted_and_resumed_run_ends_bit_identical(tiny_faces, tmp_path, sample_rate):
+    """Also with Partial FC sampling (48 identities, a batch of 16 sees at most 16: 12 of 48 rows drawn per step, the
+    positives among them), whose draw is a function of the step."""
+    cfg = replace(CFG, sample_rate=sample_rate)
+    data = tiny_faces if sample_rate == 1 else SyntheticIdentities(48, 2, image_size=32, seed=0)
+    teacher, frozen = _teacher(data)
+    full = _student(data, teacher)
+    fit(full, cfg, THKD, data, tmp_path / "full", teacher=frozen)
 
-    part = _student(tiny_faces, teacher)
-    stopped = fit(part, replace(CFG, stop_after=4), THKD, tiny_faces, tmp_path / "cut", teacher=frozen)
+    part = _student(data, teacher)
+    stopped = fit(part, replace(cfg, stop_after=4), THKD, data, tmp_path / "cut", teacher=frozen)
     # A --stop-after run saves where it stops (step 4), not only at the schedule's checkpoints (every 3).
     assert stopped.stopped and latest_checkpoint(tmp_path / "cut").name == "step_0000004"
     # A fresh process would rebuild the modules from scratch before resuming: do the same.
-    resumed = _student(tiny_faces, teacher)
+    resumed = _student(data, teacher)
     torch.manual_seed(1234)  # resume must not depend on the global RNG state at start
-    result = fit(resumed, CFG, THKD, tiny_faces, tmp_path / "cut", teacher=frozen, resume=True)
+    result = fit(resumed, cfg, THKD, data, tmp_path / "cut", teacher=frozen, resume=True)
     assert not result.stopped and result.steps == 6
+    if sample_rate < 1:  # the draw took effect: the first step's loss is not the full head's
+        exact = fit(_student(data, teacher), replace(CFG, steps=1), THKD, data, tmp_path / "exact", teacher=frozen)
+        assert exact.last["loss"] != _metrics(tmp_path / "full")[0]["loss"]
 
     # Bit for bit, as the product claims: both runs take steps 5-6 in this process with the same kernels on the same
     # shapes and thread count, from state restored exactly (checkpoints are copies), so every sum rounds alike.
