@@ -57,6 +57,14 @@ class ClassSampler:
         keys[positives] = 2.0  # above every draw: the positives are always among the top ``count``
         return keys.topk(count, sorted=False).indices.sort().values
 
+    def compiled_rows(self, step: int, labels: torch.Tensor, start: int, size: int) -> torch.Tensor | None:
+        """``rows`` for a compiled step: their count varies with the positives, so torch.compile is told at once
+        (one compile with a symbolic count, not a second one when the count first changes)."""
+        rows = self.rows(step, labels, start, size)
+        if rows is not None:
+            torch._dynamo.maybe_mark_dynamic(rows, 0)
+        return rows
+
     def _seed_of(self, step: int, start: int) -> int:
         digest = hashlib.blake2b(f"{self.seed},{step},{start}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit integer

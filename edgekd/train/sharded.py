@@ -143,7 +143,7 @@ class ShardedTrainee:
         shard, group = self.head.shard, self.world.group
 
         def step_fn(x: torch.Tensor, labels: torch.Tensor, z_t: torch.Tensor | None, step: int):
-            rows = sampler.rows(step, global_labels(labels, group), shard.start, shard.size)
+            rows = sampler.compiled_rows(step, global_labels(labels, group), shard.start, shard.size)
             return loss(self.backbone(x), labels, z_t, rows)
 
         return step_fn

@@ -105,7 +105,7 @@ class LocalTrainee:
         if sampler is None:
             return lambda x, labels, z_t, step: loss_fn(x, labels, z_t)
         num_classes = head_classes(self.trainee, self.teacher)
-        return lambda x, labels, z_t, step: loss_fn(x, labels, z_t, sampler.rows(step, labels, 0, num_classes))
+        return lambda x, labels, z_t, step: loss_fn(x, labels, z_t, sampler.compiled_rows(step, labels, 0, num_classes))
 
     def reduce(
         self, terms: dict, total: torch.Tensor, weights: LossWeights
