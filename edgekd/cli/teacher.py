@@ -24,6 +24,7 @@ from edgekd.cli.options import (
 from edgekd.cli.run_folder import undo_if_nothing_made
 from edgekd.distill.pipeline import check_teacher_classes, train_teacher, training_dataset, verifier_for
 from edgekd.distill.run import verification_sets
+from edgekd.distill.run_report import write_run_report
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.errors import EdgekdError
 from edgekd.utils.out_paths import check_output_dir
@@ -117,4 +118,5 @@ def run_teacher_settings(
         echo(f"stopped after --stop-after steps; continue with `{resume_line('teacher', out)}`")
     else:
         echo(f"teacher: {path}")
+        echo(f"run report: {write_run_report(out)} (and report.md beside it)")
     return path

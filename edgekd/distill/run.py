@@ -20,6 +20,7 @@ from edgekd.distill.pipeline import (
     student_embed_dim,
     training_dataset,
 )
+from edgekd.distill.run_report import write_run_report
 from edgekd.distributed.launch import ONE_PROCESS, World
 from edgekd.eval.metrics import far_rule_reason
 from edgekd.eval.report import REPORT_FARS, classify_bundle, format_table, parameter_count, value_ci, verify_bundle
@@ -216,6 +217,7 @@ def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: 
         "config": job.cfg.to_dict(),
     }
     report["plots"] = {"loss": str(_plot_losses(job, teacher_path, student_path, temporary))}
+    curves = {}  # the ROC curves drawn below; the run's report reads their AUC and EER
     if evaluates:
         named = {"teacher": Path(teacher_path)} if teacher_path else {}
         if vanilla is not None:
@@ -227,6 +229,7 @@ def run_distill(job: DistillJob, world: World = ONE_PROCESS, dataset=None, log: 
             report["plots"]["roc"] = str(job.out / "roc.png")
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json(job.out / "results.json", report)
+    log(f"run report: {write_run_report(job.out, curves, results_table(report))} (and report.md beside it)")
     return report
 
 

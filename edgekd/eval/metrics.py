@@ -8,6 +8,7 @@
   with threshold ``inf``), because IJB TAR@FAR is read off that curve.
 - ``tar_at_far``: for each target FAR, the TPR at the ROC point whose FPR is nearest to it; ties go to the larger
   TPR, as insightface's search over the flipped arrays does.
+- ``roc_auc`` and ``equal_error_rate``: the area under that ROC curve and the rate where it crosses FAR = 1 − TAR.
 - ``combined_prediction``: the TH-KD paper's test-time mix p′ = (1 − α)·softmax(l_s) + α·softmax(l_th) of the
   student head and the frozen teacher head read on the student embedding.
 - ``verification_all_pairs``: every pair of labelled embeddings (an IJB-style 1:1 protocol without templates), for
@@ -34,6 +35,8 @@ __all__ = [
     "verification_all_pairs",
     "roc_curve",
     "tar_at_far",
+    "roc_auc",
+    "equal_error_rate",
     "MIN_FALSE_ACCEPTS",
     "resolvable_fars",
     "far_rule_reason",
@@ -210,6 +213,49 @@ def tar_at_far(scores, labels, fars: Sequence[float] = DEFAULT_FARS) -> dict[flo
 def _nearest(fpr_flipped: np.ndarray, far: float) -> int:
     """Index of the ROC point ``tar_at_far`` reads for ``far`` (first minimum of the flipped array)."""
     return int(np.argmin(np.abs(fpr_flipped - far)))
+
+
+def _roc_arrays(fpr, tpr) -> tuple[np.ndarray, np.ndarray]:
+    f, t = _numpy(fpr).astype(np.float64).reshape(-1), _numpy(tpr).astype(np.float64).reshape(-1)
+    if len(f) != len(t) or len(f) < 2:
+        raise EdgekdError(
+            f"a ROC curve needs matching FPR and TPR arrays of 2 points or more, got {len(f)} and {len(t)}"
+        )
+    if not (np.isfinite(f).all() and np.isfinite(t).all()):
+        raise EdgekdError("the ROC curve has NaN rates: its pairs are all genuine or all impostor")
+    return f, t
+
+
+def roc_auc(fpr, tpr) -> float:
+    """Area under a ROC curve from ``roc_curve``, by the trapezoid rule.
+
+    On that curve it is exact: the probability that a genuine pair scores above an impostor pair, ties counted half
+    (``sklearn.metrics.roc_auc_score``): between neighbouring points the pairs of one tied score are accepted
+    together, which is the straight segment, and the points ``drop_intermediate`` removes lie on straight segments.
+
+    Args:
+        fpr: false positive rates ``(K,)``, non-decreasing, from 0 to 1.
+        tpr: true positive rates ``(K,)``, the same.
+    """
+    f, t = _roc_arrays(fpr, tpr)
+    return float(np.sum(np.diff(f) * (t[1:] + t[:-1]) / 2))
+
+
+def equal_error_rate(fpr, tpr) -> float:
+    """The rate at which false accepts equal false rejects (FAR = 1 − TAR): where the ROC curve, straight between its
+    points as ``roc_auc`` integrates it, crosses the anti-diagonal.
+
+    Args:
+        fpr: false positive rates ``(K,)`` from ``roc_curve``, starting at the point (0, 0).
+        tpr: true positive rates ``(K,)``, ending at the point (1, 1).
+    """
+    f, t = _roc_arrays(fpr, tpr)
+    gap = f + t - 1  # FAR − FRR: non-decreasing along the curve, from −1 at (0, 0) to 1 at (1, 1)
+    i = int(np.argmax(gap >= 0))
+    if gap[i] == 0 or i == 0:
+        return float(f[i])
+    w = -gap[i - 1] / (gap[i] - gap[i - 1])
+    return float(f[i - 1] + w * (f[i] - f[i - 1]))
 
 
 # The resolvability rule. With N impostor pairs, TAR@FAR is read at the threshold that lets k = FAR·N impostors
