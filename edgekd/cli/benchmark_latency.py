@@ -20,7 +20,14 @@ import torch
 
 from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
-from edgekd.cli.export import CHECKPOINT_SUFFIXES, EXPORTED_SUFFIXES, OutputFile, PositiveInts, existing_file
+from edgekd.cli.export import (
+    CHECKPOINT_SUFFIXES,
+    EXPORTED_SUFFIXES,
+    OutputFile,
+    PositiveInts,
+    existing_file,
+    update_run_report,
+)
 from edgekd.cli.options import non_negative
 from edgekd.errors import EdgekdError
 from edgekd.export.contract import EDGEKD_SOURCE, graph_precision, override_contract, read_contract
@@ -278,3 +285,4 @@ def command(
     plot = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")
     plot_results(rows, plot, title=f"edgekd benchmark-latency ({device}, threads={threads})")
     click.echo(f"wrote {json_path} and {plot}")
+    update_run_report(json_path)

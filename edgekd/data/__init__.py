@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from edgekd.data.fashion_mnist import FashionMNIST
 from edgekd.data.image_folder import ImageFolder
 from edgekd.data.pairs import PairSet as PairSet
-from edgekd.data.pairs import synthetic_pairs
+from edgekd.data.pairs import check_synthetic_pairs, synthetic_pairs
 from edgekd.data.recordio import RecordIODataset
 from edgekd.data.synthetic import SyntheticIdentities
 from edgekd.data.verification_bin import check_bin, load_bin
@@ -244,21 +244,26 @@ def create_pairs(spec: str, **kw) -> PairSet:
     kw = {k: v for k, v in kw.items() if v is not None}
     spec = str(spec).strip()
     if _is_synthetic(spec):
-        opts = parse_synthetic_spec(spec)
-        for key in ("identities", "images_per_identity"):  # these size the training data, not the pairs
-            opts.pop(key, None)
-        renamed = {"pair_identities": "identities", "pair_images": "images_per_identity"}
-        opts = {renamed.get(k, k): v for k, v in opts.items()}
-        return synthetic_pairs(**{**kw, **opts})
+        return synthetic_pairs(**{**kw, **_synthetic_pair_options(spec)})
     return load_bin(_bin_path(spec), **kw)
 
 
+def _synthetic_pair_options(spec: str) -> dict:
+    """The ``synthetic_pairs`` arguments a synthetic pairs spec sets (its pair keys under their argument names)."""
+    opts = parse_synthetic_spec(spec)
+    for key in ("identities", "images_per_identity"):  # these size the training data, not the pairs
+        opts.pop(key, None)
+    renamed = {"pair_identities": "identities", "pair_images": "images_per_identity"}
+    return {renamed.get(k, k): v for k, v in opts.items()}
+
+
 def check_pairs(spec: str) -> None:
-    """Check a ``--pairs`` spec without building its pairs: a synthetic spec's options, or a ``.bin`` file that
-    exists, unpickles, has matching counts and a first image that decodes (``check_bin``); a one-line error if not."""
+    """Check a ``--pairs`` spec without building its pairs: a synthetic spec's options and that its pairs can be drawn
+    (``check_synthetic_pairs``), or a ``.bin`` file that exists, unpickles, has matching counts and a first image that
+    decodes (``check_bin``); a one-line error if not."""
     spec = str(spec).strip()
     if _is_synthetic(spec):
-        parse_synthetic_spec(spec)
+        check_synthetic_pairs(**_synthetic_pair_options(spec))
         return
     check_bin(_bin_path(spec))
 

@@ -6,6 +6,7 @@ from every training identity of the same seed.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from edgekd.data.synthetic import SyntheticIdentities
 from edgekd.errors import DataError
 from edgekd.utils.hashing import content_digest
 
-__all__ = ["PairSet", "synthetic_pairs"]
+__all__ = ["PairSet", "check_synthetic_pairs", "synthetic_pairs"]
 
 
 @dataclass
@@ -56,19 +57,44 @@ class PairSet:
         return int(self.issame.sum())
 
 
+def _genuine_count(pairs: int) -> int:
+    """The genuine pairs of a balanced set of ``pairs``: half, rounded up."""
+    return (pairs + 1) // 2
+
+
+def _distinct_pairs(identities: int, per_identity: int, genuine: bool) -> int:
+    """How many distinct unordered image pairs exist: of one identity (``genuine``) or of two different ones."""
+    if genuine:
+        return identities * (per_identity * (per_identity - 1) // 2)
+    return identities * (identities - 1) // 2 * per_identity * per_identity
+
+
+def _check_counts(pairs: int, identities: int, per_identity: int) -> None:
+    """A one-line error when ``pairs`` distinct pairs, half genuine, cannot be drawn from the identities."""
+    if pairs < 2 or identities < 2 or per_identity < 2:
+        raise DataError("synthetic pairs need pairs >= 2, identities >= 2 and images_per_identity >= 2")
+    n_gen = _genuine_count(pairs)
+    for genuine, count in ((True, n_gen), (False, pairs - n_gen)):
+        total = _distinct_pairs(identities, per_identity, genuine)
+        if count > total:
+            raise DataError(
+                f"cannot draw {count} distinct {'genuine' if genuine else 'impostor'} pairs from {identities} "
+                f"identities x {per_identity} images ({total} exist); raise identities or images_per_identity "
+                "(pair_identities, pair_images in a synthetic: pairs spec) or lower pairs"
+            )
+
+
+def check_synthetic_pairs(**kw) -> None:
+    """What ``synthetic_pairs(**kw)`` would refuse in its counts (its defaults for what ``kw`` leaves out), checked
+    without rendering an image: a run checks its pair sets so before it trains."""
+    args = inspect.signature(synthetic_pairs).bind(**kw)
+    args.apply_defaults()
+    _check_counts(args.arguments["pairs"], args.arguments["identities"], args.arguments["images_per_identity"])
+
+
 def _sample_pairs(rng: np.random.Generator, identities: int, per_identity: int, count: int, genuine: bool) -> set:
-    """Distinct unordered pairs of image indices, same identity (``genuine``) or different identities."""
-    total = (
-        identities * (per_identity * (per_identity - 1) // 2)
-        if genuine
-        else (identities * (identities - 1) // 2 * per_identity * per_identity)
-    )
-    if count > total:
-        kind = "genuine" if genuine else "impostor"
-        raise DataError(
-            f"cannot draw {count} distinct {kind} pairs from {identities} identities x {per_identity} "
-            "images; raise identities or images_per_identity"
-        )
+    """Distinct unordered pairs of image indices, same identity (``genuine``) or different identities; ``count``
+    must not exceed ``_distinct_pairs`` (``_check_counts``), or this would never end."""
     chosen: set[tuple[int, int]] = set()
     while len(chosen) < count:
         need = count - len(chosen)
@@ -108,11 +134,10 @@ def synthetic_pairs(
     Returns:
         A ``PairSet`` with uint8 images ``(2P, C, S, S)``.
     """
-    if pairs < 2 or identities < 2 or images_per_identity < 2:
-        raise DataError("synthetic pairs need pairs >= 2, identities >= 2 and images_per_identity >= 2")
+    _check_counts(pairs, identities, images_per_identity)
     ds = SyntheticIdentities(identities, images_per_identity, image_size, seed, "heldout", difficulty, channels)
     rng = np.random.default_rng([seed, 7, pairs])
-    n_gen = (pairs + 1) // 2
+    n_gen = _genuine_count(pairs)
     gen = sorted(_sample_pairs(rng, identities, images_per_identity, n_gen, True))
     imp = sorted(_sample_pairs(rng, identities, images_per_identity, pairs - n_gen, False))
     gen = [gen[i] for i in rng.permutation(len(gen))]

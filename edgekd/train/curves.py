@@ -10,10 +10,32 @@ from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
 from edgekd.losses.terms import TERM_NAMES
 
+# Only the last line can be cut short by a kill; anything else was changed after the run wrote it.
+_DAMAGED = "only a killed run's last line may be incomplete: mend or delete that line"
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The lines of a ``metrics.jsonl`` file (one JSON object per logged step)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The lines of a ``metrics.jsonl`` file (one JSON object per logged step).
+
+    The training loop appends a line at a time, so a killed run can leave only its last line cut short: that line is
+    skipped. A line before it that is not a JSON object is damage no kill makes: a one-line error naming the line."""
+    path = Path(path)
+    try:
+        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgekdError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    rows = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == lines[-1][0]:
+                break  # the line a killed writer left half-written
+            raise EdgekdError(f"{path}, line {n}: not JSON ({exc.msg}); {_DAMAGED}") from None
+        if not isinstance(row, dict):
+            raise EdgekdError(f"{path}, line {n}: not a JSON object; {_DAMAGED}")
+        rows.append(row)
+    return rows
 
 
 def plot_loss_curves(runs: dict[str, str | os.PathLike], path: str | os.PathLike) -> None:

@@ -3,6 +3,8 @@ run's settings, final losses, verification table, ROC with AUC and EER, and the 
 folder. AUC and EER are checked against hand computations; the report against the run's own JSON outputs."""
 
 import base64
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -15,7 +17,7 @@ import torch
 from edgekd.bundle import load_bundle
 from edgekd.data import create_pairs
 from edgekd.distill.run_report import write_run_report
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.eval.embed import embed_images
 from edgekd.eval.metrics import equal_error_rate, roc_auc, roc_curve
 
@@ -37,12 +39,15 @@ def edgekd(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny KD run (a 4-step r_tiny teacher trained for it, a 2-step r_tiny student) and its report."""
+    """One tiny KD run (a 4-step r_tiny teacher trained for it, a 2-step r_tiny student) and its report; what it
+    printed is kept beside it, in ``stdout.txt``."""
     root = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as mp:
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setenv("EDGEKD_CACHE_DIR", str(root / "cache"))
         torch.manual_seed(0)
         assert edgekd([*DISTILL, "--out", str(root / "run")]) == 0
+    (root / "stdout.txt").write_text(printed.getvalue())
     return root / "run"
 
 
@@ -164,6 +169,13 @@ def test_auc_and_eer_in_the_report_are_the_students_own(run):
     assert f"| synthetic | student (r_tiny) | {m['auc']:.4f} | {100 * m['eer']:.2f} |" in md
 
 
+def test_distills_last_line_points_at_the_report(run):
+    last = (run.parent / "stdout.txt").read_text().strip().splitlines()[-1]
+    student = _json(run / "results.json")["student"]
+    assert last.startswith(f"student: {student}  (") and f"; report {run / 'report.html'};" in last, last
+    assert (run / "report.html").is_file()
+
+
 def test_the_html_report_stands_alone(run):
     page = (run / "report.html").read_text()
     assert "<script" not in page.lower()
@@ -173,17 +185,24 @@ def test_the_html_report_stands_alone(run):
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
 
 
+GATE = ["--gate-images", "8", "--gate-batches", "1,4", "--pairs", DATA]
+TIMING = ["--backend", "ort-cpu", "--batch", "1", "--iters", "3", "--warmup", "1", "--min-seconds", "0"]
+
+
 @pytest.mark.slow
-def test_a_report_written_again_adds_the_export_gates_and_latency_found_in_the_folder(run, tmp_path):
+def test_an_export_and_a_latency_result_written_into_the_run_join_its_report(run, tmp_path, run_cli):
     again = tmp_path / "run"
     shutil.copytree(run, again)
+    # The export's default output: beside the student, two folders below the run (SH-KD's last stage is three).
+    code, stdout, err = run_cli(["export", str(again / "student" / "student.safetensors"), *GATE])
+    assert code == 0, err
     onnx = again / "student" / "student.fp32.onnx"
-    gate = ["--gate-images", "8", "--gate-batches", "1,4", "--pairs", DATA]
-    assert edgekd(["export", str(again / "student" / "student.safetensors"), "--out", str(onnx), *gate]) == 0
-    timing = ["--backend", "ort-cpu", "--batch", "1", "--iters", "3", "--warmup", "1", "--min-seconds", "0"]
-    assert edgekd(["benchmark-latency", str(onnx), *timing, "--json", str(again / "latency.json")]) == 0
+    assert stdout.splitlines()[-1] == f"run report updated: {again / 'report.html'}"
+    assert "student.fp32.onnx (onnx, fp32): gates passed" in (again / "report.md").read_text()
+    code, stdout, err = run_cli(["benchmark-latency", str(onnx), *TIMING, "--json", str(again / "latency.json")])
+    assert code == 0, err
+    assert stdout.splitlines()[-1] == f"run report updated: {again / 'report.html'}"
 
-    write_run_report(again)
     md, page = (again / "report.md").read_text(), (again / "report.html").read_text()
     sidecar = _json(again / "student" / "student.fp32.onnx.json")
     assert sidecar["gate"]["passed"]
@@ -198,6 +217,50 @@ def test_a_report_written_again_adds_the_export_gates_and_latency_found_in_the_f
     # What only the end of the run knew is kept: the AUC and EER, and the table it printed.
     assert _json(again / "report.json")["roc"] == _json(run / "report.json")["roc"]
     assert _json(run / "report.json")["table"] in md
+
+
+@pytest.mark.slow
+def test_outputs_outside_a_finished_run_leave_reports_alone(run, tmp_path, run_cli):
+    # Beside a checkpoint outside any run, and in a run folder that has no report yet (a run still training).
+    shutil.copy(run / "student" / "student.safetensors", tmp_path / "student.safetensors")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(run / "settings.json", unfinished / "settings.json")
+    code, stdout, err = run_cli(["export", str(tmp_path / "student.safetensors"), *GATE])
+    assert code == 0, err
+    onnx = tmp_path / "student.fp32.onnx"
+    for where in (tmp_path, unfinished):
+        code, stdout, err = run_cli(["benchmark-latency", str(onnx), *TIMING, "--json", str(where / "latency.json")])
+        assert code == 0, err
+        assert "run report" not in stdout
+    assert not list(tmp_path.rglob("report.*"))
+
+
+def test_a_killed_runs_cut_line_is_skipped_and_a_damaged_line_named(run, tmp_path, run_cli, one_line):
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    metrics = killed / "student" / "metrics.jsonl"
+    logged = metrics.read_text()
+    metrics.write_text(logged + '{"step": 3, "time": "2026-01')  # the line a kill cut short
+    write_run_report(killed)
+    assert _json(killed / "report.json")["losses"] == _json(run / "report.json")["losses"]
+    code, _, err = run_cli(["compare", str(run), str(killed)])
+    assert code == 0, err
+    metrics.write_text('{"step": 1, "lo\n' + logged)  # damage no kill makes: a line cut short before others
+    code, _, err = run_cli(["compare", str(run), str(killed)])
+    one_line(code, err, f"{metrics}, line 1:", "mend or delete that line")
+
+
+def test_a_report_that_cannot_be_written_again_is_a_warning_not_the_outputs_failure(run, tmp_path, capsys):
+    from edgekd.cli.export import update_run_report
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    metrics = damaged / "student" / "metrics.jsonl"
+    metrics.write_text("not json\n" + metrics.read_text())
+    with pytest.warns(EdgekdWarning, match=rf"run report of {re.escape(str(damaged))} was not updated: .*line 1:"):
+        update_run_report(damaged / "student" / "student.fp32.onnx")
+    assert "run report updated" not in capsys.readouterr().out
 
 
 def test_a_teacher_run_reports_its_losses_and_the_model_eval_every_kept(tmp_path, run_cli):
