@@ -29,7 +29,7 @@ from edgekd.cli.options import (
 )
 from edgekd.cli.run_folder import undo_if_nothing_made
 from edgekd.distill.methods import METHODS, method_weights, resolve_preset
-from edgekd.distill.pipeline import check_teacher_file, training_dataset, verifier_for
+from edgekd.distill.pipeline import backbone_width, check_teacher_file, training_dataset, verifier_for
 from edgekd.distill.run import (
     DistillJob,
     results_table,
@@ -38,9 +38,11 @@ from edgekd.distill.run import (
     teacher_config,
     verification_sets,
 )
+from edgekd.distill.run_report import REPORT_HTML
 from edgekd.distributed.launch import start_world, threads_per_rank
 from edgekd.errors import EdgekdError
-from edgekd.losses import list_loss_backends
+from edgekd.losses import LossWeights, list_loss_backends
+from edgekd.train.config import TrainConfig
 from edgekd.utils.out_paths import check_output_dir
 from edgekd.utils.threads import set_threads
 
@@ -174,6 +176,8 @@ def run_distill_settings(values: dict, resume: bool, echo: Callable[[str], None]
     job.verifier = verifier_for(cfg, job.pairs, student_run_dir(job))
     if values["teacher"]:  # a teacher that cannot serve this run fails before the run folder is written
         check_teacher_file(values["teacher"], cfg, dataset, weights, staged=METHODS[values["method"]].staged)
+    elif METHODS[values["method"]].reads_teacher_file:
+        _check_width_of_teacher_trained_here(cfg, job.teacher_cfg, values["method"], weights)
     echo(describe_settings(_as_used(values), SETTINGS))
     if values["eval"] and face and not job.pairs:
         echo(
@@ -189,8 +193,27 @@ def run_distill_settings(values: dict, resume: bool, echo: Callable[[str], None]
     if report.get("results"):
         echo("\n" + results_table(report))
     plots = ", ".join(report["plots"].values())
-    echo(f"\nstudent: {report['student']}  ({report['seconds']:.0f} s; report {out}/results.json; plots {plots})")
+    echo(f"\nstudent: {report['student']}  ({report['seconds']:.0f} s; report {out / REPORT_HTML}; plots {plots})")
     return report
+
+
+def _check_width_of_teacher_trained_here(
+    cfg: TrainConfig, teacher_cfg: TrainConfig, method: str, weights: LossWeights
+) -> None:
+    """A student width (--embedding-size) the teacher trained here cannot share a head with is a one-line error
+    before that teacher trains: the teacher-head and l2e terms read the student's embedding with the teacher's head
+    (SPEC §3), and a teacher trained here has its model's own width."""
+    asked = cfg.model_kwargs.get("embed_dim")
+    if asked is None or not weights.needs_teacher_width:
+        return
+    width = backbone_width(teacher_cfg.model, teacher_cfg.model_kwargs)
+    if asked != width:
+        raise EdgekdError(
+            f"the student's embed_dim {asked} (--embedding-size or --model-kwargs) differs from the {width} of the "
+            f"teacher trained here (--teacher-model {teacher_cfg.model}), but {method}'s teacher-head and l2e terms "
+            f"read the student's embedding; use --embedding-size {width}, a --teacher of width {asked}, or a method "
+            "without them (vanilla, kd)"
+        )
 
 
 def _as_used(values: dict) -> dict:

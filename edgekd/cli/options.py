@@ -34,13 +34,16 @@ from typing import Any
 import click
 
 from edgekd.atomic import write_json
+from edgekd.cli.arcface_config import Run, margin_list_head, read_python_config, translate
 from edgekd.data import absolute_spec
+from edgekd.distributed.launch import launched
 from edgekd.errors import EdgekdError
 from edgekd.formats import read_versioned_json, stamp
 from edgekd.heads import HEAD_KINDS, default_margin
-from edgekd.models import require_model
-from edgekd.rules import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule
+from edgekd.models import check_model_kwargs, require_model
+from edgekd.rules import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, is_int
 from edgekd.train.config import TrainConfig, field_rule
+from edgekd.train.precision import AMP_MODES
 from edgekd.version import __version__
 
 SETTINGS_FILE = "settings.json"
@@ -121,6 +124,21 @@ class Number(click.FloatRange):
         return self.rule.as_kind(number)
 
 
+class MarginList(click.ParamType):
+    """arcface_torch's combined margin ``m1,m2,m3`` (``1,0.5,0``), one of the combinations edgekd's heads are
+    (``margin_list_head``)."""
+
+    name = "m1,m2,m3"
+
+    def convert(self, value, param, ctx):
+        parts = value if isinstance(value, (list, tuple)) else [_number_in(p.strip()) for p in str(value).split(",")]
+        try:
+            margin_list_head(parts, "")
+        except EdgekdError as exc:
+            self.fail(str(exc), param, ctx)
+        return tuple(float(p) for p in parts)
+
+
 def _number_in(text: str) -> int | float | str:
     """The number ``text`` spells (an int where it is one), or ``text`` itself where it spells none."""
     for kind in (int, float):
@@ -160,6 +178,7 @@ class Setting:
         shown_default: --help's text for a default that depends on other settings.
         path: ``file`` for a file or folder, ``spec`` for a data or pairs spec (``synthetic:...``, ``rec:DIR``, a
             path): made absolute when the run starts and saved that way.
+        aliases: ``(flag, value)`` pairs, each a flag that gives the setting one value (``--fp16`` is ``--amp fp16``).
     """
 
     key: str
@@ -171,6 +190,7 @@ class Setting:
     flag: str | None = None
     shown_default: str | None = None
     path: str | None = None
+    aliases: tuple[tuple[str, Any], ...] = ()
 
     @property
     def option(self) -> str:
@@ -220,6 +240,12 @@ TRAIN_SETTINGS = [
     ),
     Setting("model", ModelName(), "backbone (see `python -m edgekd.models`): mbf, r50, timm/resnet18, ..."),
     Setting("model_kwargs", JSONObject(), "extra backbone arguments as JSON, e.g. '{\"embed_dim\": 256}'"),
+    Setting(
+        "embedding_size",
+        positive(int),
+        "embedding width of the backbone (arcface_torch's embedding_size): --model-kwargs '{\"embed_dim\": N}'",
+        shown_default="the model's own: 512 for mbf and r50",
+    ),
     Setting("head", click.Choice(list(HEAD_KINDS)), "class head kind"),
     Setting("scale", field_number("scale"), "scale s of normalized heads"),
     Setting(
@@ -228,14 +254,37 @@ TRAIN_SETTINGS = [
         "margin m (ArcFace radians, CosFace cosine)",
         shown_default="0.5 ArcFace, 0.4 CosFace, 0 otherwise",
     ),
+    Setting(
+        "margin_list",
+        MarginList(),
+        "arcface_torch's margin_list instead of --head and --margin: 1,m,0 is --head arcface --margin m, 1,0,m "
+        "--head cosface --margin m, 1,0,0 --head cosine; the combined margin is not supported",
+        saved=False,  # saved as the head and margin it sets
+    ),
     Setting("image_size", field_number("image_size"), "input height = width", shown_default="the data's own size"),
-    Setting("batch_size", field_number("batch_size"), "images per step"),
+    Setting(
+        "batch_size",
+        field_number("batch_size"),
+        "images per step: the global batch over all processes (arcface_torch's batch_size is per GPU: multiply by "
+        "the GPU count)",
+    ),
     Setting("steps", field_number("steps"), "total training steps (overrides --epochs)"),
     Setting("epochs", field_number("epochs"), "training length in epochs"),
     Setting("lr", field_number("lr"), "peak SGD learning rate"),
     Setting("momentum", field_number("momentum"), "SGD momentum"),
     Setting("weight_decay", field_number("weight_decay"), "SGD weight decay"),
-    Setting("warmup_steps", field_number("warmup_steps"), "linear warm-up steps before the polynomial decay"),
+    Setting(
+        "warmup_steps",
+        field_number("warmup_steps"),
+        "linear warm-up steps before the polynomial decay (or --warmup-epochs)",
+    ),
+    Setting(
+        "warmup_epochs",
+        field_number("warmup_epochs"),
+        "linear warm-up in epochs instead of --warmup-steps (arcface_torch's warmup_epoch): E x the steps of an "
+        "epoch, rounded up",
+        shown_default="none",
+    ),
     Setting("lr_power", field_number("lr_power"), "power of the polynomial decay to 0 (1: linear, as arcface_torch)"),
     Setting("clip_grad", field_number("clip_grad"), "gradient-norm clip (0: off)"),
     Setting(
@@ -253,6 +302,13 @@ TRAIN_SETTINGS = [
         flag="--skip-bad/--no-skip-bad",
     ),
     Setting("seed", field_number("seed"), "seed of initialization, data order and flips"),
+    Setting(
+        "amp",
+        click.Choice(AMP_MODES),
+        "precision of the backbone's forward (autocast): auto is bf16 on CUDA, fp32 on the CPU; fp16 scales the loss "
+        "(arcface_torch's fp16); weights, gradients and the loss stay float32",
+        aliases=(("--bf16", "bf16"), ("--fp16", "fp16"), ("--fp32", "fp32")),
+    ),
     Setting("device", DeviceType(), "auto, cpu, cuda or cuda:N", resumable=True),
     Setting(
         "num_workers", field_number("num_workers"), "data-loading worker processes", resumable=True, flag="--workers"
@@ -293,6 +349,14 @@ TRAIN_SETTINGS = [
         shown_default="off",
     ),
     Setting(
+        "tensorboard",
+        click.BOOL,
+        "also write the logged scalars (losses, lr, images/s, verification) as TensorBoard events in <run>/tensorboard "
+        "(pip install 'edgekd[tensorboard]')",
+        resumable=True,
+        flag="--tensorboard/--no-tensorboard",
+    ),
+    Setting(
         "stop_after",
         field_number("stop_after"),
         "stop this invocation after N steps (time-sliced jobs); --resume continues",
@@ -307,6 +371,8 @@ def add_options(settings: list[Setting], demo: dict) -> Callable:
 
     def decorate(func):
         for s in reversed(settings):
+            for flag, value in reversed(s.aliases):  # listed in --help after the setting's own option
+                func = click.option(flag, s.key, flag_value=value, default=None, help=f"{s.option} {value}")(func)
             func = click.option(
                 s.option,
                 s.key,
@@ -319,7 +385,9 @@ def add_options(settings: list[Setting], demo: dict) -> Callable:
             "config_file",
             type=click.Path(dir_okay=False),
             default=None,
-            help="YAML/TOML/JSON file of settings (keys as the long option names with _); the command line wins",
+            help="YAML/TOML/JSON file of settings (keys as the long option names with _), or an arcface_torch config "
+            "(.py: its config.KEY = value lines are read, never run; its keys work in YAML/JSON too, each mapping "
+            "printed); the command line wins",
         )(func)
         return click.option(
             "--resume",
@@ -341,11 +409,47 @@ def _default_text(setting: Setting, demo: dict) -> str:
     return text
 
 
-def read_config_file(path: str | Path, settings: list[Setting]) -> dict:
-    """The settings in a YAML/TOML/JSON file, each checked by its setting's rule and type; unknown keys are an error
-    (with the closest key), and null, where a setting's default is None, is the same as leaving the key out."""
+def read_config_file(
+    path: str | Path, settings: list[Setting], given: dict | None = None, echo: Callable[[str], None] = click.echo
+) -> dict:
+    """The settings in a YAML/TOML/JSON file or an arcface_torch config, each checked by its setting's rule and type;
+    unknown keys are an error (with the closest key), and null, where a setting's default is None, is the same as
+    leaving the key out.
+
+    arcface_torch's keys become edgekd's (``edgekd.cli.arcface_config``), each mapping said in a line to ``echo`` by
+    the process that speaks for the run. ``given``: the command line's values, which decide what the mapping needs
+    (``--nproc`` for a per-GPU batch, ``--data`` for the .bin sets ``val_targets`` names).
+    """
     path = Path(path)
-    return check_setting_values(_parse_config_file(path), settings, f"--config {path}")
+    raw = _parse_config_file(path)
+    run = _arcface_run(raw, settings, given or {})
+    raw, notes = translate(raw, path, run)
+    if notes and _speaks_for_run(run.processes):
+        echo(f"--config {path}: arcface_torch's keys as edgekd's options")
+        for note in notes:
+            echo(f"  {note}")
+    return check_setting_values(raw, settings, f"--config {path}")
+
+
+def _arcface_run(raw: dict, settings: list[Setting], given: dict) -> Run:
+    """What mapping arcface_torch's keys needs to know of the run (``arcface_config.Run``). Its processes: torchrun's
+    world when torchrun started this one, else --nproc (a per-GPU batch times them is the global batch)."""
+    nproc = given.get("nproc", raw.get("nproc"))
+    processes = int(os.environ["WORLD_SIZE"]) if launched() else nproc if is_int(nproc) and nproc > 0 else 1
+    data = given.get("data", raw.get("rec", raw.get("data")))
+    pairs = given.get("pairs", raw.get("pairs"))
+    return Run(
+        options={s.key: s.option.split("/")[0] for s in settings},
+        processes=processes,
+        data=data if isinstance(data, str) else None,
+        pairs=pairs if isinstance(pairs, str) else None,
+    )
+
+
+def _speaks_for_run(processes: int) -> bool:
+    """Whether this process prints the run's notes: rank 0, and not the process that starts --nproc ranks (their
+    rank 0 prints them)."""
+    return os.environ.get("RANK", "0") == "0" and (processes == 1 or launched())
 
 
 def check_setting_values(raw: dict, settings: list[Setting], source: str) -> dict:
@@ -365,10 +469,12 @@ def _parse_config_file(path: Path) -> dict:
     """The mapping a YAML/TOML/JSON file holds; a missing, unreadable or unparsable file is a one-line error."""
     if not path.is_file():
         raise EdgekdError(f"config file {path} does not exist")
-    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise EdgekdError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json", ".py"):
+        raise EdgekdError(f"config file {path} must end in .yaml, .yml, .toml, .json or .py (an arcface_torch config)")
     try:
         text = path.read_text()
+        if path.suffix == ".py":
+            return read_python_config(path)
         if path.suffix == ".toml":
             raw = tomllib.loads(text)
         elif path.suffix == ".json":
@@ -404,15 +510,22 @@ def _unknown_keys_text(unknown: list, keys: list[str], shown: list[str]) -> str:
 
 
 def resolve_settings(
-    command: str, kwargs: dict, settings: list[Setting], demo: dict, default_out: str
+    command: str,
+    kwargs: dict,
+    settings: list[Setting],
+    demo: dict,
+    default_out: str,
+    echo: Callable[[str], None] = click.echo,
 ) -> tuple[dict, bool]:
     """Every setting's value for this invocation, and whether it resumes a run; see the module doc.
 
-    ``kwargs`` are click's values (None where not given) plus ``config_file`` and ``resume``.
+    ``kwargs`` are click's values (None where not given) plus ``config_file`` and ``resume``. ``echo``: where the
+    mapping of an arcface_torch config file is said.
     """
     config_file, resume = kwargs.pop("config_file", None), bool(kwargs.pop("resume", False))
-    explicit = read_config_file(config_file, settings) if config_file else {}
-    explicit.update({k: v for k, v in kwargs.items() if v is not None})
+    given = _margin_list_applied({k: v for k, v in kwargs.items() if v is not None})
+    from_file = read_config_file(config_file, settings, given, echo) if config_file else {}
+    explicit = _command_line_over_file(from_file, given)
     # A scheduler may start the resumed job in another folder: the run keeps absolute paths, not the typed ones.
     explicit = {k: absolute_path(_setting(settings, k), v) for k, v in explicit.items()}
     out = Path(os.path.abspath(explicit.get("out") or default_out))
@@ -433,10 +546,61 @@ def resolve_settings(
         if "data" not in explicit:
             values.update({k: v for k, v in demo.items() if k in values})
         values.update(explicit)
+    if values.get("warmup_epochs") is not None and "warmup_steps" not in explicit:
+        values["warmup_steps"] = 0  # a warm-up asked for in epochs replaces the demo's in steps
+    _embedding_size_applied(values)
     if values.get("margin") is None and "head" in values:
         values["margin"] = default_margin(values["head"])
     values["out"] = str(out)
     return values, resume
+
+
+def _margin_list_applied(given: dict) -> dict:
+    """``given`` with ``--margin-list`` replaced by the --head and --margin it names; given with either of them it
+    is a one-line error (which one was meant?)."""
+    if given.get("margin_list") is None:
+        return given
+    given = dict(given)
+    margins = given.pop("margin_list")
+    clash = next((key for key in ("head", "margin") if key in given), None)
+    if clash:
+        raise EdgekdError(f"--margin-list sets --head and --margin; drop --{clash} or --margin-list")
+    head, margin = margin_list_head(margins, "")
+    return {**given, "head": head, "margin": margin}
+
+
+def _command_line_over_file(from_file: dict, given: dict) -> dict:
+    """The config file's settings with the command line's over them. The warm-up is given in steps or in epochs:
+    both in one place is a one-line error, and either on the command line replaces the file's."""
+    warmup = ("warmup_steps", "warmup_epochs")
+    for layer, where in ((from_file, "in the config file"), (given, "on the command line")):
+        if all(key in layer for key in warmup):
+            raise EdgekdError(
+                f"--warmup-steps {layer['warmup_steps']} and --warmup-epochs {layer['warmup_epochs']} are both "
+                f"given {where}; give one"
+            )
+    if any(key in given for key in warmup):
+        from_file = {k: v for k, v in from_file.items() if k not in warmup}
+    return {**from_file, **given}
+
+
+def _embedding_size_applied(values: dict) -> None:
+    """``--embedding-size`` as the model's ``embed_dim`` in ``model_kwargs`` (in place), which the checkpoints
+    rebuild the model from. An embed_dim of another value in --model-kwargs, or a model without one, is a one-line
+    error."""
+    size = values.get("embedding_size")
+    if size is None:
+        return
+    kwargs = values.get("model_kwargs") or {}
+    if kwargs.get("embed_dim", size) != size:
+        raise EdgekdError(
+            f"--embedding-size {size} and --model-kwargs embed_dim {kwargs['embed_dim']} disagree; give one of them"
+        )
+    try:
+        check_model_kwargs(values["model"], {"embed_dim": size})
+    except EdgekdError as exc:
+        raise EdgekdError(f"--embedding-size {size}: {exc}") from None
+    values["model_kwargs"] = {**kwargs, "embed_dim": size}
 
 
 def absolute_path(setting: Setting | None, value: Any) -> Any:

@@ -2,10 +2,11 @@
 
 Layout: ``<run>/checkpoints/step_0000200/`` with ``bundle.safetensors`` (the trainee: backbone and
 head), ``optimizer.safetensors`` (optimizer tensors plus the RNG state) and ``state.json`` (step,
-config, optimizer param groups). A checkpoint is written into a hidden temporary folder and renamed into place,
-and an old one is hidden before it is deleted, so a killed run never leaves a half-written or half-deleted
-checkpoint in view; ``latest_checkpoint`` only sees complete folders. What a killed run leaves under hidden
-names is removed by ``remove_run_debris`` when the next run on that folder starts.
+config, optimizer param groups, and an fp16 run's loss scaler: ``edgekd.train.precision``). A checkpoint is
+written into a hidden temporary folder and renamed into place, and an old one is hidden before it is deleted, so a
+killed run never leaves a half-written or half-deleted checkpoint in view; ``latest_checkpoint`` only sees complete
+folders. What a killed run leaves under hidden names is removed by ``remove_run_debris`` when the next run on that
+folder starts.
 
 ``state.json`` carries the checkpoint's format version (``edgekd.formats``, stamped by ``write_state``); every reader
 goes through ``read_state``, which refuses a format this edgekd does not read before anything is loaded.

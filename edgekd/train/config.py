@@ -16,8 +16,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from edgekd.errors import EdgekdError
 from edgekd.models import check_model_kwargs
 from edgekd.rules import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule
+from edgekd.train.precision import AMP_MODES
+from edgekd.train.tensorboard_log import require_tensorboard
 
 # Fields that change where or how fast a run trains, not what it trains: a resumed run may change them (the CLI's
 # resumable settings), and the cache of default teachers and vanilla students does not key on them.
@@ -25,6 +28,7 @@ RUNTIME_SETTINGS = frozenset(
     {
         "device", "num_workers", "compile", "loss_backend", "teacher_cache", "checkpoint_every", "keep_checkpoints",
         "log_every", "stop_after", "eval_every",
+        "tensorboard",
     }
 )  # fmt: skip
 
@@ -47,10 +51,15 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 0
+    # arcface_torch's warmup_epoch: the warm-up in epochs, made steps of the run's epochs when it starts (None:
+    # warmup_steps decides).
+    warmup_epochs: float | None = None
     lr_power: float = 1.0
     clip_grad: float = 5.0
     sample_rate: float = 1.0
     seed: int = 0
+    # The backbone's autocast dtype (edgekd.train.precision): auto is bf16 on CUDA, float32 elsewhere.
+    amp: str = "auto"
     compile: bool = True
     loss_backend: str = "auto"
     device: str = "auto"
@@ -63,6 +72,8 @@ class TrainConfig:
     log_every: int = 10
     stop_after: int | None = None
     eval_every: int | None = None
+    # The logged scalars also as TensorBoard events in <run>/tensorboard (edgekd.train.tensorboard_log).
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -70,6 +81,10 @@ class TrainConfig:
             value = field_rule(f.name).check(f.name, getattr(self, f.name), where="TrainConfig: ", example=example)
             setattr(self, f.name, value)
         check_model_kwargs(self.model, self.model_kwargs)
+        if self.amp not in AMP_MODES:
+            raise EdgekdError(f"TrainConfig: amp is {self.amp!r}; give one of {', '.join(AMP_MODES)} (amp='auto')")
+        if self.tensorboard:
+            require_tensorboard()  # before any work: a run asked to log there fails at once without the package
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,6 +117,7 @@ FIELD_RULES = {
     "momentum": Rule(float, low=0, high=1, high_open=True),
     "weight_decay": NON_NEGATIVE,
     "warmup_steps": NON_NEGATIVE_INT,
+    "warmup_epochs": NON_NEGATIVE,
     "lr_power": POSITIVE,
     "clip_grad": NON_NEGATIVE,
     # Partial FC's share of the head's classes each step keeps (1: every class, the exact loss).
@@ -120,4 +136,6 @@ FIELD_RULES = {
     "log_every": POSITIVE_INT,
     "stop_after": POSITIVE_INT,
     "eval_every": POSITIVE_INT,
+    "amp": Rule(str),  # one of edgekd.train.precision.AMP_MODES, checked in __post_init__
+    "tensorboard": Rule(bool),
 }

@@ -1,7 +1,9 @@
 """The state of a class-sharded run as torch.distributed.checkpoint (DCP) saves it, and reading it back anywhere.
 
 A multi-rank run checkpoints into the usual ``<run>/checkpoints/step_0000200/`` folder, but with DCP's files
-(``.metadata`` and one ``__<rank>_0.distcp`` per rank) and ``state.json`` (step, config, the bundle's metadata).
+(``.metadata`` and one ``__<rank>_0.distcp`` per rank) and ``state.json`` (step, config, the bundle's metadata, and
+an fp16 run's loss scaler, which rank 0 writes and every rank reads back: the ranks' scalers agree, as they skip the
+same steps, ``edgekd.train.precision``).
 ``.metadata`` is DCP's own file, versioned by torch; ``state.json`` carries edgekd's checkpoint format version, which
 ``edgekd.train.checkpoint.read_state`` checks before any of these files is read. The state is one nested dict, keyed
 as a bundle is (``edgekd.bundle``):

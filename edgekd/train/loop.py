@@ -16,7 +16,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,9 +37,11 @@ from edgekd.train.checkpoint import (
 from edgekd.train.config import TrainConfig
 from edgekd.train.optim import build_optimizer, lr_factor, set_lr
 from edgekd.train.order import OrderSampler, StepOrder
+from edgekd.train.precision import autocast_dtype, loss_scaler, restore_scaler, scaler_state
 from edgekd.train.readback import Readback
 from edgekd.train.sharded import ShardedTrainee
 from edgekd.train.teacher import Teacher
+from edgekd.train.tensorboard_log import TensorBoardLog
 from edgekd.train.trainer import LocalTrainee, Trainer
 from edgekd.train.verification import VerifyDuringTraining
 from edgekd.utils.device import move_module, resolve_device
@@ -59,6 +61,14 @@ def total_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
+def warmup_steps_of(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Linear warm-up steps: ``warmup_epochs`` worth of full batches when set (arcface_torch's ``warmup_epoch``,
+    rounded up as the run's length is), else ``cfg.warmup_steps``."""
+    if cfg.warmup_epochs is None:
+        return cfg.warmup_steps
+    return math.ceil(cfg.warmup_epochs * steps_per_epoch)
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     # Lines logged after the checkpoint we resume from describe lost work: drop them so the log reads as one run.
     # A line cut short by a kill is dropped too; the rewrite is atomic, so a second kill cannot lose the log.
@@ -74,13 +84,13 @@ def _trim_metrics(path: Path, step: int) -> None:
             tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _ensure_checkpoint(run_dir: Path, done: int, trainer, optimizer, cfg: TrainConfig, world: World) -> Path:
+def _ensure_checkpoint(run_dir: Path, done: int, trainer, optimizer, extra: dict, keep: int, world: World) -> Path:
     """The checkpoint after ``done`` steps, written now unless the schedule already wrote it in this step.
 
     Rank 0 looks (``_latest_checkpoint``): every rank must enter the save's collectives or none."""
     path = checkpoint_path(run_dir, done)
     if _latest_checkpoint(run_dir, world) != path:
-        trainer.save(run_dir, done, optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
+        trainer.save(run_dir, done, optimizer, extra, keep)
     return path
 
 
@@ -98,6 +108,10 @@ def _latest_checkpoint(run_dir: Path, world: World) -> Path | None:
 class _LossWatch:
     """The divergence check, one step late (``Readback``): a step's loss is read while the next step runs, and at
     once before a checkpoint is written, so no checkpoint ever holds the weights of a step whose loss was not finite.
+
+    Under fp16 a step whose gradients overflow is skipped by the loss scaler (``edgekd.train.precision``): its loss
+    is finite and the watch lets it pass; the weights and momentum are those of the step before. A loss that is not
+    finite is a divergence in every precision: the forward that gave it has written its BatchNorm statistics.
     """
 
     def __init__(self, run_dir: Path, world: World) -> None:
@@ -206,7 +220,12 @@ class _Training:
             else LocalTrainee(trainee, teacher, cfg.compile)
         )
         self.total_steps = total_steps_of(cfg, self.order.steps_per_epoch)
+        # The schedule reads cfg.warmup_steps: a warm-up in epochs becomes this run's steps here, and the checkpoints
+        # record both.
+        self.cfg = replace(cfg, warmup_steps=warmup_steps_of(cfg, self.order.steps_per_epoch))
         self.optimizer = build_optimizer(self.trainer.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.scaler = loss_scaler(cfg.amp, self.device, world.group if world.distributed else None)
 
     def __enter__(self) -> _Training:
         return self
@@ -224,8 +243,12 @@ class _Training:
             remove_run_debris(run_dir)  # what a killed earlier run left half-written; only this run uses the folder now
         world.barrier()
         if checkpoint is None:
+            if world.is_main:  # a run killed before its first checkpoint starts over: all it logged is lost work
+                _trim_metrics(run_dir / "metrics.jsonl", 0)
             return 0
-        start = self.trainer.load(checkpoint, self.optimizer)["step"]
+        state = self.trainer.load(checkpoint, self.optimizer)
+        restore_scaler(self.scaler, state, checkpoint)
+        start = state["step"]
         if world.is_main:
             _trim_metrics(run_dir / "metrics.jsonl", start)
         return start
@@ -244,38 +267,49 @@ class _Training:
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         bar = progress(total=self.total_steps, initial=start, desc=desc, unit="step", disable=not world.is_main)
-        log = _StepLog(self.run_dir / "metrics.jsonl", bar, world.is_main)
+        board = TensorBoardLog(self.run_dir, start) if cfg.tensorboard and world.is_main else None
+        log = _StepLog(self.run_dir / "metrics.jsonl", bar, world.is_main, self.scaler, board)
         watch = _LossWatch(self.run_dir, world)
         stopping = False
         if cfg.compile:
             note(bar, f"{desc}: compiling the training step (torch.compile); the first step takes a minute or more")
-        for step, (images, labels) in enumerate(loader, start=start):
-            loss, terms, lr = self._step(step_fn, step, images, labels)
-            watch.push(step, loss)
-            done = step + 1
-            log.step(done, trainer.images_per_step(len(labels)), loss, lr, terms, final=done == stop,
-                     every=cfg.log_every)  # fmt: skip
-            if cfg.compile and step == start and isinstance(bar, LogLines):
-                bar.rate_from_here()  # the ETA from compiled steps, not from the one that compiled
-            if done % cfg.checkpoint_every == 0 or done == stop:
-                watch.check()  # this step's loss, before its weights are written
-                trainer.save(self.run_dir, done, self.optimizer, {"config": cfg.to_dict()}, cfg.keep_checkpoints)
-            if self.verifier is not None and self.verifier.due(done):
-                scores = self.verifier(done, self.trainee)
-                note(
-                    bar,
-                    f"{desc}: step {done} verification " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items()),
-                )
-            stopping = trainer.agree(signals.received is not None)
-            if stopping:
-                break  # leaving the loop here also shuts the data loader's workers down
+        try:
+            for step, (images, labels) in enumerate(loader, start=start):
+                loss, terms, lr = self._step(step_fn, step, images, labels)
+                watch.push(step, loss)
+                done = step + 1
+                log.step(done, trainer.images_per_step(len(labels)), loss, lr, terms, final=done == stop,
+                         every=cfg.log_every)  # fmt: skip
+                if cfg.compile and step == start and isinstance(bar, LogLines):
+                    bar.rate_from_here()  # the ETA from compiled steps, not from the one that compiled
+                if done % cfg.checkpoint_every == 0 or done == stop:
+                    watch.check()  # this step's loss, before its weights are written
+                    trainer.save(self.run_dir, done, self.optimizer, self.checkpoint_extra(), cfg.keep_checkpoints)
+                if self.verifier is not None and self.verifier.due(done):
+                    scores = self.verifier(done, self.trainee)
+                    log.verification(done, scores)
+                    note(
+                        bar,
+                        f"{desc}: step {done} verification "
+                        + ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items()),
+                    )
+                stopping = trainer.agree(signals.received is not None)
+                if stopping:
+                    break  # leaving the loop here also shuts the data loader's workers down
+        finally:
+            log.close()
         bar.close()
         watch.check()
         if stopping:
-            saved = _ensure_checkpoint(self.run_dir, done, trainer, self.optimizer, cfg, world)
+            extra, keep = self.checkpoint_extra(), cfg.keep_checkpoints
+            saved = _ensure_checkpoint(self.run_dir, done, trainer, self.optimizer, extra, keep, world)
             raise TrainingInterrupted(signals.received or signal.SIGTERM, done, saved)
         trainer.finish()
         return FitResult(stop, self.total_steps, log.last, stopped=stop < self.total_steps)
+
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint's state.json holds besides step and optimizer: the config, and fp16's loss scaler."""
+        return {"config": self.cfg.to_dict(), **scaler_state(self.scaler)}
 
     def _step(self, step_fn, step: int, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step; ``(loss, terms, lr)`` with the loss and terms still on the device."""
@@ -286,24 +320,34 @@ class _Training:
         labels = labels.to(device)
         z_t = self.teacher.embed(images, indices, flips) if self.teacher is not None else None
         lr = set_lr(optimizer, cfg.lr, lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.lr_power))
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
             total, terms = step_fn(x, labels, z_t, step)
         # One process: the loss as computed; ranks: the global batch's (l2e averaged), the same on every rank.
         # Both stay on the device: the host reads them a step later (_LossWatch) or when it logs.
         loss, terms = trainer.reduce(terms, total, self.weights)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        # Under fp16 the backward of the scaled loss, unscaled before the clip, and a step skipped where a gradient
+        # is not finite; in every other precision the scaler passes the calls through.
+        scaler = self.scaler
+        scaler.scale(total).backward()
         if cfg.clip_grad > 0:
+            scaler.unscale_(optimizer)
             trainer.clip(cfg.clip_grad)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         return loss, terms, lr
 
 
 class _StepLog:
-    """metrics.jsonl and the progress bar's figures, every ``every`` steps and at the last (rank 0 alone)."""
+    """metrics.jsonl and the progress bar's figures, every ``every`` steps and at the last (rank 0 alone); the
+    same numbers to TensorBoard where ``board`` is given (--tensorboard), the verification scores too.
 
-    def __init__(self, path: Path, bar, active: bool) -> None:
-        self.path, self.bar, self.active = path, bar, active
+    ``scaler``: the run's loss scaler; under fp16 each line holds its ``loss_scale`` after the step."""
+
+    def __init__(
+        self, path: Path, bar, active: bool, scaler: torch.amp.GradScaler, board: TensorBoardLog | None = None
+    ) -> None:
+        self.path, self.bar, self.active, self.scaler, self.board = path, bar, active, scaler, board
         self.last: dict = {}
         self.tic, self.seen = time.perf_counter(), 0
 
@@ -317,8 +361,21 @@ class _StepLog:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             self.last = {"step": done, "time": stamp, "loss": loss, "lr": lr, "images_per_s": round(rate, 1),
                          **{k: float(v) for k, v in terms.items()}}  # fmt: skip
+            if self.scaler.is_enabled():
+                self.last["loss_scale"] = self.scaler.get_scale()
             with open(self.path, "a") as f:
                 f.write(json.dumps(self.last) + "\n")
+            if self.board is not None:
+                self.board.step(self.last)
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
             self.tic, self.seen = time.perf_counter(), 0
         self.bar.update(1)
+
+    def verification(self, step: int, scores: dict[str, float]) -> None:
+        """The verification scores of ``step`` (metrics.jsonl has them from the verifier) to TensorBoard."""
+        if self.board is not None:
+            self.board.verification(step, scores)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()

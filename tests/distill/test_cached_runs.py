@@ -35,11 +35,11 @@ def test_a_run_that_differs_only_in_runtime_settings_reuses_the_cached_model(tmp
     path, fresh = _cache(cfg, trained)
     runtime = {"device": "cpu", "num_workers": 2, "compile": False, "loss_backend": "chunked"}
     runtime |= {"teacher_cache": False, "checkpoint_every": 7, "keep_checkpoints": 1, "log_every": 3, "stop_after": 5}
-    runtime |= {"eval_every": 4}
+    runtime |= {"eval_every": 4, "tensorboard": True}
     assert runtime.keys() == RUNTIME_SETTINGS
     again, fresh_again = _cache(replace(cfg, **runtime), trained)
     assert fresh and not fresh_again and again == path and len(trained) == 1
-    for change in ({"lr": 0.05}, {"seed": 1}, {"epochs": 2.0}, {"model_kwargs": {"embed_dim": 64}}):
+    for change in ({"lr": 0.05}, {"seed": 1}, {"epochs": 2.0}, {"model_kwargs": {"embed_dim": 64}}, {"amp": "fp16"}):
         other, fresh_other = _cache(replace(cfg, **change), trained)
         assert fresh_other and other != path, change
 
