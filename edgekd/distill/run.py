@@ -65,7 +65,7 @@ def teacher_config(cfg: TrainConfig, model: str, epochs: float | None, lr: float
 
 def verification_sets(data: str, pairs: str | None) -> list[str]:
     """The pair sets a face run's final evaluation reads, each checked (``check_pairs``) so that a missing or broken
-    file stops the run before it trains, not after.
+    file, or synthetic pairs that cannot be drawn, stop the run before it trains, not after.
 
     ``pairs`` when given; else the held-out pairs of synthetic ``data``; else, as arcface_torch evaluates, every
     ``.bin`` set beside the data (lfw, cfp_fp, agedb_30, ...). Empty when there are none.
