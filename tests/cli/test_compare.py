@@ -8,19 +8,7 @@ import re
 import pytest
 import torch
 
-DATA = "synthetic:identities=8,images_per_identity=4,image_size=16,pairs=200,pair_identities=20,pair_images=4"
-TINY = ["--data", DATA, "--model", "r_tiny", "--batch-size", "8", "--device", "cpu", "--no-compile", "--workers", "0"]
-DISTILL = ["distill", "--method", "kd", *TINY, "--steps", "2", "--teacher-model", "r_tiny", "--teacher-epochs", "1"]
-
-
-def edgekd(argv: list[str]) -> int:
-    from edgekd.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
+from tests.tiny_runs import DISTILL, edgekd
 
 
 @pytest.fixture(scope="module")

@@ -20,21 +20,7 @@ from edgekd.distill.run_report import write_run_report
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.eval.embed import embed_images
 from edgekd.eval.metrics import equal_error_rate, roc_auc, roc_curve
-
-# 100 impostor pairs resolve TAR@0.1 (the FAR rule needs FAR x impostors >= 5), so the table has a TAR column.
-DATA = "synthetic:identities=8,images_per_identity=4,image_size=16,pairs=200,pair_identities=20,pair_images=4"
-TINY = ["--data", DATA, "--model", "r_tiny", "--batch-size", "8", "--device", "cpu", "--no-compile", "--workers", "0"]
-DISTILL = ["distill", "--method", "kd", *TINY, "--steps", "2", "--teacher-model", "r_tiny", "--teacher-epochs", "1"]
-
-
-def edgekd(argv: list[str]) -> int:
-    from edgekd.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
+from tests.tiny_runs import DATA, DISTILL, TINY, edgekd
 
 
 @pytest.fixture(scope="module")
