@@ -42,11 +42,14 @@ from edgekd.export.pipeline import ExportResult, export_checkpoint
 __all__ = ["distill", "train_teacher", "load_model", "evaluate", "export", "Embedder"]
 
 
-def _settings(command: str, settings: list, demo: dict, given: dict, out, resume: bool, config) -> tuple[dict, bool]:
-    """The command's resolved settings from keyword arguments, as the command line resolves its options."""
+def _settings(
+    command: str, settings: list, demo: dict, given: dict, out, resume: bool, config, log: Callable[[str], None]
+) -> tuple[dict, bool]:
+    """The command's resolved settings from keyword arguments, as the command line resolves its options; what it
+    says (an arcface_torch config file's mapping) goes to ``log``."""
     checked = check_setting_values({**given, "out": str(out)}, settings, f"edgekd.{command}()")
     kwargs = {s.key: None for s in settings} | checked | {"config_file": config, "resume": resume}
-    return resolve_settings(command, kwargs, settings, demo, default_out=f"runs/{command}")
+    return resolve_settings(command, kwargs, settings, demo, default_out=f"runs/{command}", echo=log)
 
 
 def distill(
@@ -59,7 +62,7 @@ def distill(
 ) -> dict:
     """Distill a student, as ``edgekd distill`` does (with no ``data``: the built-in demo); returns the report:
     ``student`` (its file), ``teacher``, ``results`` (verification or top-1 of each model) and ``plots``."""
-    values, resume = _settings("distill", distill_cli.SETTINGS, DEMO, settings, out, resume, config)
+    values, resume = _settings("distill", distill_cli.SETTINGS, DEMO, settings, out, resume, config, log)
     return run_distill_settings(values, resume, log, argv=None)
 
 
@@ -72,7 +75,7 @@ def train_teacher(
     **settings,
 ) -> Path | None:
     """Train a teacher, as ``edgekd teacher`` does; returns its ``teacher.safetensors`` (None: stopped early)."""
-    values, resume = _settings("teacher", teacher_cli.SETTINGS, TEACHER_DEMO, settings, out, resume, config)
+    values, resume = _settings("teacher", teacher_cli.SETTINGS, TEACHER_DEMO, settings, out, resume, config, log)
     return run_teacher_settings(values, resume, log, argv=None)
 
 

@@ -112,3 +112,14 @@ def test_export_writes_the_gated_onnx_as_the_command_does(runs, tmp_path):
     assert json.loads((tmp_path / "student.onnx.json").read_text())["precision"] == "fp32"
     with pytest.raises(EdgekdError, match=r"precison: did you mean precision\?"):
         export(report["student"], tmp_path / "x.onnx", precison="int8", log=lambda _: None)
+
+
+def test_an_arcface_config_mapping_is_said_through_log(tmp_path, capsys):
+    """An arcface_torch config given to the API: its mapping lines go to ``log``, not to stdout."""
+    config = tmp_path / "ms1m_tiny.py"
+    config.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.lr = 0.05\nconfig.seed = 7\n")
+    said = []
+    tiny = {k: v for k, v in TINY.items() if k != "steps"} | {"steps": 1}
+    edgekd.train_teacher(data=DATA, out=tmp_path / "teacher", config=config, log=said.append, **tiny)
+    assert "arcface_torch lr=0.05 -> --lr 0.05" in "\n".join(said), said
+    assert "arcface_torch " not in capsys.readouterr().out

@@ -6,12 +6,13 @@ PyTorch. The backends are ``reference`` (this package) and every sweep of ``edge
 the PyTorch op, and ``triton``, the Triton op, imported on first use because Triton is an optional dependency). The
 dependency runs one way: ``edgekd.kernels`` imports nothing from here.
 
-Precision. The loss does not follow autocast: training on CUDA runs the backbone under bf16 autocast, and its bf16
-embedding reaches the loss promoted to the head's dtype (exactly: float32 for float32 heads). Every backend then
-forms the logits from operands in that dtype and keeps its statistics (log-sum-exps, the margin, the KL sums) in
-float32: the fused Triton kernels' precision, which the chunked sweep, the reference and the class-sharded op share,
-so that switching backend never changes what is trained beyond float32 rounding. Rounding the logits themselves to
-bf16, as autocast would, costs up to s·2⁻⁹ = 0.125 per logit at ArcFace's s = 64, in a softmax over all classes.
+Precision. The loss does not follow autocast: training on CUDA runs the backbone under bf16 autocast by default
+(``--amp``: fp16, or none), and its 16-bit embedding reaches the loss promoted to the head's dtype (exactly: float32
+for float32 heads). Every backend then forms the logits from operands in that dtype and keeps its statistics
+(log-sum-exps, the margin, the KL sums) in float32: the fused Triton kernels' precision, which the chunked sweep,
+the reference and the class-sharded op share, so that switching backend never changes what is trained beyond float32
+rounding. Rounding the logits themselves to bf16, as autocast would, costs up to s·2⁻⁹ = 0.125 per logit at
+ArcFace's s = 64, in a softmax over all classes.
 """
 
 from __future__ import annotations
