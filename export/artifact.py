@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from edgekd.data.pairs import PairSet
 from edgekd.data.transforms import normalize
 from edgekd.errors import EdgekdError
 from edgekd.eval.embed import Forward
-from edgekd.export.checks.gates import GateReport, parity_gate, task_gate
+from edgekd.export.checks.gates import GateReport, parity_gate, task_gate, task_metrics
 from edgekd.formats import stamp
 from edgekd.utils.env import environment
 
@@ -129,6 +129,8 @@ class Gates:
     min_cosine: float | None
     max_drop: float
     log: Log
+    # the reference's task metrics, the same for every artifact of the export: measured by the first task gate
+    reference_task: dict[str, float] | None = field(default=None, init=False, repr=False)
 
     def run(
         self, candidate: Forward, precision: str, artifact: str, batches: tuple[int, ...] | None = None
@@ -147,7 +149,19 @@ class Gates:
         if self.pairs is not None:
             fars = _resolve_fars(self.pairs)
             pairs, mean, std = self.pairs, self.mean, self.std
-            task_gate(report, self.reference, candidate, pairs, mean, std, max_drop=self.max_drop, fars=fars)
+            if self.reference_task is None:
+                self.reference_task = task_metrics(self.reference, pairs, mean, std, fars=fars)
+            task_gate(
+                report,
+                self.reference,
+                candidate,
+                pairs,
+                mean,
+                std,
+                max_drop=self.max_drop,
+                fars=fars,
+                reference_metrics=self.reference_task,
+            )
         self.log(report.format())
         return report
 

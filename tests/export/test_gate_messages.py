@@ -25,7 +25,9 @@ def _report(task_passed: bool, parity_passed: bool = True, precision: str = "int
 def test_the_parity_header_says_pass_when_only_the_task_gate_failed():
     text = _report(task_passed=False).format()
     assert "per-row cosine mean >= 0.995 -> PASS" in text.splitlines()[0]
-    assert "task gate on pairs (max drop 1.0 points): FAIL" in text
+    assert "task gate on pairs, 600 pairs, flip-summed (max drop 1.0 points): FAIL" in text
+    se = 100 * math.sqrt(0.9 * 0.1 / 600)  # the table shows each metric's noise at the pair count, failed or not
+    assert any(line.split()[:1] == ["accuracy"] and line.split()[-1] == f"{se:.2f}" for line in text.splitlines())
 
 
 def test_the_error_names_the_gate_its_noise_and_what_to_try():
