@@ -156,7 +156,19 @@ def loss_section(stage: dict | None) -> list[str]:
     skipped = [f"{r['case']} C={r['C']:,}" for r in rows if r["provider"] == "*"]
     if skipped:
         lines += ["", f"Not run (the stage's time budget was spent): {', '.join(skipped)}."]
-    return lines + [""]
+    return lines + [""] + sampling_lines(stage.get("sampling", []), cfg)
+
+
+def sampling_lines(rows: list[dict], cfg: dict) -> list[str]:
+    """The Partial FC rows of the loss stage (bench/partial_fc_sampling.py's table), and those it could not run."""
+    from bench import partial_fc_sampling as pfc
+
+    timed, notes = [r for r in rows if "ms" in r], [f"C={r['C']:,}: {r['note']}" for r in rows if "note" in r]
+    if not rows:
+        return []
+    lines = [f"### Partial FC sampling (B={cfg.get('loss_B')}, D={cfg.get('loss_D')}, float32, TH-KD terms)", ""]
+    lines += pfc.table_lines(timed) if timed else []
+    return lines + ([""] + [f"Not measured: {'; '.join(notes)}."] if notes else []) + [""]
 
 
 def distill_section(stage: dict | None) -> list[str]:

@@ -376,6 +376,31 @@ def stage_loss(ctx: Context) -> str:
             for row in shl.measure_config(spec, ceilings, timeout=left):
                 ctx.record.add_row(row)
                 status = "partial" if loss_row_failed(row) else status
+    return _sampling_rows(ctx, status)
+
+
+def _sampling_rows(ctx: Context, status: str) -> str:
+    """bench/partial_fc_sampling.py at the profile's largest class counts (1 M and 2 M on the GPU), time permitting:
+    the head's step at sample rates 1.0 / 0.3 / 0.1, in the loss stage's JSON under ``sampling``."""
+    import argparse
+
+    import torch
+
+    from bench import partial_fc_sampling as pfc
+
+    p, rows = ctx.profile, []
+    args = argparse.Namespace(B=p.loss_B, D=p.loss_D, rounds=2, runs=2)
+    for C in p.loss_C[-2:]:
+        if ctx.seconds_left() < 40:
+            rows.append({"C": C, "note": "not run: the stage's time budget was spent"})
+            status = "partial"
+            continue
+        try:
+            rows += pfc.measure(C, args, torch.device(p.device))
+        except torch.OutOfMemoryError:
+            rows.append({"C": C, "note": "out of memory"})
+            status = "partial"
+        ctx.record.set(sampling=rows)
     return status
 
 

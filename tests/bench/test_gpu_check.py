@@ -57,6 +57,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     gpu_only = {"liger"}  # Liger-Kernel runs on CUDA only
     assert {r["provider"] for r in results["loss"]["rows"] if r.get("median")} == set(shl.PROVIDERS) - gpu_only
     assert all(r.get("peak") is not None for r in results["loss"]["rows"] if r.get("median"))
+    assert [r["rate"] for r in results["loss"]["sampling"]] == [1.0, 0.3, 0.1]  # Partial FC rows, C = 64
     assert len(results["distill"]["rows"]) == 4 and all("images_per_s" in r for r in results["distill"]["rows"])
     assert {r["backend"] for r in results["latency"]["rows"] if r["status"] == "ok"} == set(stages.LATENCY_BACKENDS)
     assert "merge into BENCHMARKS.md" in proc.stdout
@@ -66,6 +67,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     subprocess.run(merge, cwd=ROOT, check=True, capture_output=True, timeout=300)
     text = benchmarks.read_text()
     assert report.SECTION + "\n" in text and f"on {summary['date']}. Dry run" in text and "### GPU tests" in text
+    assert "### Partial FC sampling" in text
 
 
 # --------------------------------------------------------------------------------- a GPU run's results, rendered
