@@ -34,6 +34,7 @@ from edgekd.cli.teacher import TEACHER_DEMO, run_teacher_settings
 from edgekd.data import create_pairs
 from edgekd.data.pairs import PairSet
 from edgekd.data.transforms import normalize
+from edgekd.distill.run_report import update_run_report
 from edgekd.errors import EdgekdError
 from edgekd.eval.report import verify_bundle
 from edgekd.export.options import ExportOptions
@@ -136,11 +137,14 @@ def export(
     """Export a checkpoint as ``edgekd export`` does: ONNX (``precision`` fp32/fp16/int8, ``calib=...``), or an
     ExecuTorch program (``target="executorch"``), behind the same gates; returns the written paths and gate reports.
     ``options`` are ``edgekd.export.ExportOptions`` fields (``precision``, ``calib``, ``pairs``, ``static_batch``...);
-    ``model`` names the architecture of a plain arcface_torch state_dict."""
+    ``model`` names the architecture of a plain arcface_torch state_dict. Written into a finished run's folder, the
+    export joins that run's report, as with the command."""
     fields = [f.name for f in dataclasses.fields(ExportOptions)]
     unknown = sorted(set(options) - set(fields))
     if unknown:
         close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
         hints = "; ".join(f"{k}: did you mean {m[0]}?" if m else f"{k} is no export option" for k, m in close.items())
         raise EdgekdError(f"edgekd.export(): {hints}")
-    return export_checkpoint(checkpoint, out, ExportOptions(**options), model_name=model, log=log)
+    result = export_checkpoint(checkpoint, out, ExportOptions(**options), model_name=model, log=log)
+    update_run_report(result.program or result.onnx, log)  # the report of the run folder it wrote into, if any
+    return result

@@ -123,3 +123,13 @@ def test_an_arcface_config_mapping_is_said_through_log(tmp_path, capsys):
     edgekd.train_teacher(data=DATA, out=tmp_path / "teacher", config=config, log=said.append, **tiny)
     assert "arcface_torch lr=0.05 -> --lr 0.05" in "\n".join(said), said
     assert "arcface_torch " not in capsys.readouterr().out
+
+
+def test_an_export_into_a_run_folder_joins_its_report(runs):
+    """As with the command: an export written into a finished run's folder rewrites that run's report."""
+    root, _, report = runs
+    said = []
+    result = edgekd.export(report["student"], pairs=PAIRS, log=said.append)
+    assert result.onnx.parent == root / "run" / "student"
+    assert f"run report updated: {root / 'run' / 'report.html'}" in said
+    assert result.onnx.name in (root / "run" / "report.md").read_text()

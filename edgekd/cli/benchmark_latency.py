@@ -26,9 +26,9 @@ from edgekd.cli.export import (
     OutputFile,
     PositiveInts,
     existing_file,
-    update_run_report,
 )
 from edgekd.cli.options import non_negative
+from edgekd.distill.run_report import update_run_report
 from edgekd.errors import EdgekdError
 from edgekd.export.contract import EDGEKD_SOURCE, graph_precision, override_contract, read_contract
 from edgekd.export.latency import (
@@ -285,4 +285,4 @@ def command(
     plot = Path(plot_path) if plot_path else Path(json_path).with_suffix(".png")
     plot_results(rows, plot, title=f"edgekd benchmark-latency ({device}, threads={threads})")
     click.echo(f"wrote {json_path} and {plot}")
-    update_run_report(json_path)
+    update_run_report(json_path, click.echo)

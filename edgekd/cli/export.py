@@ -11,16 +11,14 @@ list and path is checked while the command line is parsed, before any model is l
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
 
 import click
 
 from edgekd.calib import CALIBRATION_METHODS
 from edgekd.cli.options import Number, positive
-from edgekd.distill.run_report import REPORT_JSON, SETTINGS_NAME, write_run_report
-from edgekd.errors import EdgekdError, EdgekdWarning
+from edgekd.distill.run_report import update_run_report
+from edgekd.errors import EdgekdError
 from edgekd.export.builders.tensorrt import EngineProfile
 from edgekd.export.checks.readiness import check_readiness
 from edgekd.export.options import ENGINE_ROUTES, PRECISIONS, TARGETS, ExportOptions
@@ -110,32 +108,6 @@ class OutputDir(click.ParamType):
     def convert(self, value, param, ctx) -> str:
         check_output_dir(value, _option_name(param))
         return str(value)
-
-
-# How far above an output its run folder may be: OUT/sh_kd/i2/student.fp32.onnx, beside SH-KD's last stage, reaches OUT.
-RUN_FOLDER_LEVELS = 3
-
-
-def enclosing_run(path: str | os.PathLike) -> Path | None:
-    """The run folder an output was written into: the nearest of the output's folder and the two above it that holds
-    a finished run's ``settings.json`` and ``report.json`` (``edgekd distill`` or ``edgekd teacher``); None if none."""
-    for folder in Path(os.path.abspath(path)).parents[:RUN_FOLDER_LEVELS]:
-        if (folder / SETTINGS_NAME).is_file() and (folder / REPORT_JSON).is_file():
-            return folder
-    return None
-
-
-def update_run_report(path: str | os.PathLike) -> None:
-    """Write again the report of the run folder ``path`` (an export or latency result) was written into, so that it
-    shows the new file, and say so; nothing for an output outside a run folder. The output is made by then: a report
-    that cannot be written is a warning, not the command's failure."""
-    run = enclosing_run(path)
-    if run is None:
-        return
-    try:
-        click.echo(f"run report updated: {write_run_report(run)}")
-    except EdgekdError as exc:
-        warnings.warn(f"the run report of {run} was not updated: {exc}", EdgekdWarning, stacklevel=2)
 
 
 # What the help says of each precision is read from the table, so a new precision needs no edit here.
@@ -352,7 +324,7 @@ def command(
     int8 = Int8Options(keep_first=keep_first, keep_last=keep_last, activations=int8_activations)
     options = ExportOptions(gate_batches=gate_batches, int8=int8, profile=EngineProfile(*trt_batch), **kw)
     result = export_checkpoint(checkpoint, out, options, model_name=model_name, log=click.echo)
-    update_run_report(result.program or result.onnx)
+    update_run_report(result.program or result.onnx, click.echo)
 
 
 def _readiness_only(path: str) -> None:

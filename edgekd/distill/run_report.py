@@ -21,11 +21,13 @@ import html
 import json
 import math
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from edgekd.atomic import atomic_path, write_json
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.eval.metrics import equal_error_rate, roc_auc
 from edgekd.eval.report import format_table
 from edgekd.formats import check_format, read_versioned_json
@@ -477,3 +479,29 @@ def to_html(title: str, sections: list[Section]) -> str:
                 parts.append(f"<p>{esc(block.text)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+# How far above an output its run folder may be: OUT/sh_kd/i2/student.fp32.onnx, beside SH-KD's last stage, reaches OUT.
+RUN_FOLDER_LEVELS = 3
+
+
+def enclosing_run(path: str | os.PathLike) -> Path | None:
+    """The run folder an output was written into: the nearest of the output's folder and the two above it that holds
+    a finished run's ``settings.json`` and ``report.json`` (``edgekd distill`` or ``edgekd teacher``); None if none."""
+    for folder in Path(os.path.abspath(path)).parents[:RUN_FOLDER_LEVELS]:
+        if (folder / SETTINGS_NAME).is_file() and (folder / REPORT_JSON).is_file():
+            return folder
+    return None
+
+
+def update_run_report(path: str | os.PathLike, log: Callable[[str], None]) -> None:
+    """Write again the report of the run folder ``path`` (an export or latency result) was written into, so that it
+    shows the new file, and say so through ``log``; nothing for an output outside a run folder. The output is made by
+    then: a report that cannot be written is a warning, not the command's failure."""
+    run = enclosing_run(path)
+    if run is None:
+        return
+    try:
+        log(f"run report updated: {write_run_report(run)}")
+    except EdgekdError as exc:
+        warnings.warn(f"the run report of {run} was not updated: {exc}", EdgekdWarning, stacklevel=2)

@@ -16,7 +16,7 @@ import torch
 
 from edgekd.bundle import load_bundle
 from edgekd.data import create_pairs
-from edgekd.distill.run_report import write_run_report
+from edgekd.distill.run_report import update_run_report, write_run_report
 from edgekd.errors import EdgekdError, EdgekdWarning
 from edgekd.eval.embed import embed_images
 from edgekd.eval.metrics import equal_error_rate, roc_auc, roc_curve
@@ -238,14 +238,12 @@ def test_a_killed_runs_cut_line_is_skipped_and_a_damaged_line_named(run, tmp_pat
 
 
 def test_a_report_that_cannot_be_written_again_is_a_warning_not_the_outputs_failure(run, tmp_path, capsys):
-    from edgekd.cli.export import update_run_report
-
     damaged = tmp_path / "damaged"
     shutil.copytree(run, damaged)
     metrics = damaged / "student" / "metrics.jsonl"
     metrics.write_text("not json\n" + metrics.read_text())
     with pytest.warns(EdgekdWarning, match=rf"run report of {re.escape(str(damaged))} was not updated: .*line 1:"):
-        update_run_report(damaged / "student" / "student.fp32.onnx")
+        update_run_report(damaged / "student" / "student.fp32.onnx", print)
     assert "run report updated" not in capsys.readouterr().out
 
 
