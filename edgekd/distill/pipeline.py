@@ -153,7 +153,7 @@ def _cached_run(kind: str, final: str, cfg: TrainConfig, dataset, train, world: 
     run_dir = (
         cache_root()
         / kind
-        / world.decide(lambda: json_digest({"cfg": cfg.training_settings(), "data": dataset.fingerprint}))
+        / world.decide(lambda: json_digest({"cfg": cfg.cache_settings(), "data": dataset.fingerprint}))
     )
     if world.decide((run_dir / final).is_file):
         return run_dir / final, False

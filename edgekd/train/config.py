@@ -32,6 +32,11 @@ RUNTIME_SETTINGS = frozenset(
     }
 )  # fmt: skip
 
+# Fields added after cached teachers and students existed, with the value at which a run trains exactly what it trained
+# before the field: at that value the field is left out of the cache key, so adding it did not make every cached model
+# train again. A new field joins only if that value reproduces the earlier behaviour exactly.
+SINCE_CACHES = {"sample_rate": 1.0, "warmup_epochs": None, "amp": "auto"}
+
 
 @dataclass
 class TrainConfig:
@@ -92,6 +97,11 @@ class TrainConfig:
     def training_settings(self) -> dict:
         """The fields that decide what the run trains: ``to_dict`` without ``RUNTIME_SETTINGS``."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_SETTINGS}
+
+    def cache_settings(self) -> dict:
+        """What the cache of trained models keys on: ``training_settings`` without the ``SINCE_CACHES`` fields at
+        their earlier behaviour's value."""
+        return {k: v for k, v in self.training_settings().items() if k not in SINCE_CACHES or v != SINCE_CACHES[k]}
 
 
 def field_rule(name: str) -> Rule:

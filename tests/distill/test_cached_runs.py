@@ -44,6 +44,20 @@ def test_a_run_that_differs_only_in_runtime_settings_reuses_the_cached_model(tmp
         assert fresh_other and other != path, change
 
 
+def test_models_cached_before_the_newer_settings_are_found_again(tmp_path, monkeypatch):
+    """--sample-rate, --warmup-epochs and --amp came after the cache: at the values that train what edgekd trained
+    before them, a run finds the folder the previous code (be28e0d) keyed (its keys, computed by that code), and at
+    any other value a folder of its own."""
+    monkeypatch.setenv("EDGEKD_CACHE_DIR", str(tmp_path))
+    before = {"7f26af8aa3b044a2": TrainConfig(model="r_tiny", epochs=1), "fe92c4fb0bd6dc59": TrainConfig(lr=0.05,
+              warmup_steps=3)}  # fmt: skip
+    for key, cfg in before.items():
+        path, _ = _cache(cfg, [])
+        assert path.parent.name == key
+        for change in ({"sample_rate": 0.5}, {"warmup_epochs": 0.0}, {"amp": "bf16"}):
+            assert _cache(replace(cfg, **change), [])[0].parent.name != key, change
+
+
 @pytest.mark.parametrize("settings", [DISTILL_SETTINGS, TEACHER_SETTINGS], ids=["distill", "teacher"])
 def test_the_settings_a_resumed_run_may_change_are_the_runtime_settings(settings):
     """One list: what --resume lets a run change is what the cache of trained models ignores."""
