@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+
+from tests.tiny_models import mbf_tiny_at_trained_scale
 
 pytest.importorskip("executorch", reason="needs the executorch extra (pip install 'edgekd[executorch]')")
 
@@ -17,16 +18,8 @@ pytestmark = pytest.mark.slow  # ExecuTorch's lowering takes 10-40 s on a small 
 def checkpoint(tmp_path):
     """An untrained mbf_tiny at 32x32 with BatchNorm statistics that give it a trained network's activation scale."""
     from edgekd.bundle import Bundle, save_bundle
-    from edgekd.models import create_model
 
-    torch.manual_seed(0)
-    model = create_model("mbf_tiny", input_size=32)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return save_bundle(tmp_path / "m.safetensors", Bundle(backbone=model.eval()))
+    return save_bundle(tmp_path / "m.safetensors", Bundle(backbone=mbf_tiny_at_trained_scale()))
 
 
 def test_export_eval_and_benchmark_a_program(tmp_path, checkpoint, run_cli):

@@ -14,6 +14,7 @@ from edgekd.export.latency import LATENCY_BACKENDS
 from edgekd.export.options import PRECISIONS
 from edgekd.export.passes.onnx import export_onnx, model_metadata, save_onnx
 from edgekd.export.runtimes import BACKENDS, FILE_KINDS, OrtRuntime, Runtime, TorchRuntime, file_kind, open_runtime
+from tests.tiny_models import mbf_tiny_at_trained_scale
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -23,17 +24,9 @@ def files(tmp_path_factory):
     """A tiny checkpoint (BatchNorm statistics randomized, so embeddings have a trained scale), its backbone and its
     FP32 ONNX export."""
     from edgekd.bundle import Bundle, save_bundle
-    from edgekd.models import create_model
 
     root = tmp_path_factory.mktemp("runtimes")
-    torch.manual_seed(0)
-    model = create_model("mbf_tiny", input_size=32)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    model.eval()
+    model = mbf_tiny_at_trained_scale()
     onnx_path = save_onnx(export_onnx(model, model.cfg, metadata=model_metadata(model.cfg)), root / "m.onnx")
     checkpoint = save_bundle(root / "m.safetensors", Bundle(backbone=model))
     return {"model": model, "checkpoint": checkpoint, "onnx": onnx_path}
