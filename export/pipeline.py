@@ -75,6 +75,10 @@ class _Source(NamedTuple):
     cfg: ModelCfg
     sha256: str
 
+    def sidecar(self) -> dict:
+        """What every artifact's sidecar says of its source: the checkpoint, its hash and the model's config."""
+        return {"checkpoint": self.checkpoint, "checkpoint_sha256": self.sha256, "model": self.cfg.to_dict()}
+
 
 def default_output(
     checkpoint: str | os.PathLike, precision: str, static_batch: int | None = None, target: str = "onnx"
@@ -305,9 +309,7 @@ def _write_onnx(
         kind="onnx",
         precision=options.precision,
         sidecar={
-            "checkpoint": source.checkpoint,
-            "checkpoint_sha256": source.sha256,
-            "model": source.cfg.to_dict(),
+            **source.sidecar(),
             "opset": default_opset(candidate),  # what the file imports, not what was asked for
             "static_batch": options.static_batch,
             "readiness": readiness.to_dict(),
@@ -351,9 +353,7 @@ def _export_executorch(
         kind="executorch-program",
         precision=options.precision,
         sidecar={
-            "checkpoint": source.checkpoint,
-            "checkpoint_sha256": source.sha256,
-            "model": cfg.to_dict(),
+            **source.sidecar(),
             "static_batch": 1,
             "delegate": XNNPACK_BACKEND,
             "delegation": built.census.to_dict(),
