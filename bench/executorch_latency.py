@@ -34,6 +34,7 @@ from bench.export_latency import (
     int8_variants,
     measure_rounds,
     ort_runtimes,
+    run_settings,
     student_gates,
     student_markdown,
     untrained_mbf,
@@ -43,7 +44,6 @@ from edgekd.atomic import write_json
 from edgekd.bundle import load_bundle
 from edgekd.calib import build_calibration_set
 from edgekd.export.builders.executorch import QUANTIZER, build_executorch_program, executorch_versions
-from edgekd.export.latency import LatencyConfig
 from edgekd.export.options import ExportOptions
 from edgekd.export.passes.onnx import model_metadata
 from edgekd.export.pipeline import export_checkpoint
@@ -149,12 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1 or (args.write_md and args.rounds < MIN_ROUNDS):
         parser.error(f"--rounds {args.rounds}: BENCHMARKS.md rows need at least {MIN_ROUNDS} interleaved rounds")
-    if args.iters < 1 or args.min_seconds < 0:
-        parser.error("--iters must be at least 1 and --min-seconds at least 0")
+    threads, timing = run_settings(parser, args)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    args.out.mkdir(parents=True, exist_ok=True)
-    threads = [int(t) for t in args.threads.split(",")]
-    timing = LatencyConfig(warmup_iters=10, warmup_seconds=0.5, iters=args.iters, min_seconds=args.min_seconds)
 
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
         ckpt = args.checkpoint or untrained_mbf(Path(tmp) / f"{args.model}.safetensors", args.model)

@@ -376,6 +376,16 @@ def benchmark_parser(description: str, *, rounds_note: str, gates: str, out_name
     return parser
 
 
+def run_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[int], LatencyConfig]:
+    """What both latency benchmarks run with, from ``benchmark_parser``'s options: the thread counts and each row's
+    timing (``--iters``, ``--min-seconds`` checked); makes the ``--out`` folder."""
+    if args.iters < 1 or args.min_seconds < 0:
+        parser.error("--iters must be at least 1 and --min-seconds at least 0")
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = [int(t) for t in args.threads.split(",")]
+    return threads, LatencyConfig(warmup_iters=10, warmup_seconds=0.5, iters=args.iters, min_seconds=args.min_seconds)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(
         __doc__.split("\n\n")[0],
@@ -388,13 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < MIN_ROUNDS:
         parser.error(f"--rounds {args.rounds}: a row's spread needs at least {MIN_ROUNDS} interleaved rounds")
-    if args.iters < 1 or args.min_seconds < 0:
-        parser.error("--iters must be at least 1 and --min-seconds at least 0")
+    threads, timing = run_settings(parser, args)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    args.out.mkdir(parents=True, exist_ok=True)
-    threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    timing = LatencyConfig(warmup_iters=10, warmup_seconds=0.5, iters=args.iters, min_seconds=args.min_seconds)
 
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-") as tmp:
         ckpt = args.checkpoint or untrained_mbf(Path(tmp) / f"{args.model}.safetensors", args.model)
